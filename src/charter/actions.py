@@ -1,0 +1,135 @@
+"""Action declarations: one per business operation, validated at start-up."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigurationError, InvalidInput
+from .resources import ResourceSpec
+
+__all__ = ["ActionSpec", "Handler", "NoInput"]
+
+Handler = Callable[..., Any]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+
+class NoInput(BaseModel):
+    """The input model of actions that take none: any field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """Everything Charter knows about one action.
+
+    ``target`` says how the record is located: ``"argument"`` (the ``target=``
+    argument of :meth:`Charter.execute`, e.g. the URL's id), the name of an
+    input field holding the id, or ``None`` for actions that create a record or
+    act on no record.
+    """
+
+    name: str
+    handler: Handler
+    input: type[BaseModel]
+    resource: ResourceSpec | None
+    target: str | None
+    creates: bool
+    allow: Any
+    reason_required: bool
+    sensitive_read: bool
+    scope: str | None
+    impersonation: bool
+    listable: bool
+    status: int
+
+    @property
+    def mutates(self) -> bool:
+        return not self.sensitive_read
+
+    @classmethod
+    def declare(
+        cls,
+        name: str,
+        handler: Handler,
+        *,
+        input: type[BaseModel] | None,
+        resource: ResourceSpec | None,
+        target: str | None,
+        creates: bool,
+        allow: Any,
+        reason_required: bool,
+        sensitive_read: bool,
+        scope: str | None,
+        impersonation: bool,
+        listable: bool,
+        status: int | None,
+    ) -> ActionSpec:
+        if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
+            raise ConfigurationError(
+                f"action name {name!r} must look like 'resource.verb' (lowercase, dotted)"
+            )
+        if not callable(handler):
+            raise ConfigurationError(f"action {name}: the handler must be callable")
+        model = input or NoInput
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise ConfigurationError(f"action {name}: input must be a Pydantic model class")
+        if model.model_config.get("extra") != "forbid":
+            # No mass assignment: a field the model does not declare is an error,
+            # never silently dropped or (worse) copied onto the record.
+            raise ConfigurationError(
+                f"action {name}: input model {model.__name__} must reject unknown fields; "
+                "set model_config = ConfigDict(extra='forbid')"
+            )
+        if creates and target is not None:
+            raise ConfigurationError(f"action {name}: an action that creates has no target")
+        if creates and resource is None:
+            raise ConfigurationError(f"action {name}: creates=True needs on=<resource>")
+        if target not in (None, "argument") and target not in model.model_fields:
+            raise ConfigurationError(
+                f"action {name}: target field {target!r} is not a field of {model.__name__}"
+            )
+        if target is not None and resource is None:
+            raise ConfigurationError(f"action {name}: a target needs on=<resource>")
+        if sensitive_read and creates:
+            raise ConfigurationError(f"action {name}: a sensitive read cannot create")
+        if scope is not None and not scope:
+            raise ConfigurationError(f"action {name}: scope must be a non-empty string")
+        return cls(
+            name=name, handler=handler, input=model, resource=resource, target=target,
+            creates=creates, allow=allow, reason_required=reason_required,
+            sensitive_read=sensitive_read, scope=scope, impersonation=impersonation,
+            listable=listable, status=status or (201 if creates else 200),
+        )
+
+    def validate(self, data: Any) -> BaseModel:
+        """Validate raw input (a mapping or a model instance) into the input model."""
+        if isinstance(data, self.input):
+            return data
+        if data is None:
+            data = {}
+        if isinstance(data, BaseModel):
+            data = data.model_dump()
+        if not isinstance(data, dict):
+            raise InvalidInput(
+                f"the input of {self.name} must be a JSON object", errors=[]
+            )
+        try:
+            return self.input.model_validate(data)
+        except ValidationError as exc:
+            errors = [
+                {"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            raise InvalidInput(
+                f"the input of {self.name} is invalid: "
+                + "; ".join(f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}"
+                            for e in errors),
+                errors=errors,
+            ) from exc

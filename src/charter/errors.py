@@ -1,0 +1,202 @@
+"""Charter's errors: one root, a stable code, an HTTP status, a message a person can act on.
+
+Every error a caller of Charter can see derives from :class:`CharterError`. The
+``code`` is stable (clients and dashboards key on it; it becomes the last
+segment of the RFC 9457 problem ``type``), ``status`` is the HTTP status an
+adapter should answer with, and ``attrs`` carries structured, non-secret
+details. Foreign exceptions (SQLAlchemy, drivers, Pydantic) are translated at
+the boundary with ``raise ... from exc`` and never reach a caller raw.
+
+Hierarchy::
+
+    CharterError                          500 charter_error
+    ├── ConfigurationError                500 configuration_error   (declarations, settings; at start-up)
+    ├── Unauthenticated                   401 unauthenticated
+    ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
+    │   ├── ReasonRequired                400 reason_required
+    │   └── PayloadTooLarge               413 payload_too_large
+    ├── UnknownAction                     404 unknown_action
+    ├── NotFound                          404 not_found             (also: another tenant's record)
+    ├── Forbidden                         403 forbidden             (carries the Decision)
+    ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
+    ├── Conflict                          409 conflict
+    ├── DomainError                       409 domain_error          (raised by handlers; subclass it)
+    ├── StorageUnavailable                503 storage_unavailable   (retryable)
+    ├── StorageError                      500 storage_error
+    └── AuditIntegrityError               500 audit_integrity_error
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuditIntegrityError",
+    "CharterError",
+    "ConfigurationError",
+    "Conflict",
+    "DomainError",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "PayloadTooLarge",
+    "PreconditionFailed",
+    "ReasonRequired",
+    "StorageError",
+    "StorageUnavailable",
+    "Unauthenticated",
+    "UnknownAction",
+]
+
+
+class CharterError(Exception):
+    """Root of every error Charter raises.
+
+    ``message`` is meant for a person (an operator or an API client) and must
+    never contain secrets. ``attrs`` are structured details that adapters may
+    expose (they end up as RFC 9457 extension members).
+    """
+
+    code: ClassVar[str] = "charter_error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None, **attrs: Any) -> None:
+        self.message = message or self.title
+        self.attrs: dict[str, Any] = attrs
+        self.headers: dict[str, str] = {}
+        super().__init__(self.message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+    def problem(self, *, instance: str | None = None) -> dict[str, Any]:
+        """Render as an RFC 9457 problem details object."""
+        body: dict[str, Any] = {
+            "type": f"https://charter.dev/problems/{self.code.replace('_', '-')}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.message,
+            "code": self.code,
+        }
+        if instance is not None:
+            body["instance"] = instance
+        for name, value in self.attrs.items():
+            body.setdefault(name, value)
+        return body
+
+
+class ConfigurationError(CharterError):
+    """A declaration or setting is wrong; raised at start-up, not at the first request."""
+
+    code = "configuration_error"
+    title = "Configuration error"
+
+
+class Unauthenticated(CharterError):
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication required"
+
+
+class InvalidInput(CharterError):
+    """The input does not match the action's model (unknown fields are errors)."""
+
+    code = "invalid_input"
+    status = 422
+    title = "Invalid input"
+
+    def __init__(
+        self, message: str | None = None, *, errors: list[Mapping[str, Any]] | None = None,
+        **attrs: Any,
+    ) -> None:
+        if errors is not None:
+            attrs["errors"] = [dict(e) for e in errors]
+        super().__init__(message, **attrs)
+
+
+class ReasonRequired(InvalidInput):
+    code = "reason_required"
+    status = 400
+    title = "A reason is required"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class UnknownAction(CharterError):
+    code = "unknown_action"
+    status = 404
+    title = "Unknown action"
+
+
+class NotFound(CharterError):
+    """The record does not exist *for this actor* (another tenant's record is not found)."""
+
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Forbidden(CharterError):
+    """The policy denied the action. ``decision`` holds the internal explanation."""
+
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+    def __init__(self, message: str | None = None, *, decision: Any = None, **attrs: Any) -> None:
+        self.decision = decision
+        super().__init__(message, **attrs)
+
+
+class PreconditionFailed(CharterError):
+    code = "precondition_failed"
+    status = 412
+    title = "Precondition failed"
+
+
+class Conflict(CharterError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class DomainError(CharterError):
+    """A business rule refused the change; raise subclasses of it from handlers.
+
+    Unlike a crash in a handler, a domain error is an *outcome*: it is audited
+    and, for idempotent actions, stored and replayed.
+    """
+
+    code = "domain_error"
+    status = 409
+    title = "The request cannot be carried out"
+
+
+class StorageUnavailable(CharterError):
+    """The database (or another store) cannot be reached; safe to retry later."""
+
+    code = "storage_unavailable"
+    status = 503
+    title = "Service temporarily unavailable"
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1, **attrs: Any) -> None:
+        super().__init__(message, **attrs)
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class StorageError(CharterError):
+    code = "storage_error"
+    title = "Storage error"
+
+
+class AuditIntegrityError(CharterError):
+    code = "audit_integrity_error"
+    title = "The audit trail failed verification"

@@ -1,0 +1,1 @@
+"""Alembic migrations for Charter's own tables (branch ``charter``)."""

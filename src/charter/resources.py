@@ -1,0 +1,91 @@
+"""Resources: the application's SQLAlchemy mapped classes that actions act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Mapper
+
+from .errors import ConfigurationError
+
+__all__ = ["ResourceSpec"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSpec:
+    """How Charter sees one mapped class.
+
+    ``tenant`` names the tenant column (``None`` for a global, non-tenant
+    resource: it must be declared ``tenant=None`` explicitly). ``state`` names
+    the workflow state column, ``version`` the optimistic-concurrency counter
+    that the gate bumps on every change (exposed as an ETag over HTTP).
+    """
+
+    model: type[Any]
+    name: str
+    id: str
+    tenant: str | None
+    state: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def declare(
+        cls,
+        model: type[Any],
+        *,
+        name: str | None = None,
+        tenant: str | None,
+        state: str | None = None,
+        version: str | None = None,
+    ) -> ResourceSpec:
+        """Validate the declaration against the mapper; fail at start-up, loudly."""
+        try:
+            mapper: Mapper[Any] = sa_inspect(model)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{model!r} is not a SQLAlchemy mapped class; declare resources with "
+                "their ORM model"
+            ) from exc
+        columns = set(mapper.columns.keys())
+        pk = [c.key for c in mapper.primary_key]
+        if len(pk) != 1:
+            raise ConfigurationError(
+                f"resource {model.__name__}: Charter needs a single-column primary key, "
+                f"found {pk or 'none'}"
+            )
+        for role, column in (("tenant", tenant), ("state", state), ("version", version)):
+            if column is not None and column not in columns:
+                raise ConfigurationError(
+                    f"resource {model.__name__}: {role} column {column!r} is not a mapped "
+                    f"column (columns: {', '.join(sorted(columns))})"
+                )
+        resource_name = name or mapper.local_table.name
+        if not resource_name or not resource_name.replace("_", "").isalnum():
+            raise ConfigurationError(f"resource name {resource_name!r} must be an identifier")
+        return cls(
+            model=model, name=resource_name, id=pk[0], tenant=tenant, state=state,
+            version=version,
+        )
+
+    @property
+    def columns(self) -> frozenset[str]:
+        mapper: Mapper[Any] = sa_inspect(self.model)
+        return frozenset(mapper.columns.keys())
+
+    def column(self, name: str) -> Any:
+        """The mapped attribute (``Invoice.amount``) for a column name."""
+        return getattr(self.model, name)
+
+    def identity(self, record: Any) -> str:
+        return str(getattr(record, self.id))
+
+    def tenant_of(self, record: Any) -> str | None:
+        return None if self.tenant is None else getattr(record, self.tenant)
+
+    def state_of(self, record: Any) -> str | None:
+        if self.state is None or record is None:
+            return None
+        value = getattr(record, self.state)
+        return None if value is None else str(getattr(value, "value", value))

@@ -1,0 +1,130 @@
+"""Database plumbing: engines for SQLite and PostgreSQL, transactions, error translation.
+
+SQLite is the embedded default: WAL journal, foreign keys on, a busy timeout,
+and write transactions opened with ``BEGIN IMMEDIATE`` so two writers never
+deadlock on a read-to-write lock upgrade (SQLite serializes writers anyway;
+``SELECT ... FOR UPDATE`` does not exist there). PostgreSQL runs through
+psycopg 3 with the row locks the gate asks for.
+
+No connection pre-ping: it would add a round trip to every transaction. A lost
+connection is detected when it is used, the pool is invalidated by SQLAlchemy,
+and the caller gets :class:`~charter.errors.StorageUnavailable` (503, retryable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import MetaData, create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.url import make_url
+
+from .errors import CharterError, Conflict, StorageError, StorageUnavailable
+
+__all__ = [
+    "WRITE_OPTION",
+    "is_postgres",
+    "is_sqlite",
+    "make_engine",
+    "metadata",
+    "translate_errors",
+]
+
+#: Charter's own tables (audit trail, checkpoints, idempotency records...).
+metadata = MetaData()
+
+#: Execution option that marks a connection as about to write (SQLite: BEGIN IMMEDIATE).
+WRITE_OPTION = "charter_write"
+
+
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: bool = False) -> Engine:
+    """Create an engine configured the way the gate needs it."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(
+            parsed,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+        )
+        configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
+        # Charter is tested against psycopg 3; map the bare scheme onto it.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, echo=echo, pool_size=pool_size, max_overflow=max_overflow)
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """WAL, foreign keys, busy timeout, and explicit BEGIN control (see module docstring)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module, which would
+        # otherwise open transactions lazily and defeat BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def is_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def _is_unavailable(exc: sa_exc.DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.OperationalError):
+        # Lost connections, refused connections, server shutdown, SQLite
+        # "database is locked" after the busy timeout: all retryable.
+        return True
+    return isinstance(exc, sa_exc.InterfaceError)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Translate SQLAlchemy and driver exceptions into Charter errors.
+
+    The original exception is chained (``from exc``) for logs; clients only see
+    the Charter error, with no driver text that could leak schema details.
+    """
+    try:
+        yield
+    except CharterError:
+        raise
+    except sa_exc.TimeoutError as exc:  # pool exhausted
+        raise StorageUnavailable("The database is busy; retry shortly.") from exc
+    except sa_exc.IntegrityError as exc:
+        raise Conflict(
+            "The change conflicts with existing data (a uniqueness or reference rule)."
+        ) from exc
+    except sa_exc.DBAPIError as exc:
+        if _is_unavailable(exc):
+            raise StorageUnavailable(
+                "The database is unavailable; the request was not carried out. Retry shortly."
+            ) from exc
+        raise StorageError("The database rejected the operation.") from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise StorageError("The database layer failed.") from exc
