@@ -29,8 +29,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .actions import ActionSpec, Handler
@@ -60,6 +62,9 @@ F = TypeVar("F", bound=Handler)
 
 #: Used only when ``development=True``; never outside development.
 DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
+
+_ACTOR = "charter.actor"
+_CREATED = "charter.created"
 
 MAX_REASON = 1000
 MAX_REQUEST_ID = 128
@@ -144,6 +149,7 @@ class Charter:
         self._resource_names: dict[str, ResourceSpec] = {}
         self._actions: dict[str, ActionSpec] = {}
         self._lock_rows = is_postgres(self.engine)
+        event.listen(self._sessions, "before_flush", self._guard_tenants)
 
     # -- declarations --------------------------------------------------------------
 
@@ -335,6 +341,8 @@ class Charter:
         try:
             with translate_errors(), self._sessions() as session:
                 ctx.session = session
+                session.info[_ACTOR] = ctx.actor
+                session.info[_CREATED] = set()
                 record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
@@ -357,20 +365,27 @@ class Charter:
                         Forbidden(decision.public_reason, decision=decision), decision, record
                     )
                 state_before = resource.state_of(record) if resource else None
+                version = self._bump_version(spec, record)
                 try:
                     body = spec.handler(ctx, record, data)
                 except DomainError as exc:
                     raise _Refusal(exc, decision, record) from exc
-                except CharterError:
-                    raise
+                except Forbidden as exc:  # e.g. the tenant guard during the handler's flush
+                    raise _Refusal(exc, exc.decision, record) from exc
+                except (CharterError, SQLAlchemyError):
+                    raise  # database errors are translated by translate_errors() below
                 except Exception as exc:
                     log.exception("handler of %s failed; rolled back", spec.name)
                     raise HandlerFailed(
                         "The action failed and nothing was changed.", request_id=ctx.request_id
                     ) from exc
                 if spec.creates:
-                    record = self._adopt_created(session, spec, ctx.actor, body)
-                version = self._bump_version(session, spec, record)
+                    try:
+                        record = self._adopt_created(session, spec, ctx.actor, body)
+                    except Forbidden as exc:
+                        raise _Refusal(exc, exc.decision, None) from exc
+                if spec.creates:
+                    version = self._bump_version(spec, record)
                 session.flush()
                 entry = self._entry(spec, ctx, data, record, decision, "ok", state_before)
                 lease.write(session, [entry])
@@ -406,40 +421,55 @@ class Charter:
     def _adopt_created(self, session: Session, spec: ActionSpec, actor: Actor, body: Any) -> Any:
         resource = spec.resource
         assert resource is not None
-        created = [o for o in session.new if isinstance(o, resource.model)]
+        session.flush()  # runs the tenant guard, which records every new object
+        created = [o for o in session.info[_CREATED] if isinstance(o, resource.model)]
         if len(created) != 1:
             raise HandlerFailed(
                 f"{spec.name} must add exactly one {resource.model.__name__} to ctx.session"
             )
-        record = created[0]
-        if resource.tenant is not None:
-            owner = getattr(record, resource.tenant)
+        return created[0]
+
+    def _guard_tenants(self, session: Session, _context: Any, _instances: Any) -> None:
+        """Before every flush: new records join the actor's tenant; none may leave or enter another.
+
+        This is what makes tenant isolation automatic for writes: a handler
+        cannot create a record in another tenant, nor move one, even by mistake.
+        """
+        actor: Actor | None = session.info.get(_ACTOR)
+        if actor is None:
+            return
+        for obj in session.new:
+            resource = self._resources.get(type(obj))
+            if resource is None or resource.tenant is None:
+                continue
+            owner = getattr(obj, resource.tenant)
             if owner is None:
-                setattr(record, resource.tenant, actor.tenant_id)
+                setattr(obj, resource.tenant, actor.tenant_id)
             elif owner != actor.tenant_id:
-                raise Forbidden(
-                    "You cannot create records in another tenant.",
-                    decision=Decision.deny(
-                        DecisionKind.DENIED_BY_RULE, rule="tenant",
-                        reason=f"created record belongs to tenant {owner!r}",
-                    ),
-                )
-        session.flush()
-        return record
+                raise _tenant_violation(f"a new {resource.name} record names tenant {owner!r}")
+            session.info.setdefault(_CREATED, set()).add(obj)
+        for obj in session.dirty:
+            resource = self._resources.get(type(obj))
+            if resource is None or resource.tenant is None:
+                continue
+            history = sa_inspect(obj).attrs[resource.tenant].history
+            if history.has_changes():
+                raise _tenant_violation(f"a {resource.name} record cannot change tenant")
 
     @staticmethod
-    def _bump_version(session: Session, spec: ActionSpec, record: Any) -> int | None:
+    def _bump_version(spec: ActionSpec, record: Any) -> int | None:
+        """Every change moves the record to a new version (the HTTP ETag)."""
         resource = spec.resource
         if record is None or resource is None or resource.version is None:
             return None
-        current = getattr(record, resource.version) or 0
+        current = getattr(record, resource.version)
         if spec.creates:
-            if getattr(record, resource.version) is None:
+            if current is None:
                 setattr(record, resource.version, 1)
             return int(getattr(record, resource.version))
-        if spec.mutates and session.is_modified(record):
-            setattr(record, resource.version, current + 1)
-            return int(current + 1)
+        if spec.mutates:
+            current = (current or 0) + 1
+            setattr(record, resource.version, current)
         return int(current)
 
     def _entry(
@@ -504,6 +534,13 @@ class Charter:
         """A record's audit history, oldest first."""
         with self.session() as session:
             return AuditTrail.history(session, resource_type, str(resource_id))
+
+
+def _tenant_violation(reason: str) -> Forbidden:
+    return Forbidden(
+        "You cannot create or move records across tenants.",
+        decision=Decision.deny(DecisionKind.DENIED_BY_RULE, rule="tenant", reason=reason),
+    )
 
 
 def _request_id(value: str | None) -> str:

@@ -1,0 +1,183 @@
+"""The ``charter`` command: a thin layer that parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CharterError
+from .gate import Charter
+from .migrate import upgrade
+from .settings import Settings
+
+app = typer.Typer(help="Charter: one gate for every state-changing business action.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+
+console = Console()
+err = Console(stderr=True)
+
+DatabaseOption = Annotated[
+    str | None, typer.Option("--database-url", envvar="CHARTER_DATABASE_URL",
+                             help="SQLAlchemy URL (default: the demo's SQLite file).")
+]
+
+
+def _settings(database_url: str | None) -> Settings:
+    try:
+        settings = Settings.from_env()
+    except CharterError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    if database_url:
+        settings = Settings(
+            environment=settings.environment, database_url=database_url,
+            token_secrets=settings.token_secrets, audit_keys=settings.audit_keys,
+        )
+    return settings
+
+
+def _charter(settings: Settings) -> Charter:
+    return Charter(database_url=settings.database_url, audit_keys=settings.audit_keys,
+                   development=settings.development)
+
+
+def _fail(exc: CharterError) -> typer.Exit:
+    err.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+    return typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: DatabaseOption = None,
+    demo: Annotated[bool, typer.Option(help="Also migrate the reference service's tables.")] = True,
+    location: Annotated[list[str] | None, typer.Option(
+        help="Extra Alembic version location (package:path) of your application.")] = None,
+) -> None:
+    """Bring Charter's tables (and your application's branches) to the latest revision."""
+    from .demo.app import DEMO_MIGRATIONS
+
+    settings = _settings(database_url)
+    charter = _charter(settings)
+    try:
+        upgrade(charter.engine, extra_locations=[*(DEMO_MIGRATIONS if demo else ()), *(location or [])])
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"database upgraded: {charter.engine.url.render_as_string()}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    database_url: DatabaseOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every audit entry and checkpoint; exit 1 and say where if anything was tampered with."""
+    charter = _charter(_settings(database_url))
+    try:
+        report = charter.verify_audit()
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        console.print_json(json.dumps({
+            "ok": report.ok, "entries": report.entries, "streams": report.streams,
+            "checkpoints": report.checkpoints,
+            "problems": [{"kind": p.kind, "stream": p.stream, "seq": p.seq,
+                          "entry_id": p.entry_id, "detail": p.detail} for p in report.problems],
+        }))
+    else:
+        for problem in report.problems:
+            console.print(f"[red]✗[/red] {problem}")
+        status = "[green]verified[/green]" if report.ok else "[red]TAMPERED[/red]"
+        console.print(f"{status}: {report.entries} entries in {report.streams} streams, "
+                      f"{report.checkpoints} checkpoints, {len(report.problems)} problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(database_url: DatabaseOption = None) -> None:
+    """Sign the head of every audit stream (guards against tail truncation)."""
+    charter = _charter(_settings(database_url))
+    try:
+        row = charter.checkpoint_audit()
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"checkpoint signed over {len(row['heads'])} streams")
+
+
+@audit_app.command("show")
+def audit_show(
+    resource_type: str, resource_id: str, database_url: DatabaseOption = None,
+) -> None:
+    """Print a record's audit history, oldest first."""
+    charter = _charter(_settings(database_url))
+    try:
+        history = charter.history(resource_type, resource_id)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"{resource_type} {resource_id}")
+    for column in ("at", "action", "subject", "real actor", "channel", "decision", "outcome",
+                   "state", "reason"):
+        table.add_column(column)
+    for e in history:
+        state = f"{e['state_before'] or ''} → {e['state_after'] or ''}" if e["state_after"] else ""
+        table.add_row(
+            str(e["at"])[:19], e["action"], e["subject"], e["real_actor"] or "", e["channel"],
+            e["decision"], e["outcome"], state, e["reason"] or "",
+        )
+    console.print(table)
+    if not history:
+        console.print("no entries")
+
+
+@app.command("demo")
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="PORT", help="Port (env PORT).")] = 8000,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Migrate and serve the reference service, printing demo tokens and curl lines."""
+    import uvicorn
+
+    from .demo.app import DEMO_MIGRATIONS, create_app, demo_scopes
+    from .demo.service import DEMO_USERS
+    from .tokens import TokenSigner
+
+    os.environ.setdefault("CHARTER_ENV", "development")
+    settings = _settings(database_url)
+    charter = _charter(settings)
+    upgrade(charter.engine, extra_locations=DEMO_MIGRATIONS)
+    application = create_app(settings, charter=charter)
+    signer = TokenSigner(settings.token_secrets)
+    base = f"http://{host}:{port}"
+    table = Table(title="Demo users (tokens valid 12 h)")
+    for column in ("tenant", "user", "roles", "token"):
+        table.add_column(column, overflow="fold")
+    tokens: dict[str, str] = {}
+    for (tenant, user_id), user in DEMO_USERS.items():
+        tokens[user_id] = signer.issue(user_id, tenant, scopes=demo_scopes(user))
+        table.add_row(tenant, user_id, ", ".join(sorted(user.roles)), tokens[user_id])
+    console.print(table)
+    console.print(f"""
+[bold]Try it[/bold] (database: {settings.database_url}):
+  curl -s -X POST {base}/invoices -H 'Authorization: Bearer {tokens['alice']}' \\
+       -H 'Content-Type: application/json' -d '{{"customer": "ACME Corp", "amount": "1200.00"}}'
+  curl -s -X POST {base}/invoices/1/submit -H 'Authorization: Bearer {tokens['alice']}'
+  curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['alice']}'   # 403: creator
+  curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['bob']}'     # 200
+  curl -s {base}/invoices/1 -H 'Authorization: Bearer {tokens['gina']}'                    # 404: other tenant
+  charter audit show invoices 1 && charter audit verify
+""")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    app()

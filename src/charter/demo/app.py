@@ -1,0 +1,101 @@
+"""The reference service's HTTP application (``charter.demo:app``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from ..actor import Actor
+from ..gate import Charter
+from ..integrations.fastapi import CharterRoutes
+from ..migrate import upgrade
+from ..settings import Settings
+from ..tokens import TokenSigner
+from .service import build_charter, directory
+
+__all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
+
+log = logging.getLogger("charter.demo")
+
+DEMO_MIGRATIONS = ("charter.demo:migrations",)
+CHECKPOINT_SECONDS = 60
+
+
+def demo_scopes(user: Actor) -> list[str]:
+    """The scopes the demo issues per user (a real service asks the user to consent)."""
+    scopes = ["invoices:read", "invoices:write"]
+    if "approver" in user.roles:
+        scopes.append("invoices:approve")
+    if "support" in user.roles:
+        scopes.append("invoices:*")
+    return scopes
+
+
+def create_app(settings: Settings | None = None, *, charter: Charter | None = None) -> FastAPI:
+    """Build the reference service; refuses to start with default secrets outside development."""
+    settings = settings or Settings.from_env()
+    if charter is None:
+        charter = Charter(
+            database_url=settings.database_url, audit_keys=settings.audit_keys,
+            development=settings.development,
+        )
+    build_charter(charter)
+    signer = TokenSigner(settings.token_secrets)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade, charter.engine, extra_locations=DEMO_MIGRATIONS)
+        task = asyncio.create_task(_checkpoints(charter))
+        try:
+            yield
+        finally:
+            task.cancel()
+            charter.engine.dispose()
+
+    app = FastAPI(title="Charter reference service", version="0.1.0", lifespan=lifespan)
+    app.state.charter = charter
+    app.state.signer = signer
+
+    def authenticate(request: Request) -> Actor:
+        return signer.authenticate(
+            request.headers.get("authorization"), directory,
+            on_behalf_of=request.headers.get("x-on-behalf-of"),
+        )
+
+    routes = CharterRoutes(app, charter, authenticate=authenticate, max_body_bytes=64 * 1024)
+    routes.bind("POST", "/invoices", "invoice.create", target=None)
+    routes.bind("GET", "/invoices/{id}", "invoice.get")
+    routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
+    routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        def ping() -> None:
+            with charter.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        try:
+            await run_in_threadpool(ping)
+        except Exception:
+            log.warning("health check: database unreachable", exc_info=True)
+            return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+        return JSONResponse({"status": "ok", "database": "up"})
+
+    return app
+
+
+async def _checkpoints(charter: Charter) -> None:
+    """Sign the audit streams' heads periodically (see charter.audit_verify)."""
+    while True:
+        await asyncio.sleep(CHECKPOINT_SECONDS)
+        try:
+            await run_in_threadpool(charter.checkpoint_audit)
+        except Exception:
+            log.warning("audit checkpoint failed; will retry", exc_info=True)

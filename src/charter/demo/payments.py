@@ -1,0 +1,606 @@
+"""A stub card payment provider: an HTTP service on 127.0.0.1 for tests and the reference service.
+
+It behaves like a real provider where retries matter:
+
+- ``POST /v1/charges`` needs an ``Idempotency-Key`` header. The same key with
+  the same body returns the same charge (``Idempotent-Replayed: true``)
+  without creating another; the same key with another body is ``422``
+  (draft-ietf-httpapi-idempotency-key-header, section 2.7). One lock makes
+  concurrent duplicates create exactly one charge.
+- ``GET /v1/charges/{id}``; ``GET /v1/stats`` gives ``{"charges_created", "requests"}``
+  (``requests`` counts every ``POST /v1/charges`` received).
+- ``POST /v1/faults`` ``{"fail_next": n}`` answers the next ``n`` successful
+  charge requests with ``503`` *after* the charge is recorded (the provider
+  charged but the answer was lost); ``{"delay_ms": d}`` delays every charge
+  answer by ``d`` ms, also after recording (a client timeout). ``0`` clears.
+- With ``webhook_url`` and ``webhook_secret``, every new charge sends a
+  ``payment.settled`` event signed with Standard Webhooks from a background
+  thread; ``POST /v1/webhooks/redeliver`` sends the last event again with the
+  *same* ``webhook-id`` (and a fresh timestamp, as providers do on retries).
+
+Use :class:`PaymentProviderStub` as a context manager in tests, talk to it
+with :class:`PaymentClient`, or run ``python -m charter.demo.payments --port 8100``
+(the webhook secret is read from ``$CHARTER_DEMO_WEBHOOK_SECRET``, never argv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from charter.errors import CharterError, ConfigurationError, NotFound
+from charter.webhooks import StandardWebhookSigner
+
+__all__ = [
+    "Charge",
+    "PaymentClient",
+    "PaymentProviderError",
+    "PaymentProviderStub",
+    "PaymentProviderUnavailable",
+    "WebhookDelivery",
+    "main",
+]
+
+HOST = "127.0.0.1"
+MAX_BODY_BYTES = 16 * 1024
+MAX_DELAY_MS = 60_000
+WEBHOOK_SECRET_ENV = "CHARTER_DEMO_WEBHOOK_SECRET"  # noqa: S105 (a variable name)
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class PaymentProviderError(CharterError):
+    """The payment provider answered something unexpected (a 4xx, a malformed body)."""
+
+    code = "payment_provider_error"
+    status = 502
+    title = "Payment provider error"
+
+
+class PaymentProviderUnavailable(PaymentProviderError):
+    """The provider did not answer usefully (5xx, timeout, connection); retry with the same key.
+
+    The charge may have been made: only a retry with the same idempotency key is safe.
+    """
+
+    code = "payment_provider_unavailable"
+    status = 503
+    title = "Payment provider unavailable"
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1, **attrs: Any) -> None:
+        super().__init__(message, **attrs)
+        self.headers["Retry-After"] = str(retry_after)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A charge as the provider reports it; ``replayed`` if it was answered from a stored key."""
+
+    id: str
+    amount: Decimal
+    currency: str
+    reference: str
+    status: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One attempt to deliver an event: the receiver's status, or the transport error."""
+
+    webhook_id: str
+    status_code: int | None
+    error: str | None = None
+
+
+class _ChargeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    amount: str = Field(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    reference: str = Field(min_length=1, max_length=200)
+
+    def fingerprint(self) -> tuple[Decimal, str, str]:
+        # "10.0" and "10.00" are the same request.
+        return Decimal(self.amount), self.currency, self.reference
+
+
+class _Faults(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    fail_next: int | None = Field(default=None, ge=0, le=1_000_000)
+    delay_ms: int | None = Field(default=None, ge=0, le=MAX_DELAY_MS)
+
+
+@dataclass(slots=True)
+class _Event:
+    webhook_id: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    charges: dict[str, dict[str, str]] = field(default_factory=dict)
+    by_key: dict[str, tuple[tuple[Decimal, str, str], str]] = field(default_factory=dict)
+    requests: int = 0
+    fail_next: int = 0
+    delay_ms: int = 0
+    last_event: _Event | None = None
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+class _WebhookSender:
+    """Delivers events in order from one background thread; redelivery is synchronous."""
+
+    def __init__(self, url: str, secret: str, *, timeout: float = 5.0) -> None:
+        self._url = url
+        self._signer = StandardWebhookSigner(secret)
+        self._timeout = timeout
+        self._queue: queue.Queue[_Event | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.deliveries: list[WebhookDelivery] = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="payment-stub-webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)  # after the pending events: they are still delivered
+            self._thread.join(timeout=self._timeout * 2 + 1)
+            self._thread = None
+
+    def enqueue(self, event: _Event) -> None:
+        self._queue.put(event)
+
+    def deliver(self, event: _Event) -> WebhookDelivery:
+        headers = self._signer.sign(event.webhook_id, int(time.time()), event.body)
+        headers["content-type"] = "application/json"
+        try:
+            response = httpx.post(
+                self._url, content=event.body, headers=headers, timeout=self._timeout
+            )
+            delivery = WebhookDelivery(event.webhook_id, response.status_code)
+        except httpx.HTTPError as exc:
+            delivery = WebhookDelivery(event.webhook_id, None, type(exc).__name__)
+        with self._lock:
+            self.deliveries.append(delivery)
+        return delivery
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            self.deliver(event)
+
+
+def _settled_event(charge: dict[str, str]) -> _Event:
+    body = {
+        "type": "payment.settled",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "data": charge,
+    }
+    return _Event("msg_" + secrets.token_hex(12), json.dumps(body).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def _problem(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: int) -> Starlette:
+    async def create_charge(request: Request) -> Response:
+        with state.lock:
+            state.requests += 1
+        key = request.headers.get("idempotency-key")
+        if key is None or not _IDEMPOTENCY_KEY.fullmatch(key):
+            return _problem(400, "idempotency_key_required", "send an Idempotency-Key header")
+        try:
+            data = _ChargeRequest.model_validate_json(await _read_body(request, max_body_bytes))
+        except _BodyTooLarge:
+            return _problem(
+                413, "payload_too_large", f"bodies are limited to {max_body_bytes} bytes"
+            )
+        except ValidationError as exc:
+            return _problem(400, "invalid_request", exc.errors()[0]["msg"])
+
+        with state.lock:  # no await inside: check, create and count are one step
+            stored = state.by_key.get(key)
+            if stored is not None and stored[0] != data.fingerprint():
+                return _problem(
+                    422, "idempotency_key_reused", "this key was used with a different request"
+                )
+            replayed = stored is not None
+            if stored is None:
+                charge_id = "ch_" + secrets.token_hex(12)
+                state.charges[charge_id] = {
+                    "id": charge_id,
+                    "amount": data.amount,
+                    "currency": data.currency,
+                    "reference": data.reference,
+                    "status": "succeeded",
+                }
+                state.by_key[key] = (data.fingerprint(), charge_id)
+                if sender is not None:
+                    state.last_event = _settled_event(state.charges[charge_id])
+                    sender.enqueue(state.last_event)
+            else:
+                charge_id = stored[1]
+            charge = dict(state.charges[charge_id])
+            fail = state.fail_next > 0
+            if fail:
+                state.fail_next -= 1
+            delay_ms = state.delay_ms
+
+        # The charge is recorded before any fault: the client cannot tell.
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        if fail:
+            return _problem(503, "unavailable", "injected fault: the answer was lost")
+        headers = {"Idempotent-Replayed": "true"} if replayed else {}
+        return JSONResponse(charge, status_code=201, headers=headers)
+
+    async def get_charge(request: Request) -> Response:
+        with state.lock:
+            charge = state.charges.get(request.path_params["charge_id"])
+        if charge is None:
+            return _problem(404, "not_found", "no such charge")
+        return JSONResponse(charge)
+
+    async def stats(request: Request) -> Response:
+        with state.lock:
+            return JSONResponse({"charges_created": len(state.charges), "requests": state.requests})
+
+    async def faults(request: Request) -> Response:
+        try:
+            data = _Faults.model_validate_json(await _read_body(request, max_body_bytes))
+        except _BodyTooLarge:
+            return _problem(
+                413, "payload_too_large", f"bodies are limited to {max_body_bytes} bytes"
+            )
+        except ValidationError as exc:
+            return _problem(400, "invalid_request", exc.errors()[0]["msg"])
+        with state.lock:
+            if data.fail_next is not None:
+                state.fail_next = data.fail_next
+            if data.delay_ms is not None:
+                state.delay_ms = data.delay_ms
+            return JSONResponse({"fail_next": state.fail_next, "delay_ms": state.delay_ms})
+
+    def redeliver(request: Request) -> Response:
+        # Sync: Starlette runs it in a worker thread, so the blocking POST
+        # does not stall the event loop.
+        if sender is None:
+            return _problem(409, "webhooks_not_configured", "no webhook_url is configured")
+        with state.lock:
+            event = state.last_event
+        if event is None:
+            return _problem(404, "not_found", "no event has been sent yet")
+        delivery = sender.deliver(event)
+        return JSONResponse(
+            {"webhook_id": delivery.webhook_id, "status_code": delivery.status_code}
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/charges", create_charge, methods=["POST"]),
+            Route("/v1/charges/{charge_id}", get_charge, methods=["GET"]),
+            Route("/v1/stats", stats, methods=["GET"]),
+            Route("/v1/faults", faults, methods=["POST"]),
+            Route("/v1/webhooks/redeliver", redeliver, methods=["POST"]),
+        ]
+    )
+
+
+class PaymentProviderStub:
+    """The stub provider, served by uvicorn on 127.0.0.1 from a background thread.
+
+    ::
+
+        with PaymentProviderStub() as stub:      # starts on a free port
+            client = PaymentClient(stub.base_url)
+    """
+
+    def __init__(
+        self,
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        if (webhook_url is None) != (webhook_secret is None):
+            raise ConfigurationError("webhook_url and webhook_secret go together")
+        self._state = _State()
+        self._sender = (
+            _WebhookSender(webhook_url, webhook_secret)
+            if webhook_url is not None and webhook_secret is not None
+            else None
+        )
+        self._app = _create_app(self._state, self._sender, max_body_bytes)
+        self._startup_timeout = startup_timeout
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.base_url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PaymentProviderStub(base_url={self.base_url!r})"
+
+    def _bind(self, port: int) -> tuple[uvicorn.Server, socket.socket]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((HOST, port))  # loopback only, by construction
+        except OSError:
+            sock.close()
+            raise
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            ws="none",
+            log_config=None,  # do not reconfigure the host application's logging
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        return uvicorn.Server(config), sock
+
+    def start(self, port: int = 0) -> str:
+        """Serve on ``127.0.0.1:port`` (``0``: a free port); return the base URL once it answers."""
+        if self._server is not None:
+            raise RuntimeError("the stub is already running")
+        server, sock = self._bind(port)
+        self._server, self._socket = server, sock
+        if self._sender is not None:
+            self._sender.start()
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="payment-stub", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout
+        while not server.started:  # poll uvicorn's own readiness flag
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the payment provider stub did not start")
+            time.sleep(0.005)
+        self.base_url = f"http://{HOST}:{sock.getsockname()[1]}"
+        return self.base_url
+
+    def stop(self) -> None:
+        """Stop serving, deliver pending webhooks, release the port. Safe to call twice."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        if self._sender is not None:
+            self._sender.stop()
+        self._server = self._thread = self._socket = None
+        self.base_url = None
+
+    def serve_forever(self, port: int) -> None:
+        """Serve until SIGINT/SIGTERM, then stop cleanly (the ``python -m`` entry point).
+
+        Must run in the main thread (signal handlers can only be set there).
+        """
+        received: list[int] = []
+        previous = {
+            sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            print(f"payment provider stub on {self.start(port)}", flush=True)
+            while not received:
+                time.sleep(0.1)  # a flag polled, not a wait a signal could race
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> Self:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # In-process views and controls, for tests (the HTTP endpoints do the same).
+
+    def stats(self) -> dict[str, int]:
+        with self._state.lock:
+            return {"charges_created": len(self._state.charges), "requests": self._state.requests}
+
+    def inject_faults(self, *, fail_next: int | None = None, delay_ms: int | None = None) -> None:
+        faults = _Faults(fail_next=fail_next, delay_ms=delay_ms)
+        with self._state.lock:
+            if faults.fail_next is not None:
+                self._state.fail_next = faults.fail_next
+            if faults.delay_ms is not None:
+                self._state.delay_ms = faults.delay_ms
+
+    @property
+    def webhook_deliveries(self) -> list[WebhookDelivery]:
+        return [] if self._sender is None else list(self._sender.deliveries)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class PaymentClient:
+    """A small typed client for the provider; transport problems become :class:`CharterError`.
+
+    5xx answers, timeouts and connection errors raise
+    :class:`PaymentProviderUnavailable` (retry with the *same* idempotency key);
+    other unexpected answers raise :class:`PaymentProviderError`.
+    """
+
+    def __init__(
+        self, base_url: str, *, timeout: float = 5.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"PaymentClient(base_url={str(self._http.base_url)!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def charge(
+        self, amount: Decimal | str, currency: str, reference: str, idempotency_key: str
+    ) -> Charge:
+        """Create (or, with a key already used, replay) a charge."""
+        body = {
+            "amount": format(amount, "f") if isinstance(amount, Decimal) else amount,
+            "currency": currency,
+            "reference": reference,
+        }
+        response = self._send(
+            "POST", "/v1/charges", json=body, headers={"Idempotency-Key": idempotency_key}
+        )
+        return self._charge(response)
+
+    def get_charge(self, charge_id: str) -> Charge:
+        """The charge with this id; :class:`~charter.errors.NotFound` if there is none."""
+        response = self._send("GET", f"/v1/charges/{charge_id}")
+        return self._charge(response)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise PaymentProviderUnavailable("the payment provider timed out") from exc
+        except httpx.HTTPError as exc:
+            raise PaymentProviderUnavailable("the payment provider cannot be reached") from exc
+        if response.status_code >= 500:
+            raise PaymentProviderUnavailable(
+                "the payment provider failed", provider_status=response.status_code
+            )
+        if response.status_code == 404 and method == "GET":
+            raise NotFound("no such charge at the payment provider")
+        if response.status_code >= 400:
+            raise PaymentProviderError(
+                "the payment provider refused the request",
+                provider_status=response.status_code,
+                provider_code=_error_code(response),
+            )
+        return response
+
+    @staticmethod
+    def _charge(response: httpx.Response) -> Charge:
+        try:
+            data = response.json()
+            return Charge(
+                id=str(data["id"]),
+                amount=Decimal(str(data["amount"])),
+                currency=str(data["currency"]),
+                reference=str(data["reference"]),
+                status=str(data["status"]),
+                replayed=response.headers.get("idempotent-replayed") == "true",
+            )
+        except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
+            raise PaymentProviderError("the payment provider sent a malformed charge") from exc
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m charter.demo.payments --port 8100 [--webhook-url URL]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m charter.demo.payments",
+        description="Stub card payment provider on 127.0.0.1 (tests and the reference service).",
+    )
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument(
+        "--webhook-url",
+        help=f"where to POST payment.settled events (secret from ${WEBHOOK_SECRET_ENV})",
+    )
+    args = parser.parse_args(argv)
+    secret = os.environ.get(WEBHOOK_SECRET_ENV) if args.webhook_url else None
+    if args.webhook_url and not secret:
+        parser.error(f"--webhook-url needs ${WEBHOOK_SECRET_ENV}")
+    PaymentProviderStub(webhook_url=args.webhook_url, webhook_secret=secret).serve_forever(
+        args.port
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The reference service's rules and actions: multi-tenant invoicing.
+
+Invoices move draft → submitted → approved. Who may do what:
+
+* ``invoice.create`` — any member, approver or admin of the tenant;
+* ``invoice.submit`` — the invoice's creator or an admin, while it is a draft;
+* ``invoice.approve`` — an approver of the same tenant, not the creator, for an
+  amount up to their approval limit, while it is submitted;
+* ``invoice.get`` — anyone of the tenant; a sensitive read, audited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..actor import Actor
+from ..context import ActionContext
+from ..gate import Charter
+from .models import Invoice, InvoiceState
+
+__all__ = ["DEMO_USERS", "build_charter", "directory", "invoice_view"]
+
+# The demo's user directory (a real service reads its user store).
+DEMO_USERS: Mapping[tuple[str, str], Actor] = {
+    (a.tenant, a.id): a
+    for a in (
+        Actor.make("alice", "acme", roles={"member"}),
+        Actor.make("bob", "acme", roles={"approver"}, attributes={"approval_limit": 5000}),
+        Actor.make("carol", "acme", roles={"admin", "approver"},
+                   attributes={"approval_limit": 100000}),
+        Actor.make("sam", "acme", kind="support", roles={"support"}),
+        Actor.make("gina", "globex", roles={"member"}),
+        Actor.make("gary", "globex", roles={"approver"}, attributes={"approval_limit": 5000}),
+    )
+}
+
+
+def directory(tenant: str, user_id: str) -> Actor | None:
+    return DEMO_USERS.get((tenant, user_id))
+
+
+class CreateInvoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer: str = Field(min_length=1, max_length=200)
+    amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+
+
+class Approve(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = Field(default=None, max_length=500)
+
+
+def invoice_view(invoice: Invoice) -> dict[str, Any]:
+    return {
+        "id": invoice.id, "tenant": invoice.tenant_id, "customer": invoice.customer,
+        "amount": str(invoice.amount), "currency": invoice.currency, "state": invoice.state,
+        "version": invoice.version, "created_by": invoice.created_by,
+        "submitted_by": invoice.submitted_by, "approved_by": invoice.approved_by,
+    }
+
+
+def can_create(actor: Actor, _record: Any, _ctx: ActionContext) -> bool:
+    return bool(actor.roles & {"member", "approver", "admin"})
+
+
+def can_submit(actor: Actor, invoice: Invoice, _ctx: ActionContext) -> bool:
+    return invoice.state == InvoiceState.DRAFT and (
+        invoice.created_by == actor.id or "admin" in actor.roles
+    )
+
+
+def can_approve(actor: Actor, invoice: Invoice, _ctx: ActionContext) -> bool:
+    limit = actor.attributes.get("approval_limit")
+    return (
+        "approver" in actor.roles
+        and invoice.state == InvoiceState.SUBMITTED
+        and limit is not None
+        and invoice.amount <= Decimal(limit)
+        and invoice.created_by != actor.id
+    )
+
+
+def can_read(actor: Actor, _invoice: Invoice, _ctx: ActionContext) -> bool:
+    return bool(actor.roles & {"member", "approver", "admin", "support"})
+
+
+def build_charter(charter: Charter) -> Charter:
+    charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
+
+    @charter.action("invoice.create", on=Invoice, input=CreateInvoice, creates=True,
+                    allow=can_create, scope="invoices:write")
+    def create(ctx: ActionContext, _: None, data: CreateInvoice) -> dict[str, Any]:
+        """Create a draft invoice."""
+        assert ctx.session is not None
+        invoice = Invoice(
+            customer=data.customer, amount=data.amount, currency=data.currency,
+            state=InvoiceState.DRAFT, version=1, created_by=ctx.actor.subject.id,
+            created_at=ctx.now,
+        )
+        ctx.session.add(invoice)
+        ctx.session.flush()
+        return invoice_view(invoice)
+
+    @charter.action("invoice.submit", on=Invoice, allow=can_submit, scope="invoices:write")
+    def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
+        """Submit a draft invoice for approval."""
+        invoice.state = InvoiceState.SUBMITTED
+        invoice.submitted_by = ctx.actor.subject.id
+        return invoice_view(invoice)
+
+    @charter.action("invoice.approve", on=Invoice, input=Approve, allow=can_approve,
+                    scope="invoices:approve")
+    def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> dict[str, Any]:
+        """Approve a submitted invoice."""
+        invoice.state = InvoiceState.APPROVED
+        invoice.approved_by = ctx.actor.subject.id
+        return invoice_view(invoice)
+
+    @charter.action("invoice.get", on=Invoice, allow=can_read, sensitive_read=True,
+                    scope="invoices:read")
+    def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
+        """Read one invoice (audited)."""
+        return invoice_view(invoice)
+
+    return charter

@@ -1,0 +1,1 @@
+"""Channel adapters: thin layers that turn a transport's request into a gate call."""

@@ -1,0 +1,170 @@
+"""The HTTP slice end to end: token → action → outcome or RFC 9457 problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from charter import Charter
+from charter.demo.app import create_app, demo_scopes
+from charter.demo.service import DEMO_USERS
+from charter.errors import ConfigurationError
+from charter.settings import DEVELOPMENT_TOKEN_SECRET, Settings
+from charter.tokens import TokenSigner
+
+SETTINGS = Settings(environment="development", token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
+                    audit_keys={"k1": "test-audit-key-0123456789abcdef"})
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def client(database_url: str) -> Iterator[TestClient]:
+    charter = Charter(database_url=database_url, audit_keys=SETTINGS.audit_keys)
+    app = create_app(SETTINGS, charter=charter)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.app_state = app.state  # type: ignore[attr-defined]
+        yield c
+
+
+def auth(user: str, *, scopes: list[str] | None = None, **headers: str) -> dict[str, str]:
+    actor = next(a for (_, uid), a in DEMO_USERS.items() if uid == user)
+    token = TokenSigner([DEVELOPMENT_TOKEN_SECRET]).issue(
+        actor.id, actor.tenant, scopes=demo_scopes(actor) if scopes is None else scopes)
+    return {"Authorization": f"Bearer {token}", **headers}
+
+
+def create_invoice(client: TestClient, amount: str = "1200.00") -> int:
+    response = client.post("/invoices", json={"customer": "ACME Corp", "amount": amount},
+                           headers=auth("alice"))
+    assert 201 == response.status_code, response.text
+    return int(response.json()["id"])
+
+
+def test_the_invoice_workflow_over_http(client):
+    invoice = create_invoice(client)
+    assert 200 == client.post(f"/invoices/{invoice}/submit", headers=auth("alice")).status_code
+    approved = client.post(f"/invoices/{invoice}/approve", json={"note": "ok"}, headers=auth("bob"))
+    assert 200 == approved.status_code
+    assert ("approved", "bob") == (approved.json()["state"], approved.json()["approved_by"])
+    assert '"3"' == approved.headers["etag"]
+
+
+def test_a_denial_is_a_problem_document_with_a_stable_code(client):
+    invoice = create_invoice(client)
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    response = client.post(f"/invoices/{invoice}/approve", headers=auth("alice", scopes=[
+        "invoices:read", "invoices:write", "invoices:approve"]))
+    assert (403, PROBLEM) == (response.status_code, response.headers["content-type"])
+    body = response.json()
+    assert ("forbidden", 403) == (body["code"], body["status"])
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+
+
+def test_a_token_without_the_scope_cannot_approve_even_for_an_approver(client):
+    invoice = create_invoice(client)
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    response = client.post(f"/invoices/{invoice}/approve",
+                           headers=auth("bob", scopes=["invoices:read"]))
+    assert 403 == response.status_code
+    assert "invoices:approve" in response.json()["detail"]
+
+
+def test_an_approval_above_the_limit_is_denied(client):
+    invoice = create_invoice(client, amount="9000.00")
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    assert 403 == client.post(f"/invoices/{invoice}/approve", headers=auth("bob")).status_code
+    assert 200 == client.post(f"/invoices/{invoice}/approve", headers=auth("carol")).status_code
+
+
+def test_another_tenants_invoice_is_404(client):
+    invoice = create_invoice(client)
+    response = client.get(f"/invoices/{invoice}", headers=auth("gina"))
+    assert (404, "not_found") == (response.status_code, response.json()["code"])
+
+
+def test_reads_are_audited(client):
+    invoice = create_invoice(client)
+    assert 200 == client.get(f"/invoices/{invoice}", headers=auth("bob")).status_code
+    charter: Charter = client.app_state.charter
+    history = charter.history("invoices", invoice)
+    assert ["invoice.create", "invoice.get"] == [h["action"] for h in history]
+    assert "http" == history[-1]["channel"]
+
+
+def test_missing_and_bad_tokens_are_401(client):
+    assert 401 == client.post("/invoices", json={}).status_code
+    bad = client.post("/invoices", json={}, headers={"Authorization": "Bearer nope"})
+    assert ("unauthenticated", PROBLEM) == (bad.json()["code"], bad.headers["content-type"])
+
+
+def test_unknown_fields_and_malformed_json_are_clear_errors(client):
+    extra = client.post("/invoices", json={"customer": "x", "amount": "1", "state": "approved"},
+                        headers=auth("alice"))
+    assert (422, ["state"]) == (extra.status_code, extra.json()["errors"][0]["loc"])
+    broken = client.post("/invoices", content=b"{nope", headers={
+        **auth("alice"), "Content-Type": "application/json"})
+    assert (400, "malformed_body") == (broken.status_code, broken.json()["code"])
+
+
+def test_bodies_over_the_limit_are_refused_with_413(client):
+    response = client.post("/invoices", content=b"{" + b" " * (70 * 1024) + b"}",
+                           headers={**auth("alice"), "Content-Type": "application/json"})
+    assert (413, "payload_too_large") == (response.status_code, response.json()["code"])
+
+
+def test_if_match_guards_against_lost_updates(client):
+    invoice = create_invoice(client)
+    stale = client.post(f"/invoices/{invoice}/submit", headers=auth("alice", **{"If-Match": '"7"'}))
+    assert (412, "precondition_failed") == (stale.status_code, stale.json()["code"])
+    fresh = client.post(f"/invoices/{invoice}/submit", headers=auth("alice", **{"If-Match": '"1"'}))
+    assert 200 == fresh.status_code
+
+
+def test_support_acts_on_behalf_of_a_user_only_with_a_reason(client):
+    invoice = create_invoice(client)
+    headers = auth("sam", **{"X-On-Behalf-Of": "alice"})
+    missing = client.post(f"/invoices/{invoice}/submit", headers=headers)
+    assert (400, "reason_required") == (missing.status_code, missing.json()["code"])
+    ok = client.post(f"/invoices/{invoice}/submit",
+                     headers={**headers, "X-Charter-Reason": "ticket 1234"})
+    assert 200 == ok.status_code
+    entry = client.app_state.charter.history("invoices", invoice)[-1]
+    assert ("alice", "sam", "ticket 1234") == (entry["subject"], entry["real_actor"], entry["reason"])
+
+
+def test_a_client_request_id_is_echoed_and_a_bad_one_replaced(client):
+    good = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert (200, "abc-123") == (good.status_code, good.headers["x-request-id"])
+    bad = client.get("/healthz", headers={"X-Request-ID": "x" * 500})
+    assert "x" * 500 != bad.headers["x-request-id"]
+
+
+def test_unknown_routes_are_problems_too(client):
+    response = client.get("/nope")
+    assert (404, PROBLEM, "route_not_found") == (
+        response.status_code, response.headers["content-type"], response.json()["code"])
+
+
+def test_a_lost_database_is_a_retryable_503(tmp_path):
+    charter = Charter(database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite",
+                      audit_keys=SETTINGS.audit_keys)
+    app = create_app(SETTINGS, charter=charter)
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: no migration
+    response = client.post("/invoices", json={"customer": "x", "amount": "1"}, headers=auth("alice"))
+    assert (503, "storage_unavailable") == (response.status_code, response.json()["code"])
+    assert "Retry-After" in response.headers
+    assert 503 == client.get("/healthz").status_code
+
+
+def test_the_service_refuses_to_start_without_secrets_outside_development():
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({"CHARTER_ENV": "production"})
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({"CHARTER_ENV": "production", "CHARTER_TOKEN_SECRET": DEVELOPMENT_TOKEN_SECRET,
+                           "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123"})
+    settings = Settings.from_env({"CHARTER_ENV": "production", "CHARTER_TOKEN_SECRET": "s" * 40,
+                                  "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123"})
+    assert not settings.development
