@@ -44,6 +44,11 @@ class Rename(BaseModel):
     title: str = Field(min_length=1, max_length=200)
 
 
+class Charge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+
+
 class OverLimit(DomainError):
     code = "over_limit"
     title = "Over the limit"
@@ -110,5 +115,31 @@ def build(charter: Charter) -> Charter:
     @charter.action("doc.nothing", on=Doc)
     def nothing(ctx: ActionContext, doc: Doc, data: BaseModel) -> None:
         doc.title = "should never happen"
+
+    @charter.action("doc.charge", on=Doc, input=Charge, allow=is_member, idempotency="required")
+    def charge(ctx: ActionContext, doc: Doc, data: Charge) -> dict[str, Any]:
+        doc.counter += 1
+        doc.amount += data.amount
+        return {"counter": doc.counter, "amount": doc.amount}
+
+    @charter.action("doc.limited", on=Doc, input=Charge, allow=is_member, idempotency="required")
+    def limited(ctx: ActionContext, doc: Doc, data: Charge) -> dict[str, Any]:
+        if data.amount > 100:
+            raise OverLimit(f"{data.amount} is over the limit of 100")
+        doc.counter += 1
+        return {"counter": doc.counter}
+
+    @charter.action("doc.limited_late", on=Doc, input=Charge, allow=is_member,
+                    idempotency="required")
+    def limited_late(ctx: ActionContext, doc: Doc, data: Charge) -> dict[str, Any]:
+        doc.counter += 1
+        assert ctx.session is not None
+        ctx.session.flush()  # the effect reached the database before the refusal
+        raise OverLimit("refused after writing")
+
+    @charter.action("doc.publish_once", on=Doc, allow=is_editor, idempotency="optional")
+    def publish_once(ctx: ActionContext, doc: Doc, data: BaseModel) -> dict[str, Any]:
+        doc.state = "published"
+        return {"state": doc.state}
 
     return charter

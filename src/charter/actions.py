@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigurationError, InvalidInput
+from .idempotency import IdempotencyMode
 from .resources import ResourceSpec
 
 __all__ = ["ActionSpec", "Handler", "NoInput"]
@@ -48,6 +49,7 @@ class ActionSpec:
     impersonation: bool
     listable: bool
     status: int
+    idempotency: IdempotencyMode = IdempotencyMode.NONE
 
     @property
     def mutates(self) -> bool:
@@ -70,6 +72,7 @@ class ActionSpec:
         impersonation: bool,
         listable: bool,
         status: int | None,
+        idempotency: IdempotencyMode = IdempotencyMode.NONE,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -99,6 +102,10 @@ class ActionSpec:
             raise ConfigurationError(f"action {name}: a target needs on=<resource>")
         if sensitive_read and creates:
             raise ConfigurationError(f"action {name}: a sensitive read cannot create")
+        if sensitive_read and idempotency is not IdempotencyMode.NONE:
+            raise ConfigurationError(
+                f"action {name}: a sensitive read changes nothing; it takes no idempotency key"
+            )
         if scope is not None and not scope:
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         return cls(
@@ -106,6 +113,7 @@ class ActionSpec:
             creates=creates, allow=allow, reason_required=reason_required,
             sensitive_read=sensitive_read, scope=scope, impersonation=impersonation,
             listable=listable, status=status or (201 if creates else 200),
+            idempotency=idempotency,
         )
 
     def validate(self, data: Any) -> BaseModel:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -32,12 +32,12 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy import event, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
-from .audit import AuditEntry, AuditKeyring, AuditTrail, digest_input
+from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, digest_input
 from .audit_verify import VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision, DecisionKind
@@ -51,6 +51,23 @@ from .errors import (
     ReasonRequired,
     UnknownAction,
 )
+from .idempotency import (
+    COMPLETED,
+    DEFAULT_RETENTION,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IdempotencyMode,
+    ReplayedError,
+    claim_statement,
+    claim_values,
+    completion_statement,
+    fingerprint,
+    lookup,
+    stored_error,
+    validate_key,
+)
+from .registry import Registry
 from .resources import ResourceSpec
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
 
@@ -64,6 +81,9 @@ F = TypeVar("F", bound=Handler)
 DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
 
 _ACTOR = "charter.actor"
+_WROTE = "charter.wrote"
+_CLAIM_ATTEMPTS = 3
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 _CREATED = "charter.created"
 
 MAX_REASON = 1000
@@ -95,6 +115,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _AlreadyClaimed(Exception):
+    """Internal: another request holds (or held) this idempotency key."""
+
+
 class _Refusal(Exception):
     """Internal: unwinds the transaction so that a refusal is audited on its own."""
 
@@ -104,7 +128,7 @@ class _Refusal(Exception):
         self.record = record
 
 
-class Charter:
+class Charter(Registry):
     """The registry of resources and actions, and the gate that runs them.
 
     Configuration is keyword-only: ``database_url`` *or* ``engine``; ``clock``
@@ -122,6 +146,7 @@ class Charter:
         audit_keys: Mapping[str, str | bytes] | None = None,
         development: bool = False,
         audit_trail: AuditTrail | None = None,
+        idempotency_retention: timedelta = DEFAULT_RETENTION,
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
@@ -145,102 +170,12 @@ class Charter:
         self._write_engine = self.engine.execution_options(**{WRITE_OPTION: True})
         self._sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._resources: dict[type[Any], ResourceSpec] = {}
-        self._resource_names: dict[str, ResourceSpec] = {}
-        self._actions: dict[str, ActionSpec] = {}
+        super().__init__()
+        self.idempotency_retention = idempotency_retention
         self._lock_rows = is_postgres(self.engine)
         event.listen(self._sessions, "before_flush", self._guard_tenants)
-
-    # -- declarations --------------------------------------------------------------
-
-    def resource(
-        self,
-        model: type[Any],
-        *,
-        tenant: str | None,
-        state: str | None = None,
-        version: str | None = None,
-        name: str | None = None,
-    ) -> ResourceSpec:
-        """Declare a mapped class as a resource; ``tenant=None`` must be explicit."""
-        spec = ResourceSpec.declare(model, name=name, tenant=tenant, state=state, version=version)
-        if model in self._resources:
-            raise ConfigurationError(f"resource {model.__name__} is declared twice")
-        if spec.name in self._resource_names:
-            raise ConfigurationError(f"two resources are named {spec.name!r}")
-        self._resources[model] = spec
-        self._resource_names[spec.name] = spec
-        return spec
-
-    def action(
-        self,
-        name: str,
-        *,
-        on: type[Any] | None = None,
-        input: type[BaseModel] | None = None,
-        allow: Any = None,
-        target: str | None = "argument",
-        creates: bool = False,
-        reason_required: bool = False,
-        sensitive_read: bool = False,
-        scope: str | None = None,
-        impersonation: bool = True,
-        listable: bool = False,
-        status: int | None = None,
-    ) -> Callable[[F], F]:
-        """Declare an action; use as a decorator on its handler.
-
-        The handler is called as ``handler(ctx, record, data)`` where ``record``
-        is the locked target (``None`` for creations and record-less actions)
-        and ``data`` the validated input model.
-        """
-
-        def register(handler: F) -> F:
-            self.register(
-                name, handler, on=on, input=input, allow=allow,
-                target=None if (creates or on is None) else target, creates=creates,
-                reason_required=reason_required, sensitive_read=sensitive_read, scope=scope,
-                impersonation=impersonation, listable=listable, status=status,
-            )
-            return handler
-
-        return register
-
-    def register(self, name: str, handler: Handler, *, on: type[Any] | None, **options: Any) -> ActionSpec:
-        """Register an action without the decorator (same options as :meth:`action`)."""
-        if name in self._actions:
-            raise ConfigurationError(f"action {name!r} is declared twice")
-        resource = None
-        if on is not None:
-            resource = self._resources.get(on)
-            if resource is None:
-                raise ConfigurationError(
-                    f"action {name}: {getattr(on, '__name__', on)!r} is not a declared resource; "
-                    "call charter.resource(...) first"
-                )
-        spec = ActionSpec.declare(name, handler, resource=resource, **options)
-        self._compile_policy(spec)
-        self._actions[name] = spec
-        return spec
-
-    def _compile_policy(self, spec: ActionSpec) -> None:
-        allow = spec.allow
-        if allow is not None and not callable(allow):
-            raise ConfigurationError(f"action {spec.name}: allow= must be a rule or a callable")
-
-    @property
-    def actions(self) -> Mapping[str, ActionSpec]:
-        return dict(self._actions)
-
-    @property
-    def resources(self) -> Mapping[str, ResourceSpec]:
-        return dict(self._resource_names)
-
-    def spec(self, action: str) -> ActionSpec:
-        try:
-            return self._actions[action]
-        except KeyError:
-            raise UnknownAction(f"there is no action named {action!r}") from None
+        event.listen(self._sessions, "after_flush", _mark_written)
+        event.listen(self._sessions, "do_orm_execute", _mark_dml)
 
     # -- sessions ------------------------------------------------------------------
 
@@ -249,40 +184,6 @@ class Charter:
         """A read session for application queries outside the gate (errors translated)."""
         with translate_errors(), self._read_sessions() as session:
             yield session
-
-    # -- policy --------------------------------------------------------------------
-
-    def decide(self, spec: ActionSpec, actor: Actor, record: Any, ctx: ActionContext) -> Decision:
-        """Decide ``spec`` for ``actor`` on ``record``; fails closed on errors."""
-        if spec.scope is not None and not actor.has_scope(spec.scope):
-            return Decision.deny(
-                DecisionKind.DENIED_BY_RULE, rule="scope",
-                reason=f"the credential lacks scope {spec.scope!r}",
-                public_reason=f"Your credential does not grant the {spec.scope} scope.",
-            )
-        if actor.is_impersonating and not spec.impersonation:
-            return Decision.deny(
-                DecisionKind.DENIED_BY_RULE, rule="no-impersonation",
-                reason=f"{spec.name} cannot be performed on behalf of someone else",
-                public_reason="This action cannot be performed while impersonating a user.",
-            )
-        if spec.allow is None:
-            return Decision.deny(
-                DecisionKind.NO_RULE, reason=f"no rule permits {spec.name}",
-            )
-        try:
-            allowed = bool(spec.allow(actor.subject, record, ctx))
-        except Exception as exc:
-            log.error("policy for %s failed closed: %r", spec.name, exc)
-            return Decision.deny(
-                DecisionKind.ERROR, reason=f"rule raised {type(exc).__name__}: fails closed"
-            )
-        rule = getattr(spec.allow, "__name__", "allow")
-        if allowed:
-            return Decision.allow(rule)
-        return Decision.deny(
-            DecisionKind.NO_RULE, rule=rule, reason=f"predicate {rule} returned False",
-        )
 
     # -- the gate ------------------------------------------------------------------
 
@@ -293,14 +194,19 @@ class Charter:
         input: Any = None,
         *,
         target: Any = None,
+        key: str | None = None,
         reason: str | None = None,
         channel: Channel | str = Channel.HTTP,
         request_id: str | None = None,
         expected_version: int | None = None,
     ) -> Outcome:
-        """Run ``action`` as ``actor`` through the whole pipeline; see the module docstring."""
+        """Run ``action`` as ``actor`` through the whole pipeline; see the module docstring.
+
+        ``key`` is the idempotency key (the ``Idempotency-Key`` header over HTTP).
+        """
         spec = self.spec(action)
         channel = Channel(channel)
+        key = self._check_key(spec, key)
         data = spec.validate(input)
         reason = self._check_reason(spec, actor, reason)
         request_id = _request_id(request_id)
@@ -310,13 +216,36 @@ class Charter:
             raise NotFound(f"{spec.name} needs a target record id")
         ctx = ActionContext(
             action=spec.name, actor=actor, channel=channel, now=self.clock(),
-            request_id=request_id, reason=reason, input=data,
+            request_id=request_id, reason=reason, input=data, idempotency_key=key,
         )
-        try:
-            return self._run(spec, ctx, data, target, expected_version)
-        except _Refusal as refusal:
-            self._audit_refusal(spec, ctx, data, target, refusal)
-            raise refusal.error from None
+        fp = fingerprint(spec.name, target, data) if key is not None else None
+        for _attempt in range(_CLAIM_ATTEMPTS):
+            try:
+                return self._run(spec, ctx, data, target, expected_version, fp)
+            except _Refusal as refusal:
+                self._audit_refusal(spec, ctx, data, target, refusal, fp)
+                raise refusal.error from None
+            except _AlreadyClaimed:
+                assert fp is not None
+                outcome = self._replay(spec, ctx, data, target, fp)
+                if outcome is not None:
+                    return outcome
+                # The holder rolled back between our claim and our lookup: claim again.
+        raise IdempotencyKeyInProgress(
+            "Another request with this Idempotency-Key keeps starting; retry shortly."
+        )
+
+    @staticmethod
+    def _check_key(spec: ActionSpec, key: str | None) -> str | None:
+        key = validate_key(key)
+        if spec.idempotency is IdempotencyMode.NONE:
+            return None
+        if key is None and spec.idempotency is IdempotencyMode.REQUIRED:
+            raise IdempotencyKeyMissing(
+                f"{spec.name} requires an idempotency key (the Idempotency-Key header): "
+                "generate a unique one per operation and reuse it when you retry"
+            )
+        return key
 
     @staticmethod
     def _check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | None:
@@ -335,7 +264,7 @@ class Charter:
 
     def _run(
         self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any,
-        expected_version: int | None,
+        expected_version: int | None, fp: str | None,
     ) -> Outcome:
         lease = self.audit_trail.lease()
         try:
@@ -343,6 +272,7 @@ class Charter:
                 ctx.session = session
                 session.info[_ACTOR] = ctx.actor
                 session.info[_CREATED] = set()
+                claim_id = self._claim(session, ctx, fp) if fp is not None else None
                 record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
@@ -365,11 +295,21 @@ class Charter:
                         Forbidden(decision.public_reason, decision=decision), decision, record
                     )
                 state_before = resource.state_of(record) if resource else None
-                version = self._bump_version(spec, record)
+                session.info[_WROTE] = False
                 try:
                     body = spec.handler(ctx, record, data)
                 except DomainError as exc:
-                    raise _Refusal(exc, decision, record) from exc
+                    if claim_id is None or session.info[_WROTE]:
+                        raise _Refusal(exc, decision, record) from exc
+                    # Nothing reached the database: drop the handler's pending changes
+                    # and store the refusal as this key's outcome, under the same claim.
+                    _discard_pending(session)
+                    entry = self._entry(spec, ctx, data, record, decision, exc.code, state_before,
+                                        target=target, detail={"message": exc.message})
+                    self._commit(session, lease, [entry], completion_statement(
+                        claim_id, status=exc.status, body=None, error=stored_error(exc),
+                        outcome=exc.code, resource_id=entry.resource_id, now=ctx.now))
+                    raise
                 except Forbidden as exc:  # e.g. the tenant guard during the handler's flush
                     raise _Refusal(exc, exc.decision, record) from exc
                 except (CharterError, SQLAlchemyError):
@@ -384,23 +324,101 @@ class Charter:
                         record = self._adopt_created(session, spec, ctx.actor, body)
                     except Forbidden as exc:
                         raise _Refusal(exc, exc.decision, None) from exc
-                if spec.creates:
-                    version = self._bump_version(spec, record)
-                session.flush()
+                version = self._bump_version(spec, record)
+                if body is record and record is not None and resource is not None:
+                    session.flush()
+                    body = resource.render(record)
+                body = _jsonable(body)
                 entry = self._entry(spec, ctx, data, record, decision, "ok", state_before)
-                lease.write(session, [entry])
-                resource_id = entry.resource_id
-                try:
-                    session.commit()
-                except BaseException:
-                    lease.abandon()
-                    raise
-            lease.committed()
+                completion = None
+                if claim_id is not None:
+                    completion = completion_statement(
+                        claim_id, status=spec.status, body=body, error=None, outcome="ok",
+                        resource_id=entry.resource_id, now=ctx.now,
+                    )
+                self._commit(session, lease, [entry], completion)
         finally:
             lease.rolled_back()
         return Outcome(
-            action=spec.name, status=spec.status, body=_jsonable(body),
-            request_id=ctx.request_id, resource_id=resource_id, version=version,
+            action=spec.name, status=spec.status, body=body, request_id=ctx.request_id,
+            resource_id=entry.resource_id, version=version,
+        )
+
+    def _commit(
+        self, session: Session, lease: AuditLease, entries: list[AuditEntry], completion: Any,
+    ) -> None:
+        """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together."""
+        session.flush()
+        lease.write(session, entries)
+        if completion is not None:
+            session.execute(completion)
+        try:
+            session.commit()
+        except BaseException:
+            lease.abandon()  # the COMMIT's fate is unknown: never reuse this stream
+            raise
+        lease.committed()
+
+    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
+        """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
+        actor = ctx.actor
+        assert ctx.idempotency_key is not None
+        values = claim_values(
+            tenant=actor.tenant_id, subject=actor.subject.id, key=ctx.idempotency_key, fp=fp,
+            action=ctx.action, now=ctx.now, retention=self.idempotency_retention,
+        )
+        try:
+            claimed = session.execute(
+                claim_statement(self.engine.dialect.name, values)
+            ).scalar_one_or_none()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                raise IdempotencyKeyInProgress(
+                    "A request with this Idempotency-Key is still running; retry shortly.",
+                    retry_after=1,
+                ) from exc
+            raise
+        if claimed is None:
+            raise _AlreadyClaimed
+        return int(claimed)
+
+    def _replay(
+        self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any, fp: str,
+    ) -> Outcome | None:
+        """Answer a duplicate from the stored outcome (audited as a replay); None if gone."""
+        actor = ctx.actor
+        assert ctx.idempotency_key is not None
+        lease = self.audit_trail.lease()
+        try:
+            with translate_errors(), self._sessions() as session:
+                row = lookup(session, actor.tenant_id, actor.subject.id, ctx.idempotency_key)
+                if row is None:
+                    return None
+                if row.fingerprint != fp:
+                    refusal = IdempotencyKeyReused(
+                        "This Idempotency-Key was already used for a different request "
+                        f"({row.action}); use a new key for a new request."
+                    )
+                    entry = self._entry(spec, ctx, data, None, None, refusal.code, None,
+                                        target=target)
+                    self._commit(session, lease, [entry], None)
+                    raise refusal
+                if row.status != COMPLETED:
+                    raise IdempotencyKeyInProgress(
+                        "A request with this Idempotency-Key is still in progress; retry shortly."
+                    )
+                entry = self._entry(spec, ctx, data, None, Decision.allow("replay"),
+                                    str(row.outcome), None, target=target)
+                entry.resource_id = row.resource_id
+                entry.replayed = True
+                self._commit(session, lease, [entry], None)
+        finally:
+            lease.rolled_back()
+        if row.error:
+            raise ReplayedError(dict(row.error))
+        return Outcome(
+            action=spec.name, status=int(row.response_status), body=row.response_body,
+            request_id=ctx.request_id, resource_id=row.resource_id, replayed=True,
         )
 
     def _load(self, session: Session, spec: ActionSpec, actor: Actor, target: Any) -> Any:
@@ -499,22 +517,46 @@ class Charter:
 
     def _audit_refusal(
         self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any,
-        refusal: _Refusal,
+        refusal: _Refusal, fp: str | None,
     ) -> None:
         decision = refusal.decision
-        detail: dict[str, Any] = {"message": refusal.error.message}
+        error = refusal.error
+        detail: dict[str, Any] = {"message": error.message}
         if decision is not None and not decision.allowed:
             detail.update(kind=str(decision.kind), explanation=decision.reason)
             if decision.failed:
                 detail["failed"] = list(decision.failed)
         state = spec.resource.state_of(refusal.record) if spec.resource else None
         entry = self._entry(
-            spec, ctx, data, refusal.record, decision, refusal.error.code, state,
+            spec, ctx, data, refusal.record, decision, error.code, state,
             target=target, detail=detail,
         )
         entry.state_after = state
-        with translate_errors():
-            self.audit_trail.write_alone(self._sessions, [entry])
+        lease = self.audit_trail.lease()
+        try:
+            with translate_errors(), self._sessions() as session:
+                if fp is not None and isinstance(error, DomainError):
+                    # The handler ran and wrote before refusing, so its effect was rolled
+                    # back with the claim; store the refusal now as the key's outcome. A
+                    # duplicate that claimed the key in between keeps its own outcome.
+                    self._store_refusal(session, ctx, fp, error, entry.resource_id)
+                self._commit(session, lease, [entry], None)
+        finally:
+            lease.rolled_back()
+
+    def _store_refusal(
+        self, session: Session, ctx: ActionContext, fp: str, error: CharterError,
+        resource_id: str | None,
+    ) -> None:
+        actor = ctx.actor
+        assert ctx.idempotency_key is not None
+        values = claim_values(
+            tenant=actor.tenant_id, subject=actor.subject.id, key=ctx.idempotency_key, fp=fp,
+            action=ctx.action, now=ctx.now, retention=self.idempotency_retention,
+        )
+        values.update(status=COMPLETED, response_status=error.status, error=stored_error(error),
+                      outcome=error.code, resource_id=resource_id, completed_at=ctx.now)
+        session.execute(claim_statement(self.engine.dialect.name, values))
 
     # -- audit ---------------------------------------------------------------------
 
@@ -534,6 +576,22 @@ class Charter:
         """A record's audit history, oldest first."""
         with self.session() as session:
             return AuditTrail.history(session, resource_type, str(resource_id))
+
+
+def _mark_written(session: Session, _context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+def _mark_dml(state: Any) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info[_WROTE] = True
+
+
+def _discard_pending(session: Session) -> None:
+    """Forget changes that were never flushed (used when nothing reached the database)."""
+    for obj in list(session.new):
+        session.expunge(obj)
+    session.expire_all()
 
 
 def _tenant_violation(reason: str) -> Forbidden:

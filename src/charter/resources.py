@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class ResourceSpec:
     tenant: str | None
     state: str | None = None
     version: str | None = None
+    view: Callable[[Any], Any] | None = None
 
     @classmethod
     def declare(
@@ -39,6 +41,7 @@ class ResourceSpec:
         tenant: str | None,
         state: str | None = None,
         version: str | None = None,
+        view: Callable[[Any], Any] | None = None,
     ) -> ResourceSpec:
         """Validate the declaration against the mapper; fail at start-up, loudly."""
         try:
@@ -66,8 +69,14 @@ class ResourceSpec:
             raise ConfigurationError(f"resource name {resource_name!r} must be an identifier")
         return cls(
             model=model, name=resource_name, id=pk[0], tenant=tenant, state=state,
-            version=version,
+            version=version, view=view,
         )
+
+    def render(self, record: Any) -> Any:
+        """The JSON view of a record (the resource's ``view=``, or its mapped columns)."""
+        if self.view is not None:
+            return self.view(record)
+        return {name: getattr(record, name) for name in sorted(self.columns)}
 
     @property
     def columns(self) -> frozenset[str]:

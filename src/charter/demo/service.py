@@ -90,11 +90,13 @@ def can_read(actor: Actor, _invoice: Invoice, _ctx: ActionContext) -> bool:
 
 
 def build_charter(charter: Charter) -> Charter:
-    charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
+    charter.resource(
+        Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
+    )
 
     @charter.action("invoice.create", on=Invoice, input=CreateInvoice, creates=True,
-                    allow=can_create, scope="invoices:write")
-    def create(ctx: ActionContext, _: None, data: CreateInvoice) -> dict[str, Any]:
+                    allow=can_create, scope="invoices:write", idempotency="optional")
+    def create(ctx: ActionContext, _: None, data: CreateInvoice) -> Invoice:
         """Create a draft invoice."""
         assert ctx.session is not None
         invoice = Invoice(
@@ -103,23 +105,22 @@ def build_charter(charter: Charter) -> Charter:
             created_at=ctx.now,
         )
         ctx.session.add(invoice)
-        ctx.session.flush()
-        return invoice_view(invoice)
+        return invoice
 
     @charter.action("invoice.submit", on=Invoice, allow=can_submit, scope="invoices:write")
-    def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
+    def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Submit a draft invoice for approval."""
         invoice.state = InvoiceState.SUBMITTED
         invoice.submitted_by = ctx.actor.subject.id
-        return invoice_view(invoice)
+        return invoice
 
     @charter.action("invoice.approve", on=Invoice, input=Approve, allow=can_approve,
-                    scope="invoices:approve")
-    def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> dict[str, Any]:
+                    scope="invoices:approve", idempotency="optional")
+    def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> Invoice:
         """Approve a submitted invoice."""
         invoice.state = InvoiceState.APPROVED
         invoice.approved_by = ctx.actor.subject.id
-        return invoice_view(invoice)
+        return invoice
 
     @charter.action("invoice.get", on=Invoice, allow=can_read, sensitive_read=True,
                     scope="invoices:read")

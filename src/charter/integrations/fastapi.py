@@ -39,6 +39,7 @@ log = logging.getLogger("charter.http")
 PROBLEM_JSON = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
 REASON_HEADER = "X-Charter-Reason"
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # draft-ietf-httpapi-idempotency-key-header
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ETAG = re.compile(r'^(?:W/)?"(\d{1,18})"$')
 
@@ -206,6 +207,7 @@ class CharterRoutes:
             outcome: Outcome = await run_in_threadpool(
                 self.charter.execute, actor, action, body,
                 target=request.path_params.get(target) if target else None,
+                key=request.headers.get(IDEMPOTENCY_HEADER),
                 reason=request.headers.get(REASON_HEADER),
                 channel=self.channel,
                 request_id=request.state.request_id,

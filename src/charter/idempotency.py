@@ -1,0 +1,274 @@
+"""Idempotency keys: the same request runs once, however often and however concurrently it arrives.
+
+Semantics follow draft-ietf-httpapi-idempotency-key-header and Stripe's behaviour:
+
+* a key is 1-255 printable ASCII characters, scoped to (tenant, subject, key):
+  another user's identical key is an unrelated request, and rotating an access
+  token does not change the scope;
+* the **fingerprint** is the action, the target and the canonical form of the
+  *validated* input; the same key with another fingerprint is refused (422)
+  and the stored record is left alone;
+* the same key and fingerprint after completion replays the stored outcome
+  (status and body, or the stored domain error) without running anything;
+* only outcomes of a handler that ran are stored (success and domain errors).
+  Validation errors, denials, rate limiting and infrastructure failures store
+  nothing: the claim rolls back with the transaction and a corrected retry runs.
+
+Why it holds under concurrency: the claim is an ``INSERT ... ON CONFLICT DO
+NOTHING`` on the unique (tenant, subject, key) index, *inside the effect's
+transaction*. On PostgreSQL a concurrent duplicate's insert waits on the
+uncommitted index entry until the first transaction ends (bounded by
+``lock_timeout``, after which it answers 409 ``idempotency_key_in_progress``
+with ``Retry-After``); if the first committed, the duplicate claims nothing and
+replays; if it rolled back, the duplicate runs. On SQLite writers are
+serialized by ``BEGIN IMMEDIATE``, with the same outcome. Because the effect,
+the audit entry and the stored outcome commit together, a crash at any point
+leaves either nothing (a retry runs once) or everything (a retry replays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import Enum, StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.orm import Session
+from sqlalchemy.types import JSON
+
+from .errors import CharterError, Conflict, InvalidInput
+from .storage import metadata
+
+__all__ = [
+    "DEFAULT_RETENTION",
+    "IdempotencyKeyInProgress",
+    "IdempotencyKeyInvalid",
+    "IdempotencyKeyMissing",
+    "IdempotencyKeyReused",
+    "IdempotencyMode",
+    "ReplayedError",
+    "fingerprint",
+    "idempotency_table",
+    "validate_key",
+]
+
+DEFAULT_RETENTION = timedelta(hours=24)
+MAX_KEY_LENGTH = 255
+
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+
+
+class IdempotencyMode(StrEnum):
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+    NONE = "none"
+
+
+class IdempotencyKeyMissing(InvalidInput):
+    code = "idempotency_key_missing"
+    status = 400
+    title = "Idempotency-Key required"
+
+
+class IdempotencyKeyInvalid(InvalidInput):
+    code = "idempotency_key_invalid"
+    status = 400
+    title = "Invalid Idempotency-Key"
+
+
+class IdempotencyKeyReused(CharterError):
+    code = "idempotency_key_reused"
+    status = 422
+    title = "Idempotency-Key reused with a different request"
+
+
+class IdempotencyKeyInProgress(Conflict):
+    code = "idempotency_key_in_progress"
+    status = 409
+    title = "A request with this Idempotency-Key is in progress"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1, **attrs: Any) -> None:
+        super().__init__(message, **attrs)
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class ReplayedError(CharterError):
+    """A stored domain error, replayed: same code, status and message as the original."""
+
+    replayed = True
+
+    def __init__(self, stored: dict[str, Any]) -> None:
+        super().__init__(str(stored.get("message", "")), **dict(stored.get("attrs") or {}))
+        self.code = str(stored.get("code", "domain_error"))  # type: ignore[misc]
+        self.status = int(stored.get("status", 409))  # type: ignore[misc]
+        self.title = str(stored.get("title", "The request cannot be carried out"))  # type: ignore[misc]
+        self.headers["Idempotent-Replayed"] = "true"
+
+
+idempotency_table = Table(
+    "charter_idempotency",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant", String(128), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("key", String(MAX_KEY_LENGTH), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("action", String(128), nullable=False),
+    Column("resource_id", String(128), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("response_status", Integer, nullable=True),
+    Column("response_body", JSON, nullable=True),
+    Column("error", JSON, nullable=True),
+    Column("outcome", String(64), nullable=True),
+    Column("phase", Integer, nullable=False, default=0),
+    Column("recovery", JSON, nullable=True),
+    Column("request_input", Text, nullable=True),
+    Column("locked_until", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("tenant", "subject", "key", name="uq_charter_idempotency_scope"),
+    Index("ix_charter_idempotency_expiry", "status", "expires_at"),
+)
+
+
+def validate_key(key: str | None) -> str | None:
+    """Return the key if well-formed (1-255 printable ASCII), ``None`` if absent; else raise."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalid("An Idempotency-Key is 1 to 255 printable ASCII characters.")
+    if not all(" " <= ch <= "~" for ch in key):
+        raise IdempotencyKeyInvalid(
+            "An Idempotency-Key may only contain printable ASCII characters (no control "
+            "characters, no non-ASCII)."
+        )
+    return key
+
+
+def fingerprint(action: str, target: Any, data: BaseModel) -> str:
+    """Hash of what makes a request *this* request: action, target, canonical validated input."""
+    canonical = json.dumps(
+        [action, None if target is None else str(target), _canonical(data.model_dump())],
+        sort_keys=True, separators=(",", ":"), default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """Equal values, equal forms: ``Decimal("5")`` and ``Decimal("5.00")`` are one request."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value.is_finite() else str(value)
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
+    if isinstance(value, Enum):
+        return _canonical(value.value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A request's hold on its key for the duration of one transaction."""
+
+    id: int
+    key: str
+    fingerprint: str
+
+
+def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` for the dialect in use."""
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert_fn(idempotency_table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["tenant", "subject", "key"])
+        .returning(idempotency_table.c.id)
+    )
+
+
+def claim_values(
+    *, tenant: str, subject: str, key: str, fp: str, action: str, now: datetime,
+    retention: timedelta,
+) -> dict[str, Any]:
+    return {
+        "tenant": tenant, "subject": subject, "key": key, "fingerprint": fp, "action": action,
+        "status": IN_PROGRESS, "phase": 0, "created_at": now, "expires_at": now + retention,
+    }
+
+
+def completion_statement(
+    claim_id: int, *, status: int, body: Any, error: dict[str, Any] | None, outcome: str,
+    resource_id: str | None, now: datetime,
+) -> Any:
+    return (
+        update(idempotency_table)
+        .where(idempotency_table.c.id == claim_id)
+        .values(
+            status=COMPLETED, response_status=status, response_body=body, error=error,
+            outcome=outcome, resource_id=resource_id, completed_at=now, locked_until=None,
+            request_input=None,
+        )
+    )
+
+
+def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | None:
+    stmt = select(idempotency_table).where(
+        idempotency_table.c.tenant == tenant,
+        idempotency_table.c.subject == subject,
+        idempotency_table.c.key == key,
+    )
+    return session.execute(stmt).first()
+
+
+def purge(session: Session, now: datetime) -> int:
+    """Delete finished records whose retention has passed; in-progress ones are kept."""
+    result = session.execute(
+        delete(idempotency_table).where(
+            idempotency_table.c.status == COMPLETED, idempotency_table.c.expires_at < now
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def stored_error(error: CharterError) -> dict[str, Any]:
+    return {
+        "code": error.code, "status": error.status, "title": error.title,
+        "message": error.message, "attrs": _jsonable_attrs(error.attrs),
+    }
+
+
+def _jsonable_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in attrs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        out[name] = value
+    return out

@@ -1,0 +1,266 @@
+"""Idempotency keys: exactly once, with replays, under concurrency and crashes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import event, func, select
+
+from charter import Actor, Charter, CharterError, Forbidden, InvalidInput
+from charter.audit import audit_table
+from charter.idempotency import (
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    idempotency_table,
+    purge,
+)
+
+from . import app as test_app
+from .app import Doc
+from .conftest import AUDIT_KEYS
+from .test_gate import create_doc, load
+
+
+def idem_rows(charter: Charter) -> list[dict]:
+    with charter.session() as s:
+        return [dict(r._mapping) for r in s.execute(select(idempotency_table))]
+
+
+def test_a_required_key_that_is_missing_is_a_400_and_nothing_runs(charter, alice):
+    doc_id = create_doc(charter, alice)
+    with pytest.raises(IdempotencyKeyMissing) as info:
+        charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id)
+    assert 400 == info.value.status
+    assert 0 == load(charter, doc_id).counter
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "café", "a\nb", "tab\there"])
+def test_malformed_keys_are_refused_and_nothing_is_stored(charter, alice, key):
+    doc_id = create_doc(charter, alice)
+    with pytest.raises(IdempotencyKeyInvalid):
+        charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key=key)
+    assert [] == idem_rows(charter)
+
+
+def test_keys_of_255_printable_characters_are_accepted(charter, alice):
+    doc_id = create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="~" * 255)
+    assert 1 == load(charter, doc_id).counter
+
+
+def test_a_retry_with_the_same_key_replays_without_running_again(charter, alice):
+    doc_id = create_doc(charter, alice)
+    first = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="k-1")
+    again = charter.execute(alice, "doc.charge", {"amount": "5.00"}, target=doc_id, key="k-1")
+    assert (first.body, first.status, False, True) == (again.body, again.status, first.replayed,
+                                                        again.replayed)
+    assert (1, Decimal("17.50")) == (load(charter, doc_id).counter, load(charter, doc_id).amount)
+    with charter.session() as s:
+        replays = s.execute(select(audit_table.c.replayed, audit_table.c.outcome).where(
+            audit_table.c.action == "doc.charge").order_by(audit_table.c.id)).all()
+    assert [(False, "ok"), (True, "ok")] == [tuple(r) for r in replays]
+
+
+def test_the_same_key_with_other_input_is_refused_and_the_record_kept(charter, alice):
+    doc_id = create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="k-1")
+    before = idem_rows(charter)
+    with pytest.raises(IdempotencyKeyReused) as info:
+        charter.execute(alice, "doc.charge", {"amount": "6"}, target=doc_id, key="k-1")
+    assert 422 == info.value.status
+    assert before == idem_rows(charter)
+    assert 1 == load(charter, doc_id).counter
+
+
+def test_the_same_key_on_another_target_or_action_is_refused(charter, alice):
+    one, two = create_doc(charter, alice), create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=one, key="k-1")
+    with pytest.raises(IdempotencyKeyReused):
+        charter.execute(alice, "doc.charge", {"amount": "5"}, target=two, key="k-1")
+    with pytest.raises(IdempotencyKeyReused):
+        charter.execute(alice, "doc.limited", {"amount": "5"}, target=one, key="k-1")
+
+
+def test_keys_are_scoped_to_the_subject_so_another_user_runs_independently(charter, alice):
+    doc_id = create_doc(charter, alice)
+    bob = Actor.make("bob", "acme", roles={"member"})
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="shared")
+    outcome = charter.execute(bob, "doc.charge", {"amount": "7"}, target=doc_id, key="shared")
+    assert (False, 2) == (outcome.replayed, load(charter, doc_id).counter)
+
+
+def test_a_new_token_for_the_same_user_keeps_the_scope(charter, alice):
+    doc_id = create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="k")
+    rotated = Actor.make("alice", "acme", roles={"member"}, scopes={"other"})
+    assert charter.execute(rotated, "doc.charge", {"amount": "5"}, target=doc_id, key="k").replayed
+
+
+def test_a_domain_error_is_stored_and_replayed(charter, alice):
+    doc_id = create_doc(charter, alice)
+    with pytest.raises(CharterError) as first:
+        charter.execute(alice, "doc.limited", {"amount": "500"}, target=doc_id, key="big")
+    with pytest.raises(CharterError) as again:
+        charter.execute(alice, "doc.limited", {"amount": "500"}, target=doc_id, key="big")
+    assert ("over_limit", 409) == (first.value.code, first.value.status)
+    assert (first.value.code, first.value.message) == (again.value.code, again.value.message)
+    assert "true" == again.value.headers["Idempotent-Replayed"]
+    assert 0 == load(charter, doc_id).counter
+
+
+def test_a_domain_error_after_writes_rolls_the_effect_back_and_is_still_stored(charter, alice):
+    doc_id = create_doc(charter, alice)
+    for _ in range(2):
+        with pytest.raises(CharterError) as info:
+            charter.execute(alice, "doc.limited_late", {"amount": "1"}, target=doc_id, key="late")
+        assert "over_limit" == info.value.code
+    assert 0 == load(charter, doc_id).counter
+    assert ["over_limit"] == [r["outcome"] for r in idem_rows(charter)]
+
+
+def test_denials_are_not_stored_so_a_later_retry_runs(charter, alice, editor):
+    doc_id = create_doc(charter, alice)
+    member_only = Actor.make("ed", "acme", roles={"member"})
+    with pytest.raises(Forbidden):
+        charter.execute(member_only, "doc.publish_once", target=doc_id, key="pub")
+    assert [] == idem_rows(charter)
+    assert not charter.execute(editor, "doc.publish_once", target=doc_id, key="pub").replayed
+
+
+def test_validation_errors_are_not_stored(charter, alice):
+    doc_id = create_doc(charter, alice)
+    with pytest.raises(InvalidInput):
+        charter.execute(alice, "doc.charge", {"amount": "-1"}, target=doc_id, key="k")
+    assert [] == idem_rows(charter)
+    charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
+    assert 1 == load(charter, doc_id).counter
+
+
+def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(charter, alice):
+    doc_id = create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old")
+    with charter._sessions() as s:
+        assert 0 == purge(s, datetime.now(UTC))
+        assert 1 == purge(s, datetime.now(UTC) + timedelta(hours=25))
+        s.commit()
+    assert not charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old").replayed
+    assert 2 == load(charter, doc_id).counter
+
+
+# -- concurrency on PostgreSQL -------------------------------------------------------------
+
+@pytest.fixture
+def pg(pg_schema: str):
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    instance = test_app.build(Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS))
+    yield instance
+    instance.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_fifty_concurrent_duplicates_execute_once_and_all_see_the_same_outcome(pg, alice):
+    doc_id = create_doc(pg, alice)
+    workers = 50
+    barrier = threading.Barrier(workers)
+
+    def attempt():
+        barrier.wait()
+        return pg.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="pay-1")
+
+    with ThreadPoolExecutor(workers) as pool:
+        outcomes = [f.result() for f in [pool.submit(attempt) for _ in range(workers)]]
+    assert 1 == load(pg, doc_id).counter
+    assert 1 == sum(not o.replayed for o in outcomes)
+    assert 1 == len({repr(o.body) for o in outcomes})
+    assert pg.verify_audit().ok
+
+
+@pytest.mark.postgres
+def test_different_keys_from_one_user_all_run(pg, alice):
+    doc_ids = [create_doc(pg, alice) for _ in range(8)]
+    barrier = threading.Barrier(len(doc_ids))
+
+    def attempt(i: int, doc_id: int):
+        barrier.wait()
+        for j in range(5):
+            pg.execute(alice, "doc.charge", {"amount": "1"}, target=doc_id, key=f"k-{i}-{j}")
+
+    with ThreadPoolExecutor(len(doc_ids)) as pool:
+        for f in [pool.submit(attempt, i, d) for i, d in enumerate(doc_ids)]:
+            f.result()
+    assert [5] * len(doc_ids) == [load(pg, d).counter for d in doc_ids]
+
+
+def _duplicate_worker(url: str, doc_id: int, threads: int, barrier, results) -> None:
+    charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS))
+    actor = Actor.make("alice", "acme", roles={"member"})
+    barrier.wait()
+
+    def attempt():
+        return charter.execute(actor, "doc.charge", {"amount": "5"}, target=doc_id, key="multi")
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = [f.result() for f in [pool.submit(attempt) for _ in range(threads)]]
+    results.put(sum(not o.replayed for o in outcomes))
+    charter.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_duplicates_from_several_processes_execute_once(pg, alice, pg_schema):
+    doc_id = create_doc(pg, alice)
+    ctx = multiprocessing.get_context("spawn")
+    processes, threads = 5, 10
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_duplicate_worker,
+                         args=(pg_schema, doc_id, threads, barrier, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    executed = sum(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert (1, 1) == (executed, load(pg, doc_id).counter)
+
+
+# -- crashes -----------------------------------------------------------------------------
+
+def _crashing_worker(url: str, doc_id: int, point: str) -> None:
+    charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS))
+    actor = Actor.make("alice", "acme", roles={"member"})
+    if point == "before_commit":
+        event.listen(charter._sessions, "before_commit", lambda s: os._exit(17))
+    else:
+        event.listen(charter._sessions, "after_commit", lambda s: os._exit(17))
+    charter.execute(actor, "doc.charge", {"amount": "5"}, target=doc_id, key="crash")
+    os._exit(0)  # pragma: no cover - the listener exits first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before_commit", "after_commit"])
+def test_a_crash_leaves_nothing_or_everything_and_the_retry_runs_once(charter, alice, point,
+                                                                      database_url):
+    doc_id = create_doc(charter, alice)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_crashing_worker, args=(database_url, doc_id, point))
+    proc.start()
+    proc.join(60)
+    assert 17 == proc.exitcode
+    expected_before = 0 if point == "before_commit" else 1
+    assert expected_before == load(charter, doc_id).counter
+    retry = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="crash")
+    assert (point == "after_commit") == retry.replayed
+    assert 1 == load(charter, doc_id).counter
+    report = charter.verify_audit()
+    assert report.ok, report.problems
+    with charter.session() as s:
+        assert 1 == s.execute(select(func.count()).select_from(idempotency_table)).scalar_one()
