@@ -55,11 +55,11 @@ class OverLimit(DomainError):
 
 
 def is_member(actor: Any, record: Any, ctx: ActionContext) -> bool:
-    return bool(actor.roles & {"member", "editor"})
+    return bool(actor.subject.roles & {"member", "editor"})
 
 
 def is_editor(actor: Any, record: Any, ctx: ActionContext) -> bool:
-    return "editor" in actor.roles and record.state == "draft"
+    return "editor" in actor.subject.roles and record.state == "draft"
 
 
 def build(charter: Charter) -> Charter:

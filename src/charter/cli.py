@@ -21,6 +21,10 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
+policy_app = typer.Typer(help="Review the rules.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+idem_app = typer.Typer(help="Idempotency records.", no_args_is_help=True)
+app.add_typer(idem_app, name="idempotency")
 
 console = Console()
 err = Console(stderr=True)
@@ -136,6 +140,58 @@ def audit_show(
     console.print(table)
     if not history:
         console.print("no entries")
+
+
+def _load_app(spec: str) -> Charter:
+    """Import ``module:attribute`` (a Charter, or a callable that returns one)."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute or "charter")
+    except (ImportError, AttributeError) as exc:
+        err.print(f"[red]error:[/red] cannot load {spec!r}: {exc}")
+        raise typer.Exit(2) from exc
+    charter = target() if callable(target) and not isinstance(target, Charter) else target
+    if not isinstance(charter, Charter):
+        err.print(f"[red]error:[/red] {spec!r} is not a Charter")
+        raise typer.Exit(2)
+    return charter
+
+
+@policy_app.command("matrix")
+def policy_matrix(
+    roles: Annotated[str, typer.Option(help="Comma-separated roles to enumerate.")] =
+        "member,approver,admin,support",
+    states: Annotated[str | None, typer.Option(help="Comma-separated record states.")] =
+        "draft,submitted,approved",
+    fmt: Annotated[str, typer.Option("--format", help="markdown, csv or json.")] = "markdown",
+    app_spec: Annotated[str, typer.Option("--app", help="module:attribute of your Charter.")] =
+        "charter.demo.service:reference_charter",
+) -> None:
+    """Print roles x actions x states -> allow, deny or conditional (with the condition)."""
+    charter = _load_app(app_spec)
+    matrix = charter.matrix(
+        roles=[r.strip() for r in roles.split(",") if r.strip()],
+        states=[s.strip() for s in states.split(",") if s.strip()] if states else None,
+    )
+    renderers = {"markdown": matrix.to_markdown, "md": matrix.to_markdown,
+                 "csv": matrix.to_csv, "json": matrix.to_json}
+    if fmt not in renderers:
+        err.print("[red]error:[/red] --format is markdown, csv or json")
+        raise typer.Exit(2)
+    typer.echo(renderers[fmt](), nl=False)
+
+
+@idem_app.command("purge")
+def idempotency_purge(database_url: DatabaseOption = None) -> None:
+    """Delete finished idempotency records past their retention (in-progress ones stay)."""
+    charter = _charter(_settings(database_url))
+    try:
+        removed = charter.purge_idempotency()
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    console.print(f"removed {removed} expired idempotency records")
 
 
 @app.command("demo")

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import event, select
+from sqlalchemy import Select, event, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -46,6 +46,7 @@ from .errors import (
     ConfigurationError,
     DomainError,
     Forbidden,
+    InvalidInput,
     NotFound,
     PreconditionFailed,
     ReasonRequired,
@@ -64,6 +65,7 @@ from .idempotency import (
     completion_statement,
     fingerprint,
     lookup,
+    purge,
     stored_error,
     validate_key,
 )
@@ -87,6 +89,8 @@ LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 _CREATED = "charter.created"
 
 MAX_REASON = 1000
+DEFAULT_PAGE = 50
+MAX_PAGE = 200  # server-enforced page cap: a caller cannot raise it
 MAX_REQUEST_ID = 128
 
 
@@ -558,6 +562,62 @@ class Charter(Registry):
                       outcome=error.code, resource_id=resource_id, completed_at=ctx.now)
         session.execute(claim_statement(self.engine.dialect.name, values))
 
+    # -- lists -------------------------------------------------------------------
+
+    def filter(
+        self, stmt: Select[Any], actor: Actor, action: str, *, channel: Channel | str = Channel.HTTP,
+    ) -> Select[Any]:
+        """Add ``action``'s rules (tenant included) to ``stmt`` as a SQL ``WHERE`` clause.
+
+        The rows returned are exactly those on which :meth:`execute` would allow
+        ``action`` now (the property tests in ``charter.policy.agreement`` check it).
+        """
+        ctx = self._bare_context(actor, action, channel)
+        return self.policy_of(action).apply(stmt, actor, ctx)
+
+    def list_records(
+        self, actor: Actor, action: str, *, limit: int = DEFAULT_PAGE, after: Any = None,
+        channel: Channel | str = Channel.HTTP, request_id: str | None = None,
+    ) -> tuple[list[Any], Any]:
+        """One page of the records ``actor`` may ``action``, in id order (keyset paging).
+
+        The page size is capped by the server at :data:`MAX_PAGE` whatever the
+        caller asks; the read is audited (one entry per page). Returns the rows
+        and the cursor of the next page (``None`` on the last page).
+        """
+        spec = self.spec(action)
+        resource = spec.resource
+        if resource is None or not spec.listable:
+            raise ConfigurationError(f"{action} is not declared listable=True")
+        limit = max(1, min(int(limit), MAX_PAGE))
+        id_column = resource.column(resource.id)
+        stmt = select(resource.model).order_by(id_column).limit(limit + 1)
+        if after is not None:
+            key = _coerce_id(resource, after)
+            if key is None:
+                raise InvalidInput("the page cursor is invalid")
+            stmt = stmt.where(id_column > key)
+        ctx = self._bare_context(actor, action, channel, request_id)
+        stmt = self.policy_of(action).apply(stmt, actor, ctx)
+        lease = self.audit_trail.lease()
+        try:
+            with translate_errors(), self._sessions() as session:
+                rows = list(session.execute(stmt).scalars())
+                page, more = rows[:limit], len(rows) > limit
+                entry = self._entry(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
+                                    detail={"listed": len(page), "after": None if after is None
+                                            else str(after)[:64]})
+                self._commit(session, lease, [entry], None)
+        finally:
+            lease.rolled_back()
+        return page, (resource.identity(page[-1]) if more and page else None)
+
+    def _bare_context(
+        self, actor: Actor, action: str, channel: Channel | str, request_id: str | None = None,
+    ) -> ActionContext:
+        return ActionContext(action=action, actor=actor, channel=Channel(channel),
+                             now=self.clock(), request_id=_request_id(request_id))
+
     # -- audit ---------------------------------------------------------------------
 
     def verify_audit(self) -> VerificationReport:
@@ -571,6 +631,13 @@ class Charter(Registry):
             row = checkpoint(session, self.keyring, self.clock())
             session.commit()
             return row
+
+    def purge_idempotency(self) -> int:
+        """Remove finished idempotency records whose retention has passed."""
+        with translate_errors(), self._sessions() as session:
+            removed = purge(session, self.clock())
+            session.commit()
+            return removed
 
     def history(self, resource_type: str, resource_id: Any) -> list[dict[str, Any]]:
         """A record's audit history, oldest first."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -14,6 +14,7 @@ from .context import ActionContext
 from .decision import Decision, DecisionKind
 from .errors import ConfigurationError, UnknownAction
 from .idempotency import IdempotencyMode
+from .policy import ActionPolicy, PermissionMatrix, PolicySet, Rule, permission_matrix
 from .resources import ResourceSpec
 
 __all__ = ["Registry"]
@@ -30,6 +31,8 @@ class Registry:
         self._resources: dict[type[Any], ResourceSpec] = {}
         self._resource_names: dict[str, ResourceSpec] = {}
         self._actions: dict[str, ActionSpec] = {}
+        self._policies: dict[str, ActionPolicy] = {}
+        self.policy = PolicySet()
 
     # -- declarations --------------------------------------------------------------
 
@@ -113,9 +116,32 @@ class Registry:
         return spec
 
     def _compile_policy(self, spec: ActionSpec) -> None:
-        allow = spec.allow
-        if allow is not None and not callable(allow):
-            raise ConfigurationError(f"action {spec.name}: allow= must be a rule or a callable")
+        """Add the action's own rule and compile its policy now: errors surface at start-up."""
+        if spec.allow is not None:
+            self.policy.allow(spec.name, spec.allow, name=spec.name)
+        self._policies[spec.name] = self.policy.compile(
+            resource=spec.resource, action=spec.name, scope=spec.scope,
+            impersonation=spec.impersonation, listable=spec.listable, creates=spec.creates,
+        )
+
+    def allow(self, pattern: str, condition: Any, *, name: str | None = None) -> Rule:
+        """Allow actions matching ``pattern`` (``invoice.*``) when ``condition`` holds.
+
+        Declare shared rules before the actions they cover: each action's policy
+        is compiled (and validated) when the action is declared.
+        """
+        return self.policy.allow(pattern, condition, name=name)
+
+    def deny(
+        self, pattern: str, condition: Any, *, name: str | None = None, message: str | None = None
+    ) -> Rule:
+        """Deny actions matching ``pattern`` when ``condition`` holds; an explicit deny wins."""
+        return self.policy.deny(pattern, condition, name=name, message=message)
+
+    def policy_of(self, action: str) -> ActionPolicy:
+        """The compiled policy of an action (to decide, explain or filter by hand)."""
+        self.spec(action)
+        return self._policies[action]
 
     @property
     def actions(self) -> Mapping[str, ActionSpec]:
@@ -134,34 +160,27 @@ class Registry:
     # -- policy --------------------------------------------------------------------
 
     def decide(self, spec: ActionSpec, actor: Actor, record: Any, ctx: ActionContext) -> Decision:
-        """Decide ``spec`` for ``actor`` on ``record``; fails closed on errors."""
-        if spec.scope is not None and not actor.has_scope(spec.scope):
-            return Decision.deny(
-                DecisionKind.DENIED_BY_RULE, rule="scope",
-                reason=f"the credential lacks scope {spec.scope!r}",
-                public_reason=f"Your credential does not grant the {spec.scope} scope.",
-            )
-        if actor.is_impersonating and not spec.impersonation:
-            return Decision.deny(
-                DecisionKind.DENIED_BY_RULE, rule="no-impersonation",
-                reason=f"{spec.name} cannot be performed on behalf of someone else",
-                public_reason="This action cannot be performed while impersonating a user.",
-            )
-        if spec.allow is None:
-            return Decision.deny(
-                DecisionKind.NO_RULE, reason=f"no rule permits {spec.name}",
-            )
-        try:
-            allowed = bool(spec.allow(actor.subject, record, ctx))
-        except Exception as exc:
-            log.error("policy for %s failed closed: %r", spec.name, exc)
-            return Decision.deny(
-                DecisionKind.ERROR, reason=f"rule raised {type(exc).__name__}: fails closed"
-            )
-        rule = getattr(spec.allow, "__name__", "allow")
-        if allowed:
-            return Decision.allow(rule)
-        return Decision.deny(
-            DecisionKind.NO_RULE, rule=rule, reason=f"predicate {rule} returned False",
-        )
+        """Decide ``spec`` for ``actor`` on ``record`` as it is now; fails closed on errors."""
+        decision = self._policies[spec.name].decide(actor, record, ctx)
+        if decision.kind is DecisionKind.ERROR:
+            log.error("policy of %s failed closed: %s", spec.name, decision.reason)
+        return decision
 
+    def allowed_actions(
+        self, actor: Actor, record: Any, ctx: ActionContext | None = None
+    ) -> dict[str, Decision]:
+        """Every action on ``record``'s resource: allowed or not, and why (for UI buttons)."""
+        resource = self._resources.get(type(record))
+        if resource is None:
+            raise ConfigurationError(f"{type(record).__name__} is not a declared resource")
+        return {
+            name: self._policies[name].decide(actor, record, ctx)
+            for name, spec in self._actions.items()
+            if spec.resource is resource and not spec.creates
+        }
+
+    def matrix(self, *, roles: Sequence[str], states: Sequence[str] | None = None) -> PermissionMatrix:
+        """Roles x actions x states -> allow, deny or conditional, for review."""
+        return permission_matrix(
+            [self._policies[name] for name in self._actions], roles=roles, states=states
+        )

@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.pool import StaticPool
 
 from .errors import CharterError, Conflict, StorageError, StorageUnavailable
 
@@ -44,12 +45,15 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: 
     """Create an engine configured the way the gate needs it."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        pooling: dict[str, Any] = {"pool_size": pool_size, "max_overflow": max_overflow}
+        if parsed.database in (None, "", ":memory:"):
+            # One shared connection, or every checkout would see its own empty database.
+            pooling = {"poolclass": StaticPool}
         engine = create_engine(
             parsed,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=pool_size,
-            max_overflow=max_overflow,
+            **pooling,
         )
         configure_sqlite(engine)
         return engine

@@ -168,3 +168,51 @@ def test_the_service_refuses_to_start_without_secrets_outside_development():
     settings = Settings.from_env({"CHARTER_ENV": "production", "CHARTER_TOKEN_SECRET": "s" * 40,
                                   "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123"})
     assert not settings.development
+
+
+def submitted_invoices(client: TestClient, amounts: list[str]) -> list[int]:
+    ids = [create_invoice(client, amount) for amount in amounts]
+    for invoice in ids:
+        client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    return ids
+
+
+def test_the_invoice_list_is_filtered_in_sql_to_the_callers_tenant(client):
+    ids = submitted_invoices(client, ["10.00", "20.00"])
+    mine = client.get("/invoices", headers=auth("bob")).json()
+    assert ids == [item["id"] for item in mine["items"]]
+    assert [] == client.get("/invoices", headers=auth("gina")).json()["items"]
+
+
+def test_the_approval_queue_holds_only_what_the_approver_may_approve(client):
+    small, big = submitted_invoices(client, ["100.00", "9000.00"])
+    assert [small] == [i["id"] for i in client.get("/approvals", headers=auth("bob")).json()["items"]]
+    assert [small, big] == [i["id"] for i in client.get("/approvals", headers=auth("carol")).json()["items"]]
+    assert [] == client.get("/approvals", headers=auth("alice")).json()["items"]
+
+
+def test_the_page_size_is_capped_by_the_server(client):
+    submitted_invoices(client, ["1.00", "2.00", "3.00"])
+    page = client.get("/invoices?limit=2", headers=auth("bob")).json()
+    assert (2, 2) == (len(page["items"]), page["limit"])
+    rest = client.get(f"/invoices?limit=2&after={page['next']}", headers=auth("bob")).json()
+    assert (1, None) == (len(rest["items"]), rest["next"])
+    assert 200 == client.get("/invoices?limit=100000", headers=auth("bob")).json()["limit"]
+
+
+def test_next_actions_say_what_is_allowed_and_why_not(client):
+    invoice = create_invoice(client, "9000.00")
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    actions = client.get(f"/invoices/{invoice}/actions", headers=auth("bob")).json()
+    assert (True, False, False) == (actions["invoice.get"]["allowed"],
+                                    actions["invoice.approve"]["allowed"],
+                                    actions["invoice.submit"]["allowed"])
+    assert 404 == client.get(f"/invoices/{invoice}/actions", headers=auth("gina")).status_code
+
+
+def test_a_denial_is_explained_in_the_audit_trail_with_the_failed_condition(client):
+    invoice = create_invoice(client, "9000.00")
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    assert 403 == client.post(f"/invoices/{invoice}/approve", headers=auth("bob")).status_code
+    denial = client.app_state.charter.history("invoices", invoice)[-1]
+    assert "R.amount 9000.00 <= A.approval_limit 5000 is false" in denial["detail"]["failed"]

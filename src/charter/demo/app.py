@@ -18,7 +18,10 @@ from ..integrations.fastapi import CharterRoutes
 from ..migrate import upgrade
 from ..settings import Settings
 from ..tokens import TokenSigner
-from .service import build_charter, directory
+from ..decision import Decision
+from ..errors import NotFound
+from .models import Invoice
+from .service import build_charter, directory, invoice_view
 
 __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
 
@@ -74,6 +77,18 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("GET", "/invoices/{id}", "invoice.get")
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
+    routes.list("/invoices", "invoice.get", render=invoice_view)
+    routes.list("/approvals", "invoice.approve", render=invoice_view)
+
+    @app.get("/invoices/{id}/actions")
+    async def next_actions(id: int, request: Request) -> JSONResponse:
+        """What the caller may do next with this invoice, and why not (for UI buttons)."""
+        actor = await routes.actor(request)
+        decisions = await run_in_threadpool(_allowed, charter, actor, id)
+        return JSONResponse({
+            name: {"allowed": d.allowed, "reason": d.public_reason if not d.allowed else None}
+            for name, d in decisions.items()
+        })
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -89,6 +104,14 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         return JSONResponse({"status": "ok", "database": "up"})
 
     return app
+
+
+def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decision]:
+    with charter.session() as session:
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None or invoice.tenant_id != actor.tenant_id:
+            raise NotFound(f"invoices {invoice_id} was not found")
+        return charter.allowed_actions(actor, invoice)
 
 
 async def _checkpoints(charter: Charter) -> None:

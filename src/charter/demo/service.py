@@ -6,7 +6,9 @@ Invoices move draft → submitted → approved. Who may do what:
 * ``invoice.submit`` — the invoice's creator or an admin, while it is a draft;
 * ``invoice.approve`` — an approver of the same tenant, not the creator, for an
   amount up to their approval limit, while it is submitted;
-* ``invoice.get`` — anyone of the tenant; a sensitive read, audited.
+* ``invoice.get`` — anyone of the tenant; a sensitive read, audited. The same
+  rule filters ``GET /invoices`` in SQL, and the approval rule filters the
+  approval queue ``GET /approvals``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..actor import Actor
 from ..context import ActionContext
 from ..gate import Charter
+from ..policy import A, R
 from .models import Invoice, InvoiceState
 
-__all__ = ["DEMO_USERS", "build_charter", "directory", "invoice_view"]
+__all__ = ["DEMO_USERS", "build_charter", "directory", "invoice_view", "reference_charter"]
 
 # The demo's user directory (a real service reads its user store).
 DEMO_USERS: Mapping[tuple[str, str], Actor] = {
@@ -64,29 +67,16 @@ def invoice_view(invoice: Invoice) -> dict[str, Any]:
     }
 
 
-def can_create(actor: Actor, _record: Any, _ctx: ActionContext) -> bool:
-    return bool(actor.roles & {"member", "approver", "admin"})
-
-
-def can_submit(actor: Actor, invoice: Invoice, _ctx: ActionContext) -> bool:
-    return invoice.state == InvoiceState.DRAFT and (
-        invoice.created_by == actor.id or "admin" in actor.roles
-    )
-
-
-def can_approve(actor: Actor, invoice: Invoice, _ctx: ActionContext) -> bool:
-    limit = actor.attributes.get("approval_limit")
-    return (
-        "approver" in actor.roles
-        and invoice.state == InvoiceState.SUBMITTED
-        and limit is not None
-        and invoice.amount <= Decimal(limit)
-        and invoice.created_by != actor.id
-    )
-
-
-def can_read(actor: Actor, _invoice: Invoice, _ctx: ActionContext) -> bool:
-    return bool(actor.roles & {"member", "approver", "admin", "support"})
+# The rules, once, as data: they decide, explain, filter lists in SQL and fill the matrix.
+ANY_STAFF = A.has_role("member") | A.has_role("approver") | A.has_role("admin")
+CAN_SUBMIT = (R.state == InvoiceState.DRAFT) & ((R.created_by == A.id) | A.has_role("admin"))
+CAN_APPROVE = (
+    A.has_role("approver")
+    & (R.state == InvoiceState.SUBMITTED)
+    & (R.amount <= A.approval_limit)
+    & (R.created_by != A.id)
+)
+CAN_READ = ANY_STAFF | A.has_role("support")
 
 
 def build_charter(charter: Charter) -> Charter:
@@ -95,7 +85,7 @@ def build_charter(charter: Charter) -> Charter:
     )
 
     @charter.action("invoice.create", on=Invoice, input=CreateInvoice, creates=True,
-                    allow=can_create, scope="invoices:write", idempotency="optional")
+                    allow=ANY_STAFF, scope="invoices:write", idempotency="optional")
     def create(ctx: ActionContext, _: None, data: CreateInvoice) -> Invoice:
         """Create a draft invoice."""
         assert ctx.session is not None
@@ -107,25 +97,30 @@ def build_charter(charter: Charter) -> Charter:
         ctx.session.add(invoice)
         return invoice
 
-    @charter.action("invoice.submit", on=Invoice, allow=can_submit, scope="invoices:write")
+    @charter.action("invoice.submit", on=Invoice, allow=CAN_SUBMIT, scope="invoices:write")
     def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Submit a draft invoice for approval."""
         invoice.state = InvoiceState.SUBMITTED
         invoice.submitted_by = ctx.actor.subject.id
         return invoice
 
-    @charter.action("invoice.approve", on=Invoice, input=Approve, allow=can_approve,
-                    scope="invoices:approve", idempotency="optional")
+    @charter.action("invoice.approve", on=Invoice, input=Approve, allow=CAN_APPROVE,
+                    scope="invoices:approve", idempotency="optional", listable=True)
     def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> Invoice:
         """Approve a submitted invoice."""
         invoice.state = InvoiceState.APPROVED
         invoice.approved_by = ctx.actor.subject.id
         return invoice
 
-    @charter.action("invoice.get", on=Invoice, allow=can_read, sensitive_read=True,
-                    scope="invoices:read")
+    @charter.action("invoice.get", on=Invoice, allow=CAN_READ, sensitive_read=True,
+                    scope="invoices:read", listable=True)
     def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
         """Read one invoice (audited)."""
         return invoice_view(invoice)
 
     return charter
+
+
+def reference_charter() -> Charter:
+    """The reference service's declarations on an in-memory database (for review tools)."""
+    return build_charter(Charter(database_url="sqlite://", development=True))

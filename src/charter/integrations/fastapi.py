@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..actor import Actor, Channel
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
-from ..gate import Charter, Outcome
+from ..gate import DEFAULT_PAGE, MAX_PAGE, Charter, Outcome
 
 __all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]
 
@@ -222,6 +222,30 @@ class CharterRoutes:
             summary=(spec.handler.__doc__ or action).strip().splitlines()[0],
             openapi_extra=extra,
         )
+
+
+    def list(self, path: str, action: str, *, render: Callable[[Any], Any]) -> None:
+        """``GET path?limit=&after=``: the records the caller may ``action``, filtered in SQL."""
+        self.charter.spec(action)
+
+        async def endpoint(request: Request) -> Response:
+            actor = await self.actor(request)
+            try:
+                limit = int(request.query_params.get("limit", DEFAULT_PAGE))
+            except ValueError:
+                raise InvalidInput("limit must be an integer") from None
+            after = request.query_params.get("after")
+            if after is not None and len(after) > 64:
+                raise InvalidInput("the page cursor is invalid")
+            rows, cursor = await run_in_threadpool(
+                self.charter.list_records, actor, action, limit=limit, after=after,
+                channel=self.channel, request_id=request.state.request_id,
+            )
+            return JSONResponse({"items": [render(r) for r in rows], "next": cursor,
+                                 "limit": min(max(limit, 1), MAX_PAGE)})
+
+        endpoint.__name__ = f"list_{action.replace('.', '_')}"
+        self.app.add_api_route(path, endpoint, methods=["GET"], name=f"list:{action}")
 
 
 def outcome_response(outcome: Outcome) -> JSONResponse:
