@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .actor import Actor, Channel
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from sqlalchemy.orm import Session
+
+    from .recovery import StepRunner
+
+T = TypeVar("T")
 
 __all__ = ["ActionContext"]
 
@@ -35,3 +41,18 @@ class ActionContext:
     session: Session | None = None
     idempotency_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: StepRunner | None = None
+
+    def external(self, name: str, call: Callable[[str], T]) -> T:
+        """Call an outside service as a recovered step (see :mod:`charter.recovery`).
+
+        ``call`` receives an idempotency key derived from this request, stable
+        across retries: pass it to the outside service so it can deduplicate.
+        Returns the step's result (from the store if a retry resumes after it).
+        """
+        if self.steps is None:
+            raise ConfigurationError(
+                f"{self.action}: ctx.external() needs an idempotent action "
+                "(idempotency='required') called with a key"
+            )
+        return self.steps.external(name, call)

@@ -19,6 +19,7 @@ is rolled back and the refusal is audited.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -29,9 +30,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, event, select
+from sqlalchemy import Select, event, or_, select
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,10 +65,18 @@ from .idempotency import (
     claim_values,
     completion_statement,
     fingerprint,
+    idempotency_table,
     lookup,
     purge,
     stored_error,
     validate_key,
+)
+from .recovery import (
+    DEFAULT_LEASE,
+    StepRunner,
+    actor_from_snapshot,
+    actor_snapshot,
+    takeover_statement,
 )
 from .registry import Registry
 from .resources import ResourceSpec
@@ -119,6 +128,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _Resumable(Exception):
+    """Internal: this call took over an abandoned multi-phase request and resumes it."""
+
+    def __init__(self, row: Row[Any]) -> None:
+        self.row = row
+
+
 class _AlreadyClaimed(Exception):
     """Internal: another request holds (or held) this idempotency key."""
 
@@ -151,6 +167,7 @@ class Charter(Registry):
         development: bool = False,
         audit_trail: AuditTrail | None = None,
         idempotency_retention: timedelta = DEFAULT_RETENTION,
+        recovery_lease: timedelta = DEFAULT_LEASE,
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
@@ -176,6 +193,7 @@ class Charter(Registry):
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         super().__init__()
         self.idempotency_retention = idempotency_retention
+        self.recovery_lease = recovery_lease
         self._lock_rows = is_postgres(self.engine)
         event.listen(self._sessions, "before_flush", self._guard_tenants)
         event.listen(self._sessions, "after_flush", _mark_written)
@@ -223,15 +241,20 @@ class Charter(Registry):
             request_id=request_id, reason=reason, input=data, idempotency_key=key,
         )
         fp = fingerprint(spec.name, target, data) if key is not None else None
+        resume: Row[Any] | None = None
         for _attempt in range(_CLAIM_ATTEMPTS):
             try:
-                return self._run(spec, ctx, data, target, expected_version, fp)
+                return self._run(spec, ctx, data, target, expected_version, fp, resume)
             except _Refusal as refusal:
                 self._audit_refusal(spec, ctx, data, target, refusal, fp)
                 raise refusal.error from None
             except _AlreadyClaimed:
                 assert fp is not None
-                outcome = self._replay(spec, ctx, data, target, fp)
+                try:
+                    outcome = self._replay(spec, ctx, data, target, fp)
+                except _Resumable as resumable:
+                    resume = resumable.row  # this call took the abandoned request over
+                    continue
                 if outcome is not None:
                     return outcome
                 # The holder rolled back between our claim and our lookup: claim again.
@@ -268,7 +291,7 @@ class Charter(Registry):
 
     def _run(
         self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any,
-        expected_version: int | None, fp: str | None,
+        expected_version: int | None, fp: str | None, resume: Row[Any] | None = None,
     ) -> Outcome:
         lease = self.audit_trail.lease()
         try:
@@ -276,7 +299,10 @@ class Charter(Registry):
                 ctx.session = session
                 session.info[_ACTOR] = ctx.actor
                 session.info[_CREATED] = set()
-                claim_id = self._claim(session, ctx, fp) if fp is not None else None
+                if resume is not None:
+                    claim_id: int | None = int(resume.id)
+                else:
+                    claim_id = self._claim(session, ctx, fp) if fp is not None else None
                 record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
@@ -293,12 +319,20 @@ class Charter(Registry):
                             f"the record is at version {current}, not {expected_version}: "
                             "reload it and retry"
                         )
-                decision = self.decide(spec, ctx.actor, record, ctx)
+                if resume is not None:
+                    # Authorized when the request first ran; it is the same request.
+                    decision = Decision.allow("resume", "resumed after a recovery point")
+                else:
+                    decision = self.decide(spec, ctx.actor, record, ctx)
                 if not decision.allowed:
                     raise _Refusal(
                         Forbidden(decision.public_reason, decision=decision), decision, record
                     )
                 state_before = resource.state_of(record) if resource else None
+                if claim_id is not None:
+                    ctx.steps = self._step_runner(
+                        session, spec, ctx, data, target, record, claim_id, decision, resume
+                    )
                 session.info[_WROTE] = False
                 try:
                     body = spec.handler(ctx, record, data)
@@ -363,6 +397,64 @@ class Charter(Registry):
             raise
         lease.committed()
 
+    def _commit_phase(self, session: Session, statement: Any, entry: AuditEntry | None) -> None:
+        """Commit a recovery point (and the local phase before it) in the current session."""
+        lease = self.audit_trail.lease()
+        try:
+            with translate_errors():
+                self._commit(session, lease, [entry] if entry is not None else [], statement)
+        finally:
+            lease.rolled_back()
+
+    def _step_runner(
+        self, session: Session, spec: ActionSpec, ctx: ActionContext, data: BaseModel,
+        target: Any, record: Any, claim_id: int, decision: Decision, resume: Row[Any] | None,
+    ) -> StepRunner:
+        resource = spec.resource
+        state_before = resource.state_of(record) if resource else None
+
+        def relock() -> None:
+            if record is not None and self._lock_rows:
+                session.refresh(record, with_for_update=True)
+
+        def audit(outcome: str) -> AuditEntry:
+            return self._entry(spec, ctx, data, record, decision, outcome, state_before,
+                               target=target)
+
+        request = {
+            "actor": actor_snapshot(ctx.actor), "target": None if target is None else str(target),
+            "channel": str(ctx.channel), "reason": ctx.reason,
+        }
+        return StepRunner(
+            self, session, claim_id=claim_id, recovery=None if resume is None else resume.recovery,
+            request=request, request_input=json.dumps(data.model_dump(mode="json")),
+            relock=relock, audit=audit,
+        )
+
+    def resume_abandoned(self, *, limit: int = 100) -> list[tuple[str, str]]:
+        """Drive abandoned multi-phase requests to a final state; returns (key, outcome) pairs."""
+        t = idempotency_table
+        now = self.clock()
+        with self.session() as session:
+            rows = session.execute(
+                select(t).where(t.c.status != COMPLETED, t.c.recovery.is_not(None))
+                .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
+                .order_by(t.c.id).limit(limit)
+            ).all()
+        results: list[tuple[str, str]] = []
+        for row in rows:
+            request = row.recovery["request"]
+            try:
+                outcome = self.execute(
+                    actor_from_snapshot(request["actor"]), row.action,
+                    json.loads(row.request_input or "{}"), target=request["target"], key=row.key,
+                    channel=request["channel"], reason=request.get("reason"),
+                )
+                results.append((row.key, "replayed" if outcome.replayed else "completed"))
+            except CharterError as exc:
+                results.append((row.key, exc.code))
+        return results
+
     def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
         """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
         actor = ctx.actor
@@ -407,6 +499,12 @@ class Charter(Registry):
                                         target=target)
                     self._commit(session, lease, [entry], None)
                     raise refusal
+                if row.status != COMPLETED and row.recovery is not None:
+                    taken = session.execute(takeover_statement(
+                        int(row.id), self.clock(), self.recovery_lease))
+                    session.commit()
+                    if getattr(taken, "rowcount", 0) == 1:
+                        raise _Resumable(row)
                 if row.status != COMPLETED:
                     raise IdempotencyKeyInProgress(
                         "A request with this Idempotency-Key is still in progress; retry shortly."

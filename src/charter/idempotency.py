@@ -75,7 +75,7 @@ __all__ = [
 DEFAULT_RETENTION = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 
-IN_PROGRESS = "in_progress"
+IN_PROGRESS = "in_progress"  # held by a running transaction, or a multi-phase request
 COMPLETED = "completed"
 
 
@@ -232,7 +232,7 @@ def completion_statement(
         .values(
             status=COMPLETED, response_status=status, response_body=body, error=error,
             outcome=outcome, resource_id=resource_id, completed_at=now, locked_until=None,
-            request_input=None,
+            request_input=None,  # the request (which may hold secrets) is not kept once done
         )
     )
 

@@ -1,0 +1,49 @@
+"""An action with an outside step (a card charge), for the recovery-point tests."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from charter import Charter
+from charter.context import ActionContext
+from charter.demo.payments import PaymentClient
+
+from . import app as test_app
+from .app import Doc, is_member
+from .conftest import AUDIT_KEYS
+
+
+class Pay(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Decimal
+
+
+def build(url: str, provider_url: str, *, crash: str | None = None, **options: Any) -> Charter:
+    charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS, **options))
+    client = PaymentClient(provider_url, timeout=5)
+
+    @charter.action("doc.pay", on=Doc, input=Pay, allow=is_member, idempotency="required")
+    def pay(ctx: ActionContext, doc: Doc, data: Pay) -> dict[str, Any]:
+        doc.state = "paying"  # local phase 1: committed with the recovery point
+
+        def charge(key: str) -> dict[str, str]:
+            if crash == "before_charge":
+                os._exit(21)
+            result = client.charge(data.amount, "EUR", f"doc-{doc.id}", key)
+            if crash == "after_charge":
+                os._exit(22)  # charged, but the result never reached our database
+            return {"id": result.id}
+
+        charged = ctx.external("charge", charge)
+        if crash == "after_step":
+            os._exit(23)
+        doc.state = "paid"  # final phase: committed with the outcome
+        doc.title = charged["id"]
+        doc.counter += 1
+        return {"charge": charged["id"]}
+
+    return charter
