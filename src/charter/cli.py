@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Annotated
@@ -137,7 +138,7 @@ def audit_show(
             str(e["at"])[:19], e["action"], e["subject"], e["real_actor"] or "", e["channel"],
             e["decision"], e["outcome"], state, e["reason"] or "",
         )
-    console.print(table)
+    Console(width=max(console.width, 180)).print(table)
     if not history:
         console.print("no entries")
 
@@ -209,6 +210,17 @@ def demo(
 
     os.environ.setdefault("CHARTER_ENV", "development")
     settings = _settings(database_url)
+    stub = None
+    if settings.payments_url is None:
+        # No provider configured: start the stub provider (loopback only), which
+        # sends its signed payment.settled webhooks back to this service.
+        from .demo.payments import PaymentProviderStub
+
+        stub = PaymentProviderStub(
+            webhook_url=f"http://{host}:{port}/webhooks/payments",
+            webhook_secret=settings.webhook_secrets[0],
+        )
+        settings = dataclasses.replace(settings, payments_url=stub.start())
     charter = _charter(settings)
     upgrade(charter.engine, extra_locations=DEMO_MIGRATIONS)
     application = create_app(settings, charter=charter)
@@ -230,9 +242,15 @@ def demo(
   curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['alice']}'   # 403: creator
   curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['bob']}'     # 200
   curl -s {base}/invoices/1 -H 'Authorization: Bearer {tokens['gina']}'                    # 404: other tenant
+  curl -s -X POST {base}/invoices/1/pay -H 'Authorization: Bearer {tokens['carol']}' -H 'Idempotency-Key: pay-1'
+  curl -s {base}/invoices/1 -H 'Authorization: Bearer {tokens['bob']}'   # paid, after the provider's webhook
   charter audit show invoices 1 && charter audit verify
 """)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="info")
+    finally:
+        if stub is not None:
+            stub.stop()
 
 
 def main() -> None:

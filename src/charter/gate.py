@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, event, or_, select
+from sqlalchemy import Select, bindparam, event, or_, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -194,6 +194,7 @@ class Charter(Registry):
         super().__init__()
         self.idempotency_retention = idempotency_retention
         self.recovery_lease = recovery_lease
+        self._load_statements: dict[tuple[str, bool], Select[Any]] = {}
         self._lock_rows = is_postgres(self.engine)
         event.listen(self._sessions, "before_flush", self._guard_tenants)
         event.listen(self._sessions, "after_flush", _mark_written)
@@ -529,14 +530,19 @@ class Charter(Registry):
         key = _coerce_id(resource, target)
         if key is None:
             return None
-        stmt = select(resource.model).where(resource.column(resource.id) == key)
-        if resource.tenant is not None:
-            # Tenant isolation is part of the lookup itself: a record of another
-            # tenant is indistinguishable from a record that does not exist.
-            stmt = stmt.where(resource.column(resource.tenant) == actor.tenant_id)
-        if self._lock_rows and spec.mutates:
-            stmt = stmt.with_for_update()
-        return session.execute(stmt).scalar_one_or_none()
+        lock = self._lock_rows and spec.mutates
+        stmt = self._load_statements.get((resource.name, lock))
+        if stmt is None:
+            # Built once per resource: the lookup is on the hot path of every call.
+            stmt = select(resource.model).where(resource.column(resource.id) == bindparam("id"))
+            if resource.tenant is not None:
+                # Tenant isolation is part of the lookup itself: a record of another
+                # tenant is indistinguishable from a record that does not exist.
+                stmt = stmt.where(resource.column(resource.tenant) == bindparam("tenant"))
+            if lock:
+                stmt = stmt.with_for_update()
+            self._load_statements[(resource.name, lock)] = stmt
+        return session.execute(stmt, {"id": key, "tenant": actor.tenant_id}).scalar_one_or_none()
 
     def _adopt_created(self, session: Session, spec: ActionSpec, actor: Actor, body: Any) -> Any:
         resource = spec.resource

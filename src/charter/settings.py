@@ -4,6 +4,8 @@
 ``CHARTER_DATABASE_URL``   SQLAlchemy URL; default: ``sqlite:///charter-demo.db``
 ``CHARTER_TOKEN_SECRET``   bearer-token signing secret(s), comma-separated, newest first
 ``CHARTER_AUDIT_KEY``      audit MAC key(s): ``id:secret,id2:secret2`` (newest first) or one secret
+``CHARTER_PAYMENTS_URL``   the payment provider's base URL (reference service)
+``CHARTER_PAYMENTS_WEBHOOK_SECRET``  its Standard Webhooks secret(s) (``whsec_...``), newest first
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = ["DEVELOPMENT_TOKEN_SECRET", "Settings"]
 DEVELOPMENT_TOKEN_SECRET = "charter-development-token-secret-not-secret"
 DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
 DEFAULT_DATABASE_URL = "sqlite:///charter-demo.db"
+# A fixed, obviously-not-secret whsec_ value for development only (base64 of 32 bytes).
+DEVELOPMENT_WEBHOOK_SECRET = "whsec_Y2hhcnRlci1kZXZlbG9wbWVudC13ZWJob29rLXNlY3I="
 
 
 def _parse_keys(raw: str) -> dict[str, str]:
@@ -37,6 +41,8 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     token_secrets: tuple[str, ...] = field(default=(), repr=False)
     audit_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    payments_url: str | None = None
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def development(self) -> bool:
@@ -68,9 +74,18 @@ class Settings:
                 raise ConfigurationError("development secrets cannot be used outside development")
             if any(len(s) < 32 for s in secrets):
                 raise ConfigurationError("CHARTER_TOKEN_SECRET must be at least 32 characters")
+        hooks = tuple(
+            s.strip() for s in env.get("CHARTER_PAYMENTS_WEBHOOK_SECRET", "").split(",") if s.strip()
+        )
+        if not hooks and dev:
+            hooks = (DEVELOPMENT_WEBHOOK_SECRET,)
+        if not dev and DEVELOPMENT_WEBHOOK_SECRET in hooks:
+            raise ConfigurationError("development secrets cannot be used outside development")
         return cls(
             environment=environment,
             database_url=env.get("CHARTER_DATABASE_URL", DEFAULT_DATABASE_URL),
             token_secrets=secrets,
             audit_keys=audit,
+            payments_url=env.get("CHARTER_PAYMENTS_URL") or None,
+            webhook_secrets=hooks,
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -20,8 +21,11 @@ from ..settings import Settings
 from ..tokens import TokenSigner
 from ..decision import Decision
 from ..errors import NotFound
+from ..integrations.webhooks import WebhookReceiver, WebhookRoute
+from ..webhooks import StandardWebhookVerifier
 from .models import Invoice
-from .service import build_charter, directory, invoice_view
+from .payments import PaymentClient
+from .service import build_charter, directory, invoice_view, payments_partner
 
 __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
 
@@ -49,7 +53,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             database_url=settings.database_url, audit_keys=settings.audit_keys,
             development=settings.development,
         )
-    build_charter(charter)
+    payments = PaymentClient(settings.payments_url) if settings.payments_url else None
+    build_charter(charter, payments=payments)
     signer = TokenSigner(settings.token_secrets)
 
     @contextlib.asynccontextmanager
@@ -61,6 +66,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         finally:
             task.cancel()
             charter.engine.dispose()
+            if payments is not None:
+                payments.close()
 
     app = FastAPI(title="Charter reference service", version="0.1.0", lifespan=lifespan)
     app.state.charter = charter
@@ -77,7 +84,18 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("GET", "/invoices/{id}", "invoice.get")
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
+    routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
     routes.list("/invoices", "invoice.get", render=invoice_view)
+    if settings.webhook_secrets:
+        routes.webhook("/webhooks/payments", WebhookReceiver(
+            charter, StandardWebhookVerifier(settings.webhook_secrets),
+            partner=lambda event: payments_partner(_reference(event)[0]),
+            routes={"payment.settled": WebhookRoute(
+                "invoice.mark_paid",
+                input=lambda event: {"charge_id": event["data"]["id"]},
+                target=lambda event: _reference(event)[1],
+            )},
+        ))
     routes.list("/approvals", "invoice.approve", render=invoice_view)
 
     @app.get("/invoices/{id}/actions")
@@ -104,6 +122,14 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         return JSONResponse({"status": "ok", "database": "up"})
 
     return app
+
+
+def _reference(event: Mapping[str, Any]) -> tuple[str, str]:
+    """The (tenant, invoice id) our charge reference carries (set by invoice.pay)."""
+    tenant, _, invoice_id = str(event["data"]["reference"]).partition(":")
+    if not tenant or not invoice_id:
+        raise ValueError("reference")
+    return tenant, invoice_id
 
 
 def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decision]:

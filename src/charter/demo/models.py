@@ -19,6 +19,7 @@ class InvoiceState:
     DRAFT = "draft"
     SUBMITTED = "submitted"
     APPROVED = "approved"
+    PAYMENT_PENDING = "payment_pending"
     PAID = "paid"
 
 
@@ -36,3 +37,5 @@ class Invoice(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     submitted_by: Mapped[str | None] = mapped_column(String(64), default=None)
     approved_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    charge_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -22,10 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..actor import Actor
 from ..context import ActionContext
 from ..gate import Charter
-from ..policy import A, R
+from ..errors import ConfigurationError
+from ..policy import A, C, R
+from .payments import PaymentClient
 from .models import Invoice, InvoiceState
 
-__all__ = ["DEMO_USERS", "build_charter", "directory", "invoice_view", "reference_charter"]
+__all__ = [
+    "DEMO_USERS",
+    "build_charter",
+    "directory",
+    "invoice_view",
+    "payments_partner",
+    "reference_charter",
+]
 
 # The demo's user directory (a real service reads its user store).
 DEMO_USERS: Mapping[tuple[str, str], Actor] = {
@@ -53,6 +62,11 @@ class CreateInvoice(BaseModel):
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
 
 
+class Settle(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    charge_id: str = Field(min_length=1, max_length=64)
+
+
 class Approve(BaseModel):
     model_config = ConfigDict(extra="forbid")
     note: str | None = Field(default=None, max_length=500)
@@ -64,6 +78,7 @@ def invoice_view(invoice: Invoice) -> dict[str, Any]:
         "amount": str(invoice.amount), "currency": invoice.currency, "state": invoice.state,
         "version": invoice.version, "created_by": invoice.created_by,
         "submitted_by": invoice.submitted_by, "approved_by": invoice.approved_by,
+        "charge_id": invoice.charge_id,
     }
 
 
@@ -77,9 +92,23 @@ CAN_APPROVE = (
     & (R.created_by != A.id)
 )
 CAN_READ = ANY_STAFF | A.has_role("support")
+CAN_PAY = A.has_role("admin") & (R.state == InvoiceState.APPROVED)
+# Only the payment provider, only through its signed webhook, only for the charge we made.
+PROVIDER_SETTLES = (
+    A.has_role("payments")
+    & (C.channel == "webhook")
+    & (R.state == InvoiceState.PAYMENT_PENDING)
+    & (R.charge_id == C.input.charge_id)
+)
 
 
-def build_charter(charter: Charter) -> Charter:
+def payments_partner(tenant: str) -> Actor:
+    """The payment provider, as a partner actor of one tenant (its webhooks act as it)."""
+    return Actor.make("payments-provider", tenant, kind="partner", roles={"payments"},
+                      scopes={"invoices:settle"})
+
+
+def build_charter(charter: Charter, *, payments: PaymentClient | None = None) -> Charter:
     charter.resource(
         Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
     )
@@ -117,6 +146,30 @@ def build_charter(charter: Charter) -> Charter:
     def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
         """Read one invoice (audited)."""
         return invoice_view(invoice)
+
+    @charter.action("invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write",
+                    idempotency="required")
+    def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
+        """Charge an approved invoice through the payment provider (exactly once)."""
+        if payments is None:
+            raise ConfigurationError("the reference service runs without a payment provider")
+        invoice.state = InvoiceState.PAYMENT_PENDING  # phase 1, committed with a recovery point
+        amount, currency = invoice.amount, invoice.currency
+        reference = f"{invoice.tenant_id}:{invoice.id}"
+        charge = ctx.external(
+            "charge",
+            lambda key: payments.charge(amount, currency, reference, idempotency_key=key).id,
+        )
+        invoice.charge_id = charge  # final phase: waits for the provider's payment.settled
+        return invoice
+
+    @charter.action("invoice.mark_paid", on=Invoice, input=Settle, allow=PROVIDER_SETTLES,
+                    scope="invoices:settle", idempotency="required")
+    def mark_paid(ctx: ActionContext, invoice: Invoice, _: Settle) -> Invoice:
+        """The provider confirms the charge (webhook payment.settled)."""
+        invoice.state = InvoiceState.PAID
+        invoice.paid_at = ctx.now
+        return invoice
 
     return charter
 

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..actor import Actor, Channel
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
 from ..gate import DEFAULT_PAGE, MAX_PAGE, Charter, Outcome
+from .webhooks import WebhookReceiver
 
 __all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]
 
@@ -246,6 +247,20 @@ class CharterRoutes:
 
         endpoint.__name__ = f"list_{action.replace('.', '_')}"
         self.app.add_api_route(path, endpoint, methods=["GET"], name=f"list:{action}")
+
+
+    def webhook(self, path: str, receiver: WebhookReceiver) -> None:
+        """``POST path``: a partner's signed callback, verified on the raw body bytes."""
+
+        async def endpoint(request: Request) -> Response:
+            body = await request.body()
+            result = await run_in_threadpool(
+                receiver.handle, dict(request.headers), body, request_id=request.state.request_id
+            )
+            return JSONResponse(result.body(), status_code=200)
+
+        endpoint.__name__ = "webhook_" + path.strip("/").replace("/", "_")
+        self.app.add_api_route(path, endpoint, methods=["POST"], name=f"webhook:{path}")
 
 
 def outcome_response(outcome: Outcome) -> JSONResponse:

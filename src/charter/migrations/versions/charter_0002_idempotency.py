@@ -42,16 +42,8 @@ def upgrade() -> None:
     op.create_index(
         "ix_charter_idempotency_expiry", "charter_idempotency", ["status", "expires_at"]
     )
-    op.create_table(
-        "charter_webhook_messages",
-        sa.Column("scope", sa.String(128), primary_key=True),
-        sa.Column("message_id", sa.String(255), primary_key=True),
-        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("charter_webhook_messages")
     op.drop_index("ix_charter_idempotency_expiry", "charter_idempotency")
     op.drop_table("charter_idempotency")

@@ -1,0 +1,170 @@
+"""Partner webhooks over HTTP: verified, replay-proof, run through the gate as the partner."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from charter import Charter
+from charter.demo.app import create_app
+from charter.demo.payments import PaymentProviderStub
+from charter.errors import ConfigurationError
+from charter.integrations.webhooks import WebhookReceiver, WebhookRoute
+from charter.settings import DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_WEBHOOK_SECRET, Settings
+from charter.webhooks import StandardWebhookSigner, StandardWebhookVerifier
+
+from .test_fastapi import auth, create_invoice
+
+SIGNER = StandardWebhookSigner(DEVELOPMENT_WEBHOOK_SECRET)
+
+
+@pytest.fixture
+def provider() -> Iterator[PaymentProviderStub]:
+    with PaymentProviderStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+def client(database_url: str, provider: PaymentProviderStub) -> Iterator[TestClient]:
+    settings = Settings(environment="development", token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
+                        audit_keys={"k1": "test-audit-key-0123456789abcdef"},
+                        payments_url=provider.base_url,
+                        webhook_secrets=(DEVELOPMENT_WEBHOOK_SECRET,))
+    charter = Charter(database_url=database_url, audit_keys=settings.audit_keys)
+    app = create_app(settings, charter=charter)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.app_state = app.state  # type: ignore[attr-defined]
+        yield c
+
+
+def paid_pending_invoice(client: TestClient) -> tuple[int, str]:
+    invoice = create_invoice(client)
+    client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
+    client.post(f"/invoices/{invoice}/approve", headers=auth("bob"))
+    paid = client.post(f"/invoices/{invoice}/pay", headers=auth("carol", **{"Idempotency-Key": "p1"}))
+    assert 200 == paid.status_code, paid.text
+    assert "payment_pending" == paid.json()["state"]
+    return invoice, paid.json()["charge_id"]
+
+
+def settled(charge_id: str, invoice: int, *, msg_id: str = "msg_1", age: int = 0,
+            tenant: str = "acme") -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"type": "payment.settled", "data": {
+        "id": charge_id, "reference": f"{tenant}:{invoice}", "status": "succeeded"}}).encode()
+    return body, SIGNER.sign(msg_id, int(time.time()) - age, body)
+
+
+def post(client: TestClient, body: bytes, headers: dict[str, str]):
+    return client.post("/webhooks/payments", content=body,
+                       headers={**headers, "Content-Type": "application/json"})
+
+
+def state(client: TestClient, invoice: int) -> str:
+    return client.get(f"/invoices/{invoice}", headers=auth("bob")).json()["state"]
+
+
+def test_the_settled_webhook_marks_the_invoice_paid_as_the_partner(client, provider):
+    invoice, charge = paid_pending_invoice(client)
+    response = post(client, *settled(charge, invoice))
+    assert (200, "processed") == (response.status_code, response.json()["status"])
+    assert "paid" == state(client, invoice)
+    entry = [h for h in client.app_state.charter.history("invoices", invoice)
+             if h["action"] == "invoice.mark_paid"][0]
+    assert ("payments-provider", "webhook") == (entry["subject"], entry["channel"])
+    assert 1 == provider.stats()["charges_created"]
+
+
+def test_a_replayed_message_is_acknowledged_and_not_processed_again(client):
+    invoice, charge = paid_pending_invoice(client)
+    body, headers = settled(charge, invoice)
+    assert "processed" == post(client, body, headers).json()["status"]
+    again = post(client, body, headers)
+    assert (200, "duplicate") == (again.status_code, again.json()["status"])
+    marks = [h for h in client.app_state.charter.history("invoices", invoice)
+             if h["action"] == "invoice.mark_paid"]
+    assert [False, True] == [m["replayed"] for m in marks]
+
+
+def test_a_stale_timestamp_is_refused_even_with_a_fresh_id(client):
+    invoice, charge = paid_pending_invoice(client)
+    response = post(client, *settled(charge, invoice, msg_id="msg_fresh", age=600))
+    assert (401, "webhook_timestamp_stale") == (response.status_code, response.json()["code"])
+    assert "payment_pending" == state(client, invoice)
+
+
+def test_a_forged_signature_is_refused(client):
+    invoice, charge = paid_pending_invoice(client)
+    body, headers = settled(charge, invoice)
+    headers["webhook-signature"] = "v1,AAAA" + headers["webhook-signature"][7:]
+    response = post(client, body, headers)
+    assert (401, "webhook_signature_invalid") == (response.status_code, response.json()["code"])
+
+
+def test_missing_headers_and_bad_bodies_are_clean_4xx(client):
+    assert 400 == post(client, b"{}", {}).status_code
+    body = b"not json"
+    response = post(client, body, SIGNER.sign("msg_x", int(time.time()), body))
+    assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
+
+
+def test_a_settlement_for_another_charge_is_denied(client):
+    invoice, _ = paid_pending_invoice(client)
+    response = post(client, *settled("ch_someone_else", invoice, msg_id="msg_2"))
+    assert 403 == response.status_code
+    assert "payment_pending" == state(client, invoice)
+
+
+def test_a_partner_cannot_reach_another_tenants_invoice(client):
+    invoice, charge = paid_pending_invoice(client)
+    response = post(client, *settled(charge, invoice, msg_id="msg_3", tenant="globex"))
+    assert 404 == response.status_code
+
+
+def test_users_cannot_call_the_partner_action_over_the_api(client):
+    invoice, charge = paid_pending_invoice(client)
+    charter: Charter = client.app_state.charter
+    from charter import Actor
+    from charter.errors import Forbidden
+
+    admin = Actor.make("carol", "acme", roles={"admin"}, scopes={"*"})
+    with pytest.raises(Forbidden):
+        charter.execute(admin, "invoice.mark_paid", {"charge_id": charge}, target=invoice, key="x")
+
+
+def test_unknown_event_types_are_acknowledged_and_ignored(client):
+    body = json.dumps({"type": "payment.refunded", "data": {}}).encode()
+    response = post(client, body, SIGNER.sign("msg_9", int(time.time()), body))
+    assert (200, "ignored") == (response.status_code, response.json()["status"])
+
+
+def test_a_receiver_refuses_actions_without_idempotency(client):
+    charter: Charter = client.app_state.charter
+    with pytest.raises(ConfigurationError):
+        WebhookReceiver(charter, StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
+                        partner=lambda e: None,  # type: ignore[arg-type,return-value]
+                        routes={"x": WebhookRoute("invoice.submit", input=lambda e: {})})
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_concurrent_deliveries_of_one_message_are_processed_once(client):
+    invoice, charge = paid_pending_invoice(client)
+    body, headers = settled(charge, invoice, msg_id="msg_race")
+    workers = 12
+    barrier = threading.Barrier(workers)
+
+    def deliver():
+        barrier.wait()
+        return post(client, body, headers)
+
+    with ThreadPoolExecutor(workers) as pool:
+        responses = [f.result() for f in [pool.submit(deliver) for _ in range(workers)]]
+    assert [200] * workers == [r.status_code for r in responses]
+    assert 1 == sum(r.json()["status"] == "processed" for r in responses)
+    assert "paid" == state(client, invoice)
