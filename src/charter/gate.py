@@ -19,9 +19,7 @@ is rolled back and the refusal is audited.
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, bindparam, event, or_, select
+from sqlalchemy import Select, bindparam, event, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -39,7 +37,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
 from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, digest_input
-from .audit_verify import VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision, DecisionKind
 from .errors import (
@@ -47,11 +44,9 @@ from .errors import (
     ConfigurationError,
     DomainError,
     Forbidden,
-    InvalidInput,
     NotFound,
     PreconditionFailed,
     ReasonRequired,
-    UnknownAction,
 )
 from .idempotency import (
     COMPLETED,
@@ -65,21 +60,17 @@ from .idempotency import (
     claim_values,
     completion_statement,
     fingerprint,
-    idempotency_table,
     lookup,
-    purge,
     stored_error,
     validate_key,
 )
+from .operations import Operations
 from .recovery import (
     DEFAULT_LEASE,
-    StepRunner,
-    actor_from_snapshot,
-    actor_snapshot,
     takeover_statement,
 )
 from .registry import Registry
-from .resources import ResourceSpec
+from .resources import coerce_id, request_id_or_new
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
 
 __all__ = ["Charter", "HandlerFailed", "Outcome"]
@@ -98,8 +89,6 @@ LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 _CREATED = "charter.created"
 
 MAX_REASON = 1000
-DEFAULT_PAGE = 50
-MAX_PAGE = 200  # server-enforced page cap: a caller cannot raise it
 MAX_REQUEST_ID = 128
 
 
@@ -148,7 +137,7 @@ class _Refusal(Exception):
         self.record = record
 
 
-class Charter(Registry):
+class Charter(Registry, Operations):
     """The registry of resources and actions, and the gate that runs them.
 
     Configuration is keyword-only: ``database_url`` *or* ``engine``; ``clock``
@@ -232,7 +221,7 @@ class Charter(Registry):
         key = self._check_key(spec, key)
         data = spec.validate(input)
         reason = self._check_reason(spec, actor, reason)
-        request_id = _request_id(request_id)
+        request_id = request_id_or_new(request_id)
         if spec.target not in (None, "argument"):
             target = getattr(data, spec.target)
         if spec.target is not None and target is None:
@@ -398,64 +387,6 @@ class Charter(Registry):
             raise
         lease.committed()
 
-    def _commit_phase(self, session: Session, statement: Any, entry: AuditEntry | None) -> None:
-        """Commit a recovery point (and the local phase before it) in the current session."""
-        lease = self.audit_trail.lease()
-        try:
-            with translate_errors():
-                self._commit(session, lease, [entry] if entry is not None else [], statement)
-        finally:
-            lease.rolled_back()
-
-    def _step_runner(
-        self, session: Session, spec: ActionSpec, ctx: ActionContext, data: BaseModel,
-        target: Any, record: Any, claim_id: int, decision: Decision, resume: Row[Any] | None,
-    ) -> StepRunner:
-        resource = spec.resource
-        state_before = resource.state_of(record) if resource else None
-
-        def relock() -> None:
-            if record is not None and self._lock_rows:
-                session.refresh(record, with_for_update=True)
-
-        def audit(outcome: str) -> AuditEntry:
-            return self._entry(spec, ctx, data, record, decision, outcome, state_before,
-                               target=target)
-
-        request = {
-            "actor": actor_snapshot(ctx.actor), "target": None if target is None else str(target),
-            "channel": str(ctx.channel), "reason": ctx.reason,
-        }
-        return StepRunner(
-            self, session, claim_id=claim_id, recovery=None if resume is None else resume.recovery,
-            request=request, request_input=json.dumps(data.model_dump(mode="json")),
-            relock=relock, audit=audit,
-        )
-
-    def resume_abandoned(self, *, limit: int = 100) -> list[tuple[str, str]]:
-        """Drive abandoned multi-phase requests to a final state; returns (key, outcome) pairs."""
-        t = idempotency_table
-        now = self.clock()
-        with self.session() as session:
-            rows = session.execute(
-                select(t).where(t.c.status != COMPLETED, t.c.recovery.is_not(None))
-                .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
-                .order_by(t.c.id).limit(limit)
-            ).all()
-        results: list[tuple[str, str]] = []
-        for row in rows:
-            request = row.recovery["request"]
-            try:
-                outcome = self.execute(
-                    actor_from_snapshot(request["actor"]), row.action,
-                    json.loads(row.request_input or "{}"), target=request["target"], key=row.key,
-                    channel=request["channel"], reason=request.get("reason"),
-                )
-                results.append((row.key, "replayed" if outcome.replayed else "completed"))
-            except CharterError as exc:
-                results.append((row.key, exc.code))
-        return results
-
     def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
         """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
         actor = ctx.actor
@@ -527,7 +458,7 @@ class Charter(Registry):
     def _load(self, session: Session, spec: ActionSpec, actor: Actor, target: Any) -> Any:
         resource = spec.resource
         assert resource is not None  # guaranteed by ActionSpec.declare
-        key = _coerce_id(resource, target)
+        key = coerce_id(resource, target)
         if key is None:
             return None
         lock = self._lock_rows and spec.mutates
@@ -666,89 +597,6 @@ class Charter(Registry):
                       outcome=error.code, resource_id=resource_id, completed_at=ctx.now)
         session.execute(claim_statement(self.engine.dialect.name, values))
 
-    # -- lists -------------------------------------------------------------------
-
-    def filter(
-        self, stmt: Select[Any], actor: Actor, action: str, *, channel: Channel | str = Channel.HTTP,
-    ) -> Select[Any]:
-        """Add ``action``'s rules (tenant included) to ``stmt`` as a SQL ``WHERE`` clause.
-
-        The rows returned are exactly those on which :meth:`execute` would allow
-        ``action`` now (the property tests in ``charter.policy.agreement`` check it).
-        """
-        ctx = self._bare_context(actor, action, channel)
-        return self.policy_of(action).apply(stmt, actor, ctx)
-
-    def list_records(
-        self, actor: Actor, action: str, *, limit: int = DEFAULT_PAGE, after: Any = None,
-        channel: Channel | str = Channel.HTTP, request_id: str | None = None,
-    ) -> tuple[list[Any], Any]:
-        """One page of the records ``actor`` may ``action``, in id order (keyset paging).
-
-        The page size is capped by the server at :data:`MAX_PAGE` whatever the
-        caller asks; the read is audited (one entry per page). Returns the rows
-        and the cursor of the next page (``None`` on the last page).
-        """
-        spec = self.spec(action)
-        resource = spec.resource
-        if resource is None or not spec.listable:
-            raise ConfigurationError(f"{action} is not declared listable=True")
-        limit = max(1, min(int(limit), MAX_PAGE))
-        id_column = resource.column(resource.id)
-        stmt = select(resource.model).order_by(id_column).limit(limit + 1)
-        if after is not None:
-            key = _coerce_id(resource, after)
-            if key is None:
-                raise InvalidInput("the page cursor is invalid")
-            stmt = stmt.where(id_column > key)
-        ctx = self._bare_context(actor, action, channel, request_id)
-        stmt = self.policy_of(action).apply(stmt, actor, ctx)
-        lease = self.audit_trail.lease()
-        try:
-            with translate_errors(), self._sessions() as session:
-                rows = list(session.execute(stmt).scalars())
-                page, more = rows[:limit], len(rows) > limit
-                entry = self._entry(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
-                                    detail={"listed": len(page), "after": None if after is None
-                                            else str(after)[:64]})
-                self._commit(session, lease, [entry], None)
-        finally:
-            lease.rolled_back()
-        return page, (resource.identity(page[-1]) if more and page else None)
-
-    def _bare_context(
-        self, actor: Actor, action: str, channel: Channel | str, request_id: str | None = None,
-    ) -> ActionContext:
-        return ActionContext(action=action, actor=actor, channel=Channel(channel),
-                             now=self.clock(), request_id=_request_id(request_id))
-
-    # -- audit ---------------------------------------------------------------------
-
-    def verify_audit(self) -> VerificationReport:
-        """Verify the whole audit trail and its checkpoints (see :mod:`charter.audit_verify`)."""
-        with self.session() as session:
-            return verify(session, self.keyring)
-
-    def checkpoint_audit(self) -> dict[str, Any]:
-        """Sign the current head of every audit stream."""
-        with translate_errors(), self._sessions() as session:
-            row = checkpoint(session, self.keyring, self.clock())
-            session.commit()
-            return row
-
-    def purge_idempotency(self) -> int:
-        """Remove finished idempotency records whose retention has passed."""
-        with translate_errors(), self._sessions() as session:
-            removed = purge(session, self.clock())
-            session.commit()
-            return removed
-
-    def history(self, resource_type: str, resource_id: Any) -> list[dict[str, Any]]:
-        """A record's audit history, oldest first."""
-        with self.session() as session:
-            return AuditTrail.history(session, resource_type, str(resource_id))
-
-
 def _mark_written(session: Session, _context: Any) -> None:
     session.info[_WROTE] = True
 
@@ -770,26 +618,6 @@ def _tenant_violation(reason: str) -> Forbidden:
         "You cannot create or move records across tenants.",
         decision=Decision.deny(DecisionKind.DENIED_BY_RULE, rule="tenant", reason=reason),
     )
-
-
-def _request_id(value: str | None) -> str:
-    if value and len(value) <= MAX_REQUEST_ID and value.isprintable() and value.isascii():
-        return value
-    return uuid.uuid4().hex
-
-
-def _coerce_id(resource: ResourceSpec, target: Any) -> Any:
-    column = resource.column(resource.id)
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
-        return target
-    if isinstance(target, python_type):
-        return target
-    try:
-        return python_type(target)
-    except (TypeError, ValueError):
-        return None
 
 
 def _jsonable(body: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,9 @@ from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError
 
-__all__ = ["ResourceSpec"]
+__all__ = ["ResourceSpec", "coerce_id", "request_id_or_new"]
+
+MAX_REQUEST_ID = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +101,23 @@ class ResourceSpec:
             return None
         value = getattr(record, self.state)
         return None if value is None else str(getattr(value, "value", value))
+
+
+def request_id_or_new(value: str | None) -> str:
+    if value and len(value) <= MAX_REQUEST_ID and value.isprintable() and value.isascii():
+        return value
+    return uuid.uuid4().hex
+
+
+def coerce_id(resource: ResourceSpec, target: Any) -> Any:
+    column = resource.column(resource.id)
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return target
+    if isinstance(target, python_type):
+        return target
+    try:
+        return python_type(target)
+    except (TypeError, ValueError):
+        return None

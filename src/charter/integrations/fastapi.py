@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..actor import Actor, Channel
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
-from ..gate import DEFAULT_PAGE, MAX_PAGE, Charter, Outcome
+from ..gate import Charter, Outcome
+from ..operations import DEFAULT_PAGE, MAX_PAGE
 from .webhooks import WebhookReceiver
 
 __all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]
