@@ -69,7 +69,9 @@ def build(charter: Charter) -> Charter:
     @charter.action("doc.create", on=Doc, input=CreateDoc, creates=True, allow=is_member)
     def create(ctx: ActionContext, _: None, data: CreateDoc) -> dict[str, Any]:
         doc = Doc(
-            title=data.title, amount=data.amount, created_by=ctx.actor.subject.id,
+            title=data.title,
+            amount=data.amount,
+            created_by=ctx.actor.subject.id,
             tenant_id=data.tenant_id,
         )
         assert ctx.session is not None
@@ -129,8 +131,9 @@ def build(charter: Charter) -> Charter:
         doc.counter += 1
         return {"counter": doc.counter}
 
-    @charter.action("doc.limited_late", on=Doc, input=Charge, allow=is_member,
-                    idempotency="required")
+    @charter.action(
+        "doc.limited_late", on=Doc, input=Charge, allow=is_member, idempotency="required"
+    )
     def limited_late(ctx: ActionContext, doc: Doc, data: Charge) -> dict[str, Any]:
         doc.counter += 1
         assert ctx.session is not None

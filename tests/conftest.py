@@ -62,30 +62,39 @@ _CHARTER_TABLES = ("charter_audit", "charter_audit_checkpoints")
 
 
 @pytest.fixture(scope="session")
-def pg_schema() -> Iterator[str]:
+def pg_schema() -> str:
     """Migrate the PostgreSQL test database once per session (fresh tables)."""
     url = require_postgres()
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS alembic_version, test_docs CASCADE"))
-        for table in (*_CHARTER_TABLES, "invoices", "charter_idempotency", "charter_webhook_messages"):
+        for table in (
+            *_CHARTER_TABLES,
+            "invoices",
+            "charter_idempotency",
+            "charter_webhook_messages",
+        ):
             conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
     upgrade(engine, extra_locations=DEMO_MIGRATIONS)
     test_app.Base.metadata.create_all(engine)
     engine.dispose()
-    yield url
+    return url
 
 
 def _truncate_pg(url: str) -> None:
     engine = make_engine(url)
     with engine.begin() as conn:
-        names = conn.execute(
-            text(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                "AND tablename <> 'alembic_version' AND tablename NOT LIKE 'policy%' "
-                "AND tablename NOT LIKE 'bench%'"
+        names = (
+            conn.execute(
+                text(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                    "AND tablename <> 'alembic_version' AND tablename NOT LIKE 'policy%' "
+                    "AND tablename NOT LIKE 'bench%'"
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         if names:
             conn.execute(text(f"TRUNCATE {', '.join(names)} RESTART IDENTITY CASCADE"))
     engine.dispose()

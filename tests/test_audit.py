@@ -18,7 +18,9 @@ def trail(charter: Charter, alice: Actor) -> list[dict]:
     for i in range(5):
         charter.execute(alice, "doc.rename", {"title": f"t{i}"}, target=doc_id)
     with charter.session() as s:
-        rows = [dict(r._mapping) for r in s.execute(select(audit_table).order_by(audit_table.c.seq))]
+        rows = [
+            dict(r._mapping) for r in s.execute(select(audit_table).order_by(audit_table.c.seq))
+        ]
     assert 1 == len({r["stream"] for r in rows})
     assert [1, 2, 3, 4, 5, 6] == [r["seq"] for r in rows]
     return rows
@@ -40,15 +42,21 @@ def test_an_untouched_trail_verifies(charter, trail):
 
 
 def test_a_modified_entry_is_detected_and_located(charter, trail):
-    tamper(charter, update(audit_table).where(audit_table.c.seq == 3).values(reason="nothing to see"))
+    tamper(
+        charter, update(audit_table).where(audit_table.c.seq == 3).values(reason="nothing to see")
+    )
     problems = charter.verify_audit().problems
     assert [("modified", 3)] == [(p.kind, p.seq) for p in problems]
     assert trail[2]["id"] == problems[0].entry_id
 
 
 def test_a_modified_entry_with_a_recomputed_plain_hash_is_still_detected(charter, trail):
-    tamper(charter, update(audit_table).where(audit_table.c.seq == 2).values(
-        outcome="ok", decision="deny", hash="0" * 64))
+    tamper(
+        charter,
+        update(audit_table)
+        .where(audit_table.c.seq == 2)
+        .values(outcome="ok", decision="deny", hash="0" * 64),
+    )
     assert [("modified", 2)] == kinds(charter)
 
 
@@ -109,9 +117,13 @@ def test_a_deleted_checkpoint_in_the_middle_is_detected(charter, trail, alice):
     assert [("checkpoint", None)] == kinds(charter)
 
 
-def test_entries_written_with_an_older_key_still_verify_after_rotation(charter, trail, database_url):
-    rotated = Charter(database_url=database_url, audit_keys={
-        "k2": "a-brand-new-key-0123456789", "k1": "test-audit-key-0123456789abcdef"})
+def test_entries_written_with_an_older_key_still_verify_after_rotation(
+    charter, trail, database_url
+):
+    rotated = Charter(
+        database_url=database_url,
+        audit_keys={"k2": "a-brand-new-key-0123456789", "k1": "test-audit-key-0123456789abcdef"},
+    )
     try:
         assert rotated.verify_audit().ok
         assert "k2" == rotated.keyring.current_id
@@ -145,6 +157,6 @@ def test_input_digests_redact_secret_looking_fields():
 
 def test_raw_sql_cannot_skip_the_stream_position_constraint(charter, trail):
     duplicate = {k: v for k, v in trail[0].items() if k != "id"}
-    with pytest.raises(Exception, match="(?i)unique"):
+    with pytest.raises(Exception, match=r"(?i)unique"):
         tamper(charter, insert(audit_table).values(**duplicate))
     tamper(charter, text("SELECT 1"))

@@ -35,8 +35,9 @@ def pg_charter(pg_schema: str) -> Charter:
 
 def count_entries(charter: Charter, action: str) -> int:
     with charter.session() as s:
-        return s.execute(select(func.count()).select_from(audit_table).where(
-            audit_table.c.action == action)).scalar_one()
+        return s.execute(
+            select(func.count()).select_from(audit_table).where(audit_table.c.action == action)
+        ).scalar_one()
 
 
 def test_threads_bumping_one_record_serialize_on_its_row_lock(pg_charter, alice):
@@ -75,7 +76,9 @@ def test_threads_on_distinct_records_each_leave_one_entry(pg_charter, alice):
     assert pg_charter.verify_audit().ok
 
 
-def _process_worker(url: str, doc_id: int, count: int, barrier: multiprocessing.synchronize.Barrier) -> None:
+def _process_worker(
+    url: str, doc_id: int, count: int, barrier: multiprocessing.synchronize.Barrier
+) -> None:
     charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS))
     actor = Actor.make("alice", "acme", roles={"member"})
     barrier.wait()
@@ -89,8 +92,10 @@ def test_processes_bumping_one_record_leave_exactly_n_entries(pg_charter, alice,
     workers = 4
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
-    procs = [ctx.Process(target=_process_worker, args=(pg_schema, doc_id, PER_WORKER, barrier))
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_process_worker, args=(pg_schema, doc_id, PER_WORKER, barrier))
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     for p in procs:

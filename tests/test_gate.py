@@ -31,8 +31,10 @@ def create_doc(charter: Charter, actor: Actor, title: str = "hello") -> int:
 
 def audit_rows(charter: Charter) -> list[dict]:
     with charter.session() as session:
-        return [dict(r._mapping) for r in session.execute(
-            select(audit_table).order_by(audit_table.c.id))]
+        return [
+            dict(r._mapping)
+            for r in session.execute(select(audit_table).order_by(audit_table.c.id))
+        ]
 
 
 def load(charter: Charter, doc_id: int) -> Doc:
@@ -49,7 +51,11 @@ def test_an_allowed_action_changes_the_record_and_writes_one_audit_entry(charter
     assert "renamed" == load(charter, doc_id).title
     rows = audit_rows(charter)
     assert ["doc.create", "doc.rename"] == [r["action"] for r in rows]
-    assert ("allow", "ok", str(doc_id)) == (rows[1]["decision"], rows[1]["outcome"], rows[1]["resource_id"])
+    assert ("allow", "ok", str(doc_id)) == (
+        rows[1]["decision"],
+        rows[1]["outcome"],
+        rows[1]["resource_id"],
+    )
 
 
 def test_create_sets_the_tenant_and_reports_201(charter, alice):
@@ -72,7 +78,11 @@ def test_an_action_without_a_rule_is_denied_and_audited(charter, alice):
     assert "no_rule" == info.value.decision.kind
     assert "hello" == load(charter, doc_id).title
     denied = audit_rows(charter)[-1]
-    assert ("doc.nothing", "deny", "forbidden") == (denied["action"], denied["decision"], denied["outcome"])
+    assert ("doc.nothing", "deny", "forbidden") == (
+        denied["action"],
+        denied["decision"],
+        denied["outcome"],
+    )
 
 
 def test_a_denial_leaves_the_record_unchanged(charter, alice):
@@ -89,7 +99,11 @@ def test_another_tenants_record_is_not_found_and_the_attempt_is_audited(charter,
     assert "hello" == load(charter, doc_id).title
     attempt = audit_rows(charter)[-1]
     assert ("eve", "globex", "not_found", "deny") == (
-        attempt["subject"], attempt["tenant"], attempt["outcome"], attempt["decision"])
+        attempt["subject"],
+        attempt["tenant"],
+        attempt["outcome"],
+        attempt["decision"],
+    )
 
 
 def test_a_missing_record_and_a_foreign_record_look_the_same(charter, alice, eve):
@@ -166,7 +180,9 @@ def test_state_before_and_after_are_recorded(charter, editor):
 
 def test_each_change_bumps_the_version_and_if_match_is_enforced(charter, alice):
     doc_id = create_doc(charter, alice)
-    outcome = charter.execute(alice, "doc.rename", {"title": "a"}, target=doc_id, expected_version=1)
+    outcome = charter.execute(
+        alice, "doc.rename", {"title": "a"}, target=doc_id, expected_version=1
+    )
     assert 2 == outcome.version
     with pytest.raises(PreconditionFailed):
         charter.execute(alice, "doc.rename", {"title": "b"}, target=doc_id, expected_version=1)
@@ -177,7 +193,8 @@ def test_secret_inputs_never_reach_the_audit_trail(charter, alice):
     charter.execute(alice, "doc.create", {"title": "x", "api_token": "tok_live_SECRET"})
     row = audit_rows(charter)[-1]
     assert "tok_live_SECRET" not in repr(row)
-    assert row["input_digest"] and 64 == len(row["input_digest"])
+    assert row["input_digest"]
+    assert 64 == len(row["input_digest"])
 
 
 def test_the_trail_of_a_fresh_database_verifies(charter, alice):

@@ -23,7 +23,6 @@ from charter.idempotency import (
 )
 
 from . import app as test_app
-from .app import Doc
 from .conftest import AUDIT_KEYS
 from .test_gate import create_doc, load
 
@@ -59,12 +58,19 @@ def test_a_retry_with_the_same_key_replays_without_running_again(charter, alice)
     doc_id = create_doc(charter, alice)
     first = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="k-1")
     again = charter.execute(alice, "doc.charge", {"amount": "5.00"}, target=doc_id, key="k-1")
-    assert (first.body, first.status, False, True) == (again.body, again.status, first.replayed,
-                                                        again.replayed)
+    assert (first.body, first.status, False, True) == (
+        again.body,
+        again.status,
+        first.replayed,
+        again.replayed,
+    )
     assert (1, Decimal("17.50")) == (load(charter, doc_id).counter, load(charter, doc_id).amount)
     with charter.session() as s:
-        replays = s.execute(select(audit_table.c.replayed, audit_table.c.outcome).where(
-            audit_table.c.action == "doc.charge").order_by(audit_table.c.id)).all()
+        replays = s.execute(
+            select(audit_table.c.replayed, audit_table.c.outcome)
+            .where(audit_table.c.action == "doc.charge")
+            .order_by(audit_table.c.id)
+        ).all()
     assert [(False, "ok"), (True, "ok")] == [tuple(r) for r in replays]
 
 
@@ -150,11 +156,14 @@ def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(cha
         assert 0 == purge(s, datetime.now(UTC))
         assert 1 == purge(s, datetime.now(UTC) + timedelta(hours=25))
         s.commit()
-    assert not charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old").replayed
+    assert not charter.execute(
+        alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old"
+    ).replayed
     assert 2 == load(charter, doc_id).counter
 
 
 # -- concurrency on PostgreSQL -------------------------------------------------------------
+
 
 @pytest.fixture
 def pg(pg_schema: str):
@@ -221,9 +230,10 @@ def test_duplicates_from_several_processes_execute_once(pg, alice, pg_schema):
     ctx = multiprocessing.get_context("spawn")
     processes, threads = 5, 10
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_duplicate_worker,
-                         args=(pg_schema, doc_id, threads, barrier, results))
-             for _ in range(processes)]
+    procs = [
+        ctx.Process(target=_duplicate_worker, args=(pg_schema, doc_id, threads, barrier, results))
+        for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     executed = sum(results.get(timeout=120) for _ in procs)
@@ -233,6 +243,7 @@ def test_duplicates_from_several_processes_execute_once(pg, alice, pg_schema):
 
 
 # -- crashes -----------------------------------------------------------------------------
+
 
 def _crashing_worker(url: str, doc_id: int, point: str) -> None:
     charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS))
@@ -247,11 +258,13 @@ def _crashing_worker(url: str, doc_id: int, point: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_commit", "after_commit"])
-def test_a_crash_leaves_nothing_or_everything_and_the_retry_runs_once(charter, alice, point,
-                                                                      database_url):
+def test_a_crash_leaves_nothing_or_everything_and_the_retry_runs_once(
+    charter, alice, point, database_url
+):
     doc_id = create_doc(charter, alice)
     proc = multiprocessing.get_context("spawn").Process(
-        target=_crashing_worker, args=(database_url, doc_id, point))
+        target=_crashing_worker, args=(database_url, doc_id, point)
+    )
     proc.start()
     proc.join(60)
     assert 17 == proc.exitcode

@@ -41,13 +41,19 @@ def test_a_paid_action_charges_once_and_a_retry_replays(payer, provider, alice):
     first = payer.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="pay-1")
     again = payer.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="pay-1")
     assert (False, True, first.body) == (first.replayed, again.replayed, again.body)
-    assert (1, "paid", 1) == (charges(provider), load(payer, doc_id).state, load(payer, doc_id).counter)
+    assert (1, "paid", 1) == (
+        charges(provider),
+        load(payer, doc_id).state,
+        load(payer, doc_id).counter,
+    )
     history = [h["outcome"] for h in payer.history("test_docs", doc_id)]
     assert ["ok", "step:charge", "ok", "ok"] == history  # create, recovery point, final, replay
     assert payer.verify_audit().ok
 
 
-def test_a_provider_outage_leaves_a_resumable_request_and_the_retry_finishes(payer, provider, alice):
+def test_a_provider_outage_leaves_a_resumable_request_and_the_retry_finishes(
+    payer, provider, alice
+):
     doc_id = create_doc(payer, alice)
     provider.inject_faults(fail_next=1)  # the provider charges, then the answer is lost (503)
     with pytest.raises(PaymentProviderUnavailable):
@@ -59,20 +65,28 @@ def test_a_provider_outage_leaves_a_resumable_request_and_the_retry_finishes(pay
 
 def _crash(url: str, provider_url: str, doc_id: int, point: str) -> None:
     charter = recovery_app.build(url, provider_url, crash=point)
-    charter.execute(Actor.make("alice", "acme", roles={"member"}), "doc.pay", {"amount": "10"},
-                    target=doc_id, key="crash-pay")
+    charter.execute(
+        Actor.make("alice", "acme", roles={"member"}),
+        "doc.pay",
+        {"amount": "10"},
+        target=doc_id,
+        key="crash-pay",
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("point", "code", "charged"), [
-    ("before_charge", 21, 0), ("after_charge", 22, 1), ("after_step", 23, 1)])
+@pytest.mark.parametrize(
+    ("point", "code", "charged"),
+    [("before_charge", 21, 0), ("after_charge", 22, 1), ("after_step", 23, 1)],
+)
 def test_a_crash_at_any_phase_resumes_to_one_charge_and_one_effect(
     database_url, provider, alice, point, code, charged
 ):
     setup = recovery_app.build(database_url, provider.base_url)
     doc_id = create_doc(setup, alice)
     proc = multiprocessing.get_context("spawn").Process(
-        target=_crash, args=(database_url, provider.base_url, doc_id, point))
+        target=_crash, args=(database_url, provider.base_url, doc_id, point)
+    )
     proc.start()
     proc.join(60)
     assert (code, charged) == (proc.exitcode, charges(provider))
@@ -83,9 +97,15 @@ def test_a_crash_at_any_phase_resumes_to_one_charge_and_one_effect(
     outcome = later.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay")
     assert not outcome.replayed
     doc = load(later, doc_id)
-    assert (1, "paid", 1, doc.title) == (charges(provider), doc.state, doc.counter,
-                                         outcome.body["charge"])
-    assert later.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay").replayed
+    assert (1, "paid", 1, doc.title) == (
+        charges(provider),
+        doc.state,
+        doc.counter,
+        outcome.body["charge"],
+    )
+    assert later.execute(
+        alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay"
+    ).replayed
     assert later.verify_audit().ok
     for c in (setup, later):
         c.engine.dispose()
@@ -96,7 +116,8 @@ def test_the_background_completer_finishes_abandoned_requests(database_url, prov
     setup = recovery_app.build(database_url, provider.base_url)
     doc_id = create_doc(setup, alice)
     proc = multiprocessing.get_context("spawn").Process(
-        target=_crash, args=(database_url, provider.base_url, doc_id, "after_charge"))
+        target=_crash, args=(database_url, provider.base_url, doc_id, "after_charge")
+    )
     proc.start()
     proc.join(60)
     later = recovery_app.build(database_url, provider.base_url, clock=LATER)

@@ -109,10 +109,19 @@ class ActionSpec:
         if scope is not None and not scope:
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         return cls(
-            name=name, handler=handler, input=model, resource=resource, target=target,
-            creates=creates, allow=allow, reason_required=reason_required,
-            sensitive_read=sensitive_read, scope=scope, impersonation=impersonation,
-            listable=listable, status=status or (201 if creates else 200),
+            name=name,
+            handler=handler,
+            input=model,
+            resource=resource,
+            target=target,
+            creates=creates,
+            allow=allow,
+            reason_required=reason_required,
+            sensitive_read=sensitive_read,
+            scope=scope,
+            impersonation=impersonation,
+            listable=listable,
+            status=status or (201 if creates else 200),
             idempotency=idempotency,
         )
 
@@ -125,9 +134,7 @@ class ActionSpec:
         if isinstance(data, BaseModel):
             data = data.model_dump()
         if not isinstance(data, dict):
-            raise InvalidInput(
-                f"the input of {self.name} must be a JSON object", errors=[]
-            )
+            raise InvalidInput(f"the input of {self.name} must be a JSON object", errors=[])
         try:
             return self.input.model_validate(data)
         except ValidationError as exc:
@@ -137,7 +144,8 @@ class ActionSpec:
             ]
             raise InvalidInput(
                 f"the input of {self.name} is invalid: "
-                + "; ".join(f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}"
-                            for e in errors),
+                + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in errors
+                ),
                 errors=errors,
             ) from exc

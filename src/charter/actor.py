@@ -113,8 +113,13 @@ class Actor:
     def impersonate(self, subject: Actor) -> Actor:
         """Return this actor acting on behalf of ``subject``."""
         return Actor(
-            id=self.id, tenant=self.tenant, kind=self.kind, roles=self.roles,
-            scopes=self.scopes, attributes=self.attributes, on_behalf_of=subject,
+            id=self.id,
+            tenant=self.tenant,
+            kind=self.kind,
+            roles=self.roles,
+            scopes=self.scopes,
+            attributes=self.attributes,
+            on_behalf_of=subject,
         )
 
     # -- scopes and roles --------------------------------------------------------------

@@ -76,7 +76,9 @@ __all__ = [
 audit_table = Table(
     "charter_audit",
     metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("stream", String(32), nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
@@ -111,7 +113,9 @@ audit_table = Table(
 checkpoint_table = Table(
     "charter_audit_checkpoints",
     metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("at", DateTime(timezone=True), nullable=False),
     Column("heads", JSON, nullable=False),
     Column("prev_signature", String(64), nullable=False),
@@ -124,9 +128,27 @@ _INSERT = insert(audit_table).inline()
 # Content fields covered by each entry's MAC, in a fixed order (a format version
 # prefixes them, so the format can evolve without invalidating old entries).
 CONTENT_FIELDS: tuple[str, ...] = (
-    "at", "tenant", "subject", "subject_kind", "real_actor", "scopes", "channel", "action",
-    "resource_type", "resource_id", "reason", "decision", "rule", "outcome", "request_id",
-    "idempotency_key", "replayed", "state_before", "state_after", "input_digest", "detail",
+    "at",
+    "tenant",
+    "subject",
+    "subject_kind",
+    "real_actor",
+    "scopes",
+    "channel",
+    "action",
+    "resource_type",
+    "resource_id",
+    "reason",
+    "decision",
+    "rule",
+    "outcome",
+    "request_id",
+    "idempotency_key",
+    "replayed",
+    "state_before",
+    "state_after",
+    "input_digest",
+    "detail",
 )
 FORMAT = "charter-audit-v1"
 
@@ -220,7 +242,7 @@ def canonical_message(row: Mapping[str, Any]) -> bytes:
     for name in CONTENT_FIELDS:
         value = row.get(name)
         if name == "at":
-            value = _iso(value)
+            value = _iso(row["at"])
         elif name == "scopes":
             value = sorted(value or [])
         elif name == "replayed":
@@ -257,15 +279,27 @@ class AuditEntry:
 
     def as_row(self) -> dict[str, Any]:
         return {
-            "at": self.at, "tenant": self.tenant, "subject": self.subject,
-            "subject_kind": self.subject_kind, "real_actor": self.real_actor,
-            "scopes": sorted(self.scopes), "channel": self.channel, "action": self.action,
-            "resource_type": self.resource_type, "resource_id": self.resource_id,
-            "reason": self.reason, "decision": self.decision, "rule": self.rule,
-            "outcome": self.outcome, "request_id": self.request_id,
-            "idempotency_key": self.idempotency_key, "replayed": self.replayed,
-            "state_before": self.state_before, "state_after": self.state_after,
-            "input_digest": self.input_digest, "detail": self.detail,
+            "at": self.at,
+            "tenant": self.tenant,
+            "subject": self.subject,
+            "subject_kind": self.subject_kind,
+            "real_actor": self.real_actor,
+            "scopes": sorted(self.scopes),
+            "channel": self.channel,
+            "action": self.action,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "reason": self.reason,
+            "decision": self.decision,
+            "rule": self.rule,
+            "outcome": self.outcome,
+            "request_id": self.request_id,
+            "idempotency_key": self.idempotency_key,
+            "replayed": self.replayed,
+            "state_before": self.state_before,
+            "state_after": self.state_after,
+            "input_digest": self.input_digest,
+            "detail": self.detail,
         }
 
 

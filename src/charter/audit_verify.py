@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -63,8 +64,8 @@ class VerificationReport:
 
 
 def _checkpoint_message(at: datetime | str, heads: Mapping[str, Any], prev: str) -> bytes:
-    at_text = at if isinstance(at, str) else at.replace(tzinfo=None).isoformat(
-        timespec="microseconds"
+    at_text = (
+        at if isinstance(at, str) else at.replace(tzinfo=None).isoformat(timespec="microseconds")
     )
     return json.dumps(
         ["charter-checkpoint-v1", at_text, heads, prev], sort_keys=True, separators=(",", ":")
@@ -89,13 +90,19 @@ def checkpoint(session: Session, keyring: AuditKeyring, now: datetime) -> dict[s
             )
         ).scalar_one()
         heads[stream] = [int(seq), digest]
-    prev = session.execute(
-        select(checkpoint_table.c.signature).order_by(checkpoint_table.c.id.desc()).limit(1)
-    ).scalar_one_or_none() or ""
+    prev = (
+        session.execute(
+            select(checkpoint_table.c.signature).order_by(checkpoint_table.c.id.desc()).limit(1)
+        ).scalar_one_or_none()
+        or ""
+    )
     at = now.replace(tzinfo=None)
     signature = keyring.mac(_checkpoint_message(at, heads, prev))
     row = {
-        "at": now, "heads": heads, "prev_signature": prev, "key_id": keyring.current_id,
+        "at": now,
+        "heads": heads,
+        "prev_signature": prev,
+        "key_id": keyring.current_id,
         "signature": signature,
     }
     session.execute(insert(checkpoint_table), [row])
@@ -112,17 +119,27 @@ def _verify_checkpoints(
         report.checkpoints += 1
         message = _checkpoint_message(cp.at, cp.heads, cp.prev_signature)
         if not keyring.check(message, cp.key_id, cp.signature):
-            report.problems.append(AuditProblem(
-                "checkpoint", None, None, None,
-                f"checkpoint {cp.id} has an invalid signature (altered or forged)",
-            ))
+            report.problems.append(
+                AuditProblem(
+                    "checkpoint",
+                    None,
+                    None,
+                    None,
+                    f"checkpoint {cp.id} has an invalid signature (altered or forged)",
+                )
+            )
             continue
         if cp.prev_signature != prev:
-            report.problems.append(AuditProblem(
-                "checkpoint", None, None, None,
-                f"checkpoint {cp.id} does not follow the previous checkpoint "
-                "(a checkpoint was deleted or reordered)",
-            ))
+            report.problems.append(
+                AuditProblem(
+                    "checkpoint",
+                    None,
+                    None,
+                    None,
+                    f"checkpoint {cp.id} does not follow the previous checkpoint "
+                    "(a checkpoint was deleted or reordered)",
+                )
+            )
         prev = cp.signature
         for stream, (seq, digest) in cp.heads.items():
             if stream not in heads or heads[stream][0] <= seq:
@@ -180,45 +197,75 @@ def _verify_stream(
         if seq not in authentic and (row["hash"] in pointed or seq <= top_known):
             # It stands where an original entry stood: that entry was altered.
             modified_positions.add(seq)
-            report.problems.append(AuditProblem(
-                "modified", stream, seq, row["id"],
-                "the entry's content does not match its MAC: it was altered after it was written",
-            ))
+            report.problems.append(
+                AuditProblem(
+                    "modified",
+                    stream,
+                    seq,
+                    row["id"],
+                    "the entry's content does not match its MAC: altered after it was written",
+                )
+            )
         else:
             # A second entry at an occupied position, or past the chain's known end.
             # (Past the end and after the last checkpoint, an altered last entry
             # looks the same as an appended one; checkpoints remove that doubt.)
-            report.problems.append(AuditProblem(
-                "inserted", stream, seq, row["id"],
-                "the entry was never part of the chain: nothing links to it and its MAC "
-                "is invalid",
-            ))
+            report.problems.append(
+                AuditProblem(
+                    "inserted",
+                    stream,
+                    seq,
+                    row["id"],
+                    "the entry was never part of the chain: nothing links to it and its MAC "
+                    "is invalid",
+                )
+            )
 
     # Reordering: authentic entries whose stored order disagrees with their original order.
-    if any(b < a for a, b in zip(order, order[1:], strict=False)):
+    if any(b < a for a, b in pairwise(order)):
         for original in order:
             moved = authentic[original]
             if moved["seq"] != original:
-                report.problems.append(AuditProblem(
-                    "reordered", stream, moved["seq"], moved["id"],
-                    f"the entry was written at position {original} but now stands at "
-                    f"{moved['seq']}",
-                ))
+                report.problems.append(
+                    AuditProblem(
+                        "reordered",
+                        stream,
+                        moved["seq"],
+                        moved["id"],
+                        f"the entry was written at position {original} but now stands at "
+                        f"{moved['seq']}",
+                    )
+                )
 
     # Deletions: positions that no authentic or altered entry occupies, up to the known end.
-    missing = [s for s in range(1, top_known + 1)
-               if s not in authentic and s not in modified_positions]
+    missing = [
+        s for s in range(1, top_known + 1) if s not in authentic and s not in modified_positions
+    ]
     for start, end in _ranges(missing):
         span = f"position {start}" if start == end else f"positions {start}-{end}"
-        report.problems.append(AuditProblem(
-            "deleted", stream, start, None, f"{span} of the stream are missing (deleted entries)",
-        ))
-    if checkpointed and checkpointed[0] in authentic:
-        if authentic[checkpointed[0]]["hash"] != checkpointed[1]:
-            report.problems.append(AuditProblem(
-                "modified", stream, checkpointed[0], authentic[checkpointed[0]]["id"],
+        report.problems.append(
+            AuditProblem(
+                "deleted",
+                stream,
+                start,
+                None,
+                f"{span} of the stream are missing (deleted entries)",
+            )
+        )
+    if (
+        checkpointed
+        and checkpointed[0] in authentic
+        and authentic[checkpointed[0]]["hash"] != checkpointed[1]
+    ):
+        report.problems.append(
+            AuditProblem(
+                "modified",
+                stream,
+                checkpointed[0],
+                authentic[checkpointed[0]]["id"],
                 "the entry differs from the one the last checkpoint signed",
-            ))
+            )
+        )
 
 
 def _ranges(values: list[int]) -> list[tuple[int, int]]:
@@ -244,8 +291,13 @@ def verify(session: Session, keyring: AuditKeyring) -> VerificationReport:
         _verify_stream(stream, rows, keyring, checkpointed.get(stream), report)
     for stream, (seq, _digest) in checkpointed.items():
         if stream not in by_stream:
-            report.problems.append(AuditProblem(
-                "deleted", stream, 1, None,
-                f"the whole stream (positions 1-{seq}) is missing: a checkpoint had seen it",
-            ))
+            report.problems.append(
+                AuditProblem(
+                    "deleted",
+                    stream,
+                    1,
+                    None,
+                    f"the whole stream (positions 1-{seq}) is missing: a checkpoint had seen it",
+                )
+            )
     return report

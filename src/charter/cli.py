@@ -16,8 +16,11 @@ from .gate import Charter
 from .migrate import upgrade
 from .settings import Settings
 
-app = typer.Typer(help="Charter: one gate for every state-changing business action.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Charter: one gate for every state-changing business action.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -31,8 +34,12 @@ console = Console()
 err = Console(stderr=True)
 
 DatabaseOption = Annotated[
-    str | None, typer.Option("--database-url", envvar="CHARTER_DATABASE_URL",
-                             help="SQLAlchemy URL (default: the demo's SQLite file).")
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="CHARTER_DATABASE_URL",
+        help="SQLAlchemy URL (default: the demo's SQLite file).",
+    ),
 ]
 
 
@@ -44,15 +51,20 @@ def _settings(database_url: str | None) -> Settings:
         raise typer.Exit(2) from exc
     if database_url:
         settings = Settings(
-            environment=settings.environment, database_url=database_url,
-            token_secrets=settings.token_secrets, audit_keys=settings.audit_keys,
+            environment=settings.environment,
+            database_url=database_url,
+            token_secrets=settings.token_secrets,
+            audit_keys=settings.audit_keys,
         )
     return settings
 
 
 def _charter(settings: Settings) -> Charter:
-    return Charter(database_url=settings.database_url, audit_keys=settings.audit_keys,
-                   development=settings.development)
+    return Charter(
+        database_url=settings.database_url,
+        audit_keys=settings.audit_keys,
+        development=settings.development,
+    )
 
 
 def _fail(exc: CharterError) -> typer.Exit:
@@ -64,8 +76,10 @@ def _fail(exc: CharterError) -> typer.Exit:
 def db_upgrade(
     database_url: DatabaseOption = None,
     demo: Annotated[bool, typer.Option(help="Also migrate the reference service's tables.")] = True,
-    location: Annotated[list[str] | None, typer.Option(
-        help="Extra Alembic version location (package:path) of your application.")] = None,
+    location: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra Alembic version location (package:path) of your application."),
+    ] = None,
 ) -> None:
     """Bring Charter's tables (and your application's branches) to the latest revision."""
     from .demo.app import DEMO_MIGRATIONS
@@ -73,7 +87,9 @@ def db_upgrade(
     settings = _settings(database_url)
     charter = _charter(settings)
     try:
-        upgrade(charter.engine, extra_locations=[*(DEMO_MIGRATIONS if demo else ()), *(location or [])])
+        upgrade(
+            charter.engine, extra_locations=[*(DEMO_MIGRATIONS if demo else ()), *(location or [])]
+        )
     except CharterError as exc:
         raise _fail(exc) from exc
     console.print(f"database upgraded: {charter.engine.url.render_as_string()}")
@@ -84,25 +100,41 @@ def audit_verify(
     database_url: DatabaseOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Check every audit entry and checkpoint; exit 1 and say where if anything was tampered with."""
+    """Check every audit entry and checkpoint; exit 1 and say where anything was tampered with."""
     charter = _charter(_settings(database_url))
     try:
         report = charter.verify_audit()
     except CharterError as exc:
         raise _fail(exc) from exc
     if as_json:
-        console.print_json(json.dumps({
-            "ok": report.ok, "entries": report.entries, "streams": report.streams,
-            "checkpoints": report.checkpoints,
-            "problems": [{"kind": p.kind, "stream": p.stream, "seq": p.seq,
-                          "entry_id": p.entry_id, "detail": p.detail} for p in report.problems],
-        }))
+        console.print_json(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "entries": report.entries,
+                    "streams": report.streams,
+                    "checkpoints": report.checkpoints,
+                    "problems": [
+                        {
+                            "kind": p.kind,
+                            "stream": p.stream,
+                            "seq": p.seq,
+                            "entry_id": p.entry_id,
+                            "detail": p.detail,
+                        }
+                        for p in report.problems
+                    ],
+                }
+            )
+        )
     else:
         for problem in report.problems:
             console.print(f"[red]✗[/red] {problem}")
         status = "[green]verified[/green]" if report.ok else "[red]TAMPERED[/red]"
-        console.print(f"{status}: {report.entries} entries in {report.streams} streams, "
-                      f"{report.checkpoints} checkpoints, {len(report.problems)} problems")
+        console.print(
+            f"{status}: {report.entries} entries in {report.streams} streams, "
+            f"{report.checkpoints} checkpoints, {len(report.problems)} problems"
+        )
     if not report.ok:
         raise typer.Exit(1)
 
@@ -120,7 +152,9 @@ def audit_checkpoint(database_url: DatabaseOption = None) -> None:
 
 @audit_app.command("show")
 def audit_show(
-    resource_type: str, resource_id: str, database_url: DatabaseOption = None,
+    resource_type: str,
+    resource_id: str,
+    database_url: DatabaseOption = None,
 ) -> None:
     """Print a record's audit history, oldest first."""
     charter = _charter(_settings(database_url))
@@ -129,14 +163,30 @@ def audit_show(
     except CharterError as exc:
         raise _fail(exc) from exc
     table = Table(title=f"{resource_type} {resource_id}")
-    for column in ("at", "action", "subject", "real actor", "channel", "decision", "outcome",
-                   "state", "reason"):
+    for column in (
+        "at",
+        "action",
+        "subject",
+        "real actor",
+        "channel",
+        "decision",
+        "outcome",
+        "state",
+        "reason",
+    ):
         table.add_column(column)
     for e in history:
         state = f"{e['state_before'] or ''} → {e['state_after'] or ''}" if e["state_after"] else ""
         table.add_row(
-            str(e["at"])[:19], e["action"], e["subject"], e["real_actor"] or "", e["channel"],
-            e["decision"], e["outcome"], state, e["reason"] or "",
+            str(e["at"])[:19],
+            e["action"],
+            e["subject"],
+            e["real_actor"] or "",
+            e["channel"],
+            e["decision"],
+            e["outcome"],
+            state,
+            e["reason"] or "",
         )
     Console(width=max(console.width, 180)).print(table)
     if not history:
@@ -162,13 +212,16 @@ def _load_app(spec: str) -> Charter:
 
 @policy_app.command("matrix")
 def policy_matrix(
-    roles: Annotated[str, typer.Option(help="Comma-separated roles to enumerate.")] =
-        "member,approver,admin,support",
-    states: Annotated[str | None, typer.Option(help="Comma-separated record states.")] =
-        "draft,submitted,approved",
+    roles: Annotated[
+        str, typer.Option(help="Comma-separated roles to enumerate.")
+    ] = "member,approver,admin,support",
+    states: Annotated[
+        str | None, typer.Option(help="Comma-separated record states.")
+    ] = "draft,submitted,approved",
     fmt: Annotated[str, typer.Option("--format", help="markdown, csv or json.")] = "markdown",
-    app_spec: Annotated[str, typer.Option("--app", help="module:attribute of your Charter.")] =
-        "charter.demo.service:reference_charter",
+    app_spec: Annotated[
+        str, typer.Option("--app", help="module:attribute of your Charter.")
+    ] = "charter.demo.service:reference_charter",
 ) -> None:
     """Print roles x actions x states -> allow, deny or conditional (with the condition)."""
     charter = _load_app(app_spec)
@@ -176,8 +229,12 @@ def policy_matrix(
         roles=[r.strip() for r in roles.split(",") if r.strip()],
         states=[s.strip() for s in states.split(",") if s.strip()] if states else None,
     )
-    renderers = {"markdown": matrix.to_markdown, "md": matrix.to_markdown,
-                 "csv": matrix.to_csv, "json": matrix.to_json}
+    renderers = {
+        "markdown": matrix.to_markdown,
+        "md": matrix.to_markdown,
+        "csv": matrix.to_csv,
+        "json": matrix.to_json,
+    }
     if fmt not in renderers:
         err.print("[red]error:[/red] --format is markdown, csv or json")
         raise typer.Exit(2)
@@ -197,7 +254,9 @@ def idempotency_purge(database_url: DatabaseOption = None) -> None:
 
 @app.command("demo")
 def demo(
-    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (loopback by default).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="PORT", help="Port (env PORT).")] = 8000,
     database_url: DatabaseOption = None,
 ) -> None:
@@ -234,18 +293,25 @@ def demo(
         tokens[user_id] = signer.issue(user_id, tenant, scopes=demo_scopes(user))
         table.add_row(tenant, user_id, ", ".join(sorted(user.roles)), tokens[user_id])
     console.print(table)
-    console.print(f"""
-[bold]Try it[/bold] (database: {settings.database_url}):
-  curl -s -X POST {base}/invoices -H 'Authorization: Bearer {tokens['alice']}' \\
-       -H 'Content-Type: application/json' -d '{{"customer": "ACME Corp", "amount": "1200.00"}}'
-  curl -s -X POST {base}/invoices/1/submit -H 'Authorization: Bearer {tokens['alice']}'
-  curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['alice']}'   # 403: creator
-  curl -s -X POST {base}/invoices/1/approve -H 'Authorization: Bearer {tokens['bob']}'     # 200
-  curl -s {base}/invoices/1 -H 'Authorization: Bearer {tokens['gina']}'                    # 404: other tenant
-  curl -s -X POST {base}/invoices/1/pay -H 'Authorization: Bearer {tokens['carol']}' -H 'Idempotency-Key: pay-1'
-  curl -s {base}/invoices/1 -H 'Authorization: Bearer {tokens['bob']}'   # paid, after the provider's webhook
-  charter audit show invoices 1 && charter audit verify
-""")
+    exports = " ".join(f"{user.upper()}={token}" for user, token in tokens.items())
+    console.print(f"\n[bold]Try it[/bold] (database: {settings.database_url}):", soft_wrap=True)
+    auth = "Authorization: Bearer"
+    lines = [
+        f"export {exports}",
+        f'curl -s -X POST {base}/invoices -H "{auth} $ALICE" -H "Content-Type: application/json" '
+        """-d '{"customer": "ACME", "amount": "1200.00"}'""",
+        f'curl -s -X POST {base}/invoices/1/submit -H "{auth} $ALICE"',
+        f'curl -s -X POST {base}/invoices/1/approve -H "{auth} $ALICE"  # 403: the creator',
+        f'curl -s -X POST {base}/invoices/1/approve -H "{auth} $BOB"    # 200',
+        f'curl -s {base}/invoices/1 -H "{auth} $GINA"                   # 404: another tenant',
+        f'curl -s -X POST {base}/invoices/1/pay -H "{auth} $CAROL" -H "Idempotency-Key: pay-1"',
+        f'curl -s {base}/invoices/1 -H "{auth} $BOB"   # paid, once the provider\'s webhook came',
+        f'curl -s {base}/approvals -H "{auth} $BOB"',
+        "charter audit show invoices 1 && charter audit verify",
+    ]
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
     try:
         uvicorn.run(application, host=host, port=port, log_level="info")
     finally:

@@ -10,7 +10,7 @@ the boundary with ``raise ... from exc`` and never reach a caller raw.
 Hierarchy::
 
     CharterError                          500 charter_error
-    ├── ConfigurationError                500 configuration_error   (declarations, settings; at start-up)
+    ├── ConfigurationError                500 configuration_error   (at start-up)
     ├── Unauthenticated                   401 unauthenticated
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
@@ -20,7 +20,7 @@ Hierarchy::
     ├── Forbidden                         403 forbidden             (carries the Decision)
     ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
     ├── Conflict                          409 conflict
-    ├── DomainError                       409 domain_error          (raised by handlers; subclass it)
+    ├── DomainError                       409 domain_error          (handlers raise subclasses)
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
     ├── StorageError                      500 storage_error
     └── AuditIntegrityError               500 audit_integrity_error
@@ -28,7 +28,7 @@ Hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
@@ -109,7 +109,10 @@ class InvalidInput(CharterError):
     title = "Invalid input"
 
     def __init__(
-        self, message: str | None = None, *, errors: list[Mapping[str, Any]] | None = None,
+        self,
+        message: str | None = None,
+        *,
+        errors: Sequence[Mapping[str, Any]] | None = None,
         **attrs: Any,
     ) -> None:
         if errors is not None:

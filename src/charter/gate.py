@@ -227,8 +227,14 @@ class Charter(Registry, Operations):
         if spec.target is not None and target is None:
             raise NotFound(f"{spec.name} needs a target record id")
         ctx = ActionContext(
-            action=spec.name, actor=actor, channel=channel, now=self.clock(),
-            request_id=request_id, reason=reason, input=data, idempotency_key=key,
+            action=spec.name,
+            actor=actor,
+            channel=channel,
+            now=self.clock(),
+            request_id=request_id,
+            reason=reason,
+            input=data,
+            idempotency_key=key,
         )
         fp = fingerprint(spec.name, target, data) if key is not None else None
         resume: Row[Any] | None = None
@@ -280,8 +286,14 @@ class Charter(Registry, Operations):
         return reason
 
     def _run(
-        self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any,
-        expected_version: int | None, fp: str | None, resume: Row[Any] | None = None,
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel,
+        target: Any,
+        expected_version: int | None,
+        fp: str | None,
+        resume: Row[Any] | None = None,
     ) -> Outcome:
         lease = self.audit_trail.lease()
         try:
@@ -296,8 +308,10 @@ class Charter(Registry, Operations):
                 record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
-                        NotFound(f"{spec.resource.name if spec.resource else 'record'} "
-                                 f"{target} was not found"),
+                        NotFound(
+                            f"{spec.resource.name if spec.resource else 'record'} "
+                            f"{target} was not found"
+                        ),
                         Decision.deny(DecisionKind.NOT_FOUND, reason="no such record in tenant"),
                         None,
                     )
@@ -332,11 +346,31 @@ class Charter(Registry, Operations):
                     # Nothing reached the database: drop the handler's pending changes
                     # and store the refusal as this key's outcome, under the same claim.
                     _discard_pending(session)
-                    entry = self._entry(spec, ctx, data, record, decision, exc.code, state_before,
-                                        target=target, detail={"message": exc.message})
-                    self._commit(session, lease, [entry], completion_statement(
-                        claim_id, status=exc.status, body=None, error=stored_error(exc),
-                        outcome=exc.code, resource_id=entry.resource_id, now=ctx.now))
+                    entry = self._entry(
+                        spec,
+                        ctx,
+                        data,
+                        record,
+                        decision,
+                        exc.code,
+                        state_before,
+                        target=target,
+                        detail={"message": exc.message},
+                    )
+                    self._commit(
+                        session,
+                        lease,
+                        [entry],
+                        completion_statement(
+                            claim_id,
+                            status=exc.status,
+                            body=None,
+                            error=stored_error(exc),
+                            outcome=exc.code,
+                            resource_id=entry.resource_id,
+                            now=ctx.now,
+                        ),
+                    )
                     raise
                 except Forbidden as exc:  # e.g. the tenant guard during the handler's flush
                     raise _Refusal(exc, exc.decision, record) from exc
@@ -361,19 +395,32 @@ class Charter(Registry, Operations):
                 completion = None
                 if claim_id is not None:
                     completion = completion_statement(
-                        claim_id, status=spec.status, body=body, error=None, outcome="ok",
-                        resource_id=entry.resource_id, now=ctx.now,
+                        claim_id,
+                        status=spec.status,
+                        body=body,
+                        error=None,
+                        outcome="ok",
+                        resource_id=entry.resource_id,
+                        now=ctx.now,
                     )
                 self._commit(session, lease, [entry], completion)
         finally:
             lease.rolled_back()
         return Outcome(
-            action=spec.name, status=spec.status, body=body, request_id=ctx.request_id,
-            resource_id=entry.resource_id, version=version,
+            action=spec.name,
+            status=spec.status,
+            body=body,
+            request_id=ctx.request_id,
+            resource_id=entry.resource_id,
+            version=version,
         )
 
     def _commit(
-        self, session: Session, lease: AuditLease, entries: list[AuditEntry], completion: Any,
+        self,
+        session: Session,
+        lease: AuditLease,
+        entries: list[AuditEntry],
+        completion: Any,
     ) -> None:
         """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together."""
         session.flush()
@@ -392,8 +439,13 @@ class Charter(Registry, Operations):
         actor = ctx.actor
         assert ctx.idempotency_key is not None
         values = claim_values(
-            tenant=actor.tenant_id, subject=actor.subject.id, key=ctx.idempotency_key, fp=fp,
-            action=ctx.action, now=ctx.now, retention=self.idempotency_retention,
+            tenant=actor.tenant_id,
+            subject=actor.subject.id,
+            key=ctx.idempotency_key,
+            fp=fp,
+            action=ctx.action,
+            now=ctx.now,
+            retention=self.idempotency_retention,
         )
         try:
             claimed = session.execute(
@@ -411,7 +463,12 @@ class Charter(Registry, Operations):
         return int(claimed)
 
     def _replay(
-        self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any, fp: str,
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel,
+        target: Any,
+        fp: str,
     ) -> Outcome | None:
         """Answer a duplicate from the stored outcome (audited as a replay); None if gone."""
         actor = ctx.actor
@@ -427,13 +484,15 @@ class Charter(Registry, Operations):
                         "This Idempotency-Key was already used for a different request "
                         f"({row.action}); use a new key for a new request."
                     )
-                    entry = self._entry(spec, ctx, data, None, None, refusal.code, None,
-                                        target=target)
+                    entry = self._entry(
+                        spec, ctx, data, None, None, refusal.code, None, target=target
+                    )
                     self._commit(session, lease, [entry], None)
                     raise refusal
                 if row.status != COMPLETED and row.recovery is not None:
-                    taken = session.execute(takeover_statement(
-                        int(row.id), self.clock(), self.recovery_lease))
+                    taken = session.execute(
+                        takeover_statement(int(row.id), self.clock(), self.recovery_lease)
+                    )
                     session.commit()
                     if getattr(taken, "rowcount", 0) == 1:
                         raise _Resumable(row)
@@ -441,8 +500,16 @@ class Charter(Registry, Operations):
                     raise IdempotencyKeyInProgress(
                         "A request with this Idempotency-Key is still in progress; retry shortly."
                     )
-                entry = self._entry(spec, ctx, data, None, Decision.allow("replay"),
-                                    str(row.outcome), None, target=target)
+                entry = self._entry(
+                    spec,
+                    ctx,
+                    data,
+                    None,
+                    Decision.allow("replay"),
+                    str(row.outcome),
+                    None,
+                    target=target,
+                )
                 entry.resource_id = row.resource_id
                 entry.replayed = True
                 self._commit(session, lease, [entry], None)
@@ -451,8 +518,12 @@ class Charter(Registry, Operations):
         if row.error:
             raise ReplayedError(dict(row.error))
         return Outcome(
-            action=spec.name, status=int(row.response_status), body=row.response_body,
-            request_id=ctx.request_id, resource_id=row.resource_id, replayed=True,
+            action=spec.name,
+            status=int(row.response_status),
+            body=row.response_body,
+            request_id=ctx.request_id,
+            resource_id=row.resource_id,
+            replayed=True,
         )
 
     def _load(self, session: Session, spec: ActionSpec, actor: Actor, target: Any) -> Any:
@@ -530,33 +601,55 @@ class Charter(Registry, Operations):
         return int(current)
 
     def _entry(
-        self, spec: ActionSpec, ctx: ActionContext, data: BaseModel | None, record: Any,
-        decision: Decision | None, outcome: str, state_before: str | None,
-        target: Any = None, detail: dict[str, Any] | None = None,
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel | None,
+        record: Any,
+        decision: Decision | None,
+        outcome: str,
+        state_before: str | None,
+        target: Any = None,
+        detail: dict[str, Any] | None = None,
     ) -> AuditEntry:
         actor = ctx.actor
         resource = spec.resource
         resource_id = (
-            resource.identity(record) if record is not None and resource
+            resource.identity(record)
+            if record is not None and resource
             else (None if target is None else str(target)[:128])
         )
         return AuditEntry(
-            at=ctx.now, tenant=actor.tenant_id, subject=actor.subject.id,
+            at=ctx.now,
+            tenant=actor.tenant_id,
+            subject=actor.subject.id,
             subject_kind=str(actor.subject.kind),
             real_actor=actor.id if actor.is_impersonating else None,
-            scopes=sorted(actor.scopes), channel=str(ctx.channel), action=spec.name,
-            resource_type=resource.name if resource else None, resource_id=resource_id,
-            reason=ctx.reason, decision="allow" if decision and decision.allowed else "deny",
-            rule=decision.rule if decision else None, outcome=outcome,
-            request_id=ctx.request_id, idempotency_key=ctx.idempotency_key,
+            scopes=sorted(actor.scopes),
+            channel=str(ctx.channel),
+            action=spec.name,
+            resource_type=resource.name if resource else None,
+            resource_id=resource_id,
+            reason=ctx.reason,
+            decision="allow" if decision and decision.allowed else "deny",
+            rule=decision.rule if decision else None,
+            outcome=outcome,
+            request_id=ctx.request_id,
+            idempotency_key=ctx.idempotency_key,
             state_before=state_before,
             state_after=resource.state_of(record) if resource else None,
-            input_digest=digest_input(data), detail=detail,
+            input_digest=digest_input(data),
+            detail=detail,
         )
 
     def _audit_refusal(
-        self, spec: ActionSpec, ctx: ActionContext, data: BaseModel, target: Any,
-        refusal: _Refusal, fp: str | None,
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel,
+        target: Any,
+        refusal: _Refusal,
+        fp: str | None,
     ) -> None:
         decision = refusal.decision
         error = refusal.error
@@ -567,8 +660,15 @@ class Charter(Registry, Operations):
                 detail["failed"] = list(decision.failed)
         state = spec.resource.state_of(refusal.record) if spec.resource else None
         entry = self._entry(
-            spec, ctx, data, refusal.record, decision, error.code, state,
-            target=target, detail=detail,
+            spec,
+            ctx,
+            data,
+            refusal.record,
+            decision,
+            error.code,
+            state,
+            target=target,
+            detail=detail,
         )
         entry.state_after = state
         lease = self.audit_trail.lease()
@@ -584,18 +684,34 @@ class Charter(Registry, Operations):
             lease.rolled_back()
 
     def _store_refusal(
-        self, session: Session, ctx: ActionContext, fp: str, error: CharterError,
+        self,
+        session: Session,
+        ctx: ActionContext,
+        fp: str,
+        error: CharterError,
         resource_id: str | None,
     ) -> None:
         actor = ctx.actor
         assert ctx.idempotency_key is not None
         values = claim_values(
-            tenant=actor.tenant_id, subject=actor.subject.id, key=ctx.idempotency_key, fp=fp,
-            action=ctx.action, now=ctx.now, retention=self.idempotency_retention,
+            tenant=actor.tenant_id,
+            subject=actor.subject.id,
+            key=ctx.idempotency_key,
+            fp=fp,
+            action=ctx.action,
+            now=ctx.now,
+            retention=self.idempotency_retention,
         )
-        values.update(status=COMPLETED, response_status=error.status, error=stored_error(error),
-                      outcome=error.code, resource_id=resource_id, completed_at=ctx.now)
+        values.update(
+            status=COMPLETED,
+            response_status=error.status,
+            error=stored_error(error),
+            outcome=error.code,
+            resource_id=resource_id,
+            completed_at=ctx.now,
+        )
         session.execute(claim_statement(self.engine.dialect.name, values))
+
 
 def _mark_written(session: Session, _context: Any) -> None:
     session.info[_WROTE] = True
@@ -624,4 +740,3 @@ def _jsonable(body: Any) -> Any:
     if isinstance(body, BaseModel):
         return body.model_dump(mode="json")
     return to_jsonable_python(body)
-

@@ -129,7 +129,9 @@ class ReplayedError(CharterError):
 idempotency_table = Table(
     "charter_idempotency",
     metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("tenant", String(128), nullable=False),
     Column("subject", String(128), nullable=False),
     Column("key", String(MAX_KEY_LENGTH), nullable=False),
@@ -171,7 +173,9 @@ def fingerprint(action: str, target: Any, data: BaseModel) -> str:
     """Hash of what makes a request *this* request: action, target, canonical validated input."""
     canonical = json.dumps(
         [action, None if target is None else str(target), _canonical(data.model_dump())],
-        sort_keys=True, separators=(",", ":"), default=str,
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -213,25 +217,50 @@ def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
 
 
 def claim_values(
-    *, tenant: str, subject: str, key: str, fp: str, action: str, now: datetime,
+    *,
+    tenant: str,
+    subject: str,
+    key: str,
+    fp: str,
+    action: str,
+    now: datetime,
     retention: timedelta,
 ) -> dict[str, Any]:
     return {
-        "tenant": tenant, "subject": subject, "key": key, "fingerprint": fp, "action": action,
-        "status": IN_PROGRESS, "phase": 0, "created_at": now, "expires_at": now + retention,
+        "tenant": tenant,
+        "subject": subject,
+        "key": key,
+        "fingerprint": fp,
+        "action": action,
+        "status": IN_PROGRESS,
+        "phase": 0,
+        "created_at": now,
+        "expires_at": now + retention,
     }
 
 
 def completion_statement(
-    claim_id: int, *, status: int, body: Any, error: dict[str, Any] | None, outcome: str,
-    resource_id: str | None, now: datetime,
+    claim_id: int,
+    *,
+    status: int,
+    body: Any,
+    error: dict[str, Any] | None,
+    outcome: str,
+    resource_id: str | None,
+    now: datetime,
 ) -> Any:
     return (
         update(idempotency_table)
         .where(idempotency_table.c.id == claim_id)
         .values(
-            status=COMPLETED, response_status=status, response_body=body, error=error,
-            outcome=outcome, resource_id=resource_id, completed_at=now, locked_until=None,
+            status=COMPLETED,
+            response_status=status,
+            response_body=body,
+            error=error,
+            outcome=outcome,
+            resource_id=resource_id,
+            completed_at=now,
+            locked_until=None,
             request_input=None,  # the request (which may hold secrets) is not kept once done
         )
     )
@@ -258,8 +287,11 @@ def purge(session: Session, now: datetime) -> int:
 
 def stored_error(error: CharterError) -> dict[str, Any]:
     return {
-        "code": error.code, "status": error.status, "title": error.title,
-        "message": error.message, "attrs": _jsonable_attrs(error.attrs),
+        "code": error.code,
+        "status": error.status,
+        "title": error.title,
+        "message": error.message,
+        "attrs": _jsonable_attrs(error.attrs),
     }
 
 

@@ -55,18 +55,44 @@ class Operations:
         def spec(self, action: str) -> ActionSpec: ...
         def policy_of(self, action: str) -> ActionPolicy: ...
         def session(self) -> AbstractContextManager[Session]: ...
-        def execute(self, actor: Actor, action: str, input: Any = None, **kw: Any) -> Outcome: ...
-        def _commit(self, session: Session, lease: AuditLease, entries: list[AuditEntry],
-                    completion: Any) -> None: ...
-        def _entry(self, spec: ActionSpec, ctx: ActionContext, data: BaseModel | None,
-                   record: Any, decision: Decision | None, outcome: str,
-                   state_before: str | None, target: Any = None,
-                   detail: dict[str, Any] | None = None) -> AuditEntry: ...
+        def execute(
+            self,
+            actor: Actor,
+            action: str,
+            input: Any = None,
+            *,
+            target: Any = None,
+            key: str | None = None,
+            reason: str | None = None,
+            channel: Channel | str = Channel.HTTP,
+            request_id: str | None = None,
+            expected_version: int | None = None,
+        ) -> Outcome: ...
+        def _commit(
+            self, session: Session, lease: AuditLease, entries: list[AuditEntry], completion: Any
+        ) -> None: ...
+        def _entry(
+            self,
+            spec: ActionSpec,
+            ctx: ActionContext,
+            data: BaseModel | None,
+            record: Any,
+            decision: Decision | None,
+            outcome: str,
+            state_before: str | None,
+            target: Any = None,
+            detail: dict[str, Any] | None = None,
+        ) -> AuditEntry: ...
 
     # -- lists -------------------------------------------------------------------
 
     def filter(
-        self, stmt: Select[Any], actor: Actor, action: str, *, channel: Channel | str = Channel.HTTP,
+        self,
+        stmt: Select[Any],
+        actor: Actor,
+        action: str,
+        *,
+        channel: Channel | str = Channel.HTTP,
     ) -> Select[Any]:
         """Add ``action``'s rules (tenant included) to ``stmt`` as a SQL ``WHERE`` clause.
 
@@ -77,8 +103,14 @@ class Operations:
         return self.policy_of(action).apply(stmt, actor, ctx)
 
     def list_records(
-        self, actor: Actor, action: str, *, limit: int = DEFAULT_PAGE, after: Any = None,
-        channel: Channel | str = Channel.HTTP, request_id: str | None = None,
+        self,
+        actor: Actor,
+        action: str,
+        *,
+        limit: int = DEFAULT_PAGE,
+        after: Any = None,
+        channel: Channel | str = Channel.HTTP,
+        request_id: str | None = None,
     ) -> tuple[list[Any], Any]:
         """One page of the records ``actor`` may ``action``, in id order (keyset paging).
 
@@ -105,19 +137,38 @@ class Operations:
             with translate_errors(), self._sessions() as session:
                 rows = list(session.execute(stmt).scalars())
                 page, more = rows[:limit], len(rows) > limit
-                entry = self._entry(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
-                                    detail={"listed": len(page), "after": None if after is None
-                                            else str(after)[:64]})
+                entry = self._entry(
+                    spec,
+                    ctx,
+                    None,
+                    None,
+                    Decision.allow("filter"),
+                    "ok",
+                    None,
+                    detail={
+                        "listed": len(page),
+                        "after": None if after is None else str(after)[:64],
+                    },
+                )
                 self._commit(session, lease, [entry], None)
         finally:
             lease.rolled_back()
         return page, (resource.identity(page[-1]) if more and page else None)
 
     def _bare_context(
-        self, actor: Actor, action: str, channel: Channel | str, request_id: str | None = None,
+        self,
+        actor: Actor,
+        action: str,
+        channel: Channel | str,
+        request_id: str | None = None,
     ) -> ActionContext:
-        return ActionContext(action=action, actor=actor, channel=Channel(channel),
-                             now=self.clock(), request_id=request_id_or_new(request_id))
+        return ActionContext(
+            action=action,
+            actor=actor,
+            channel=Channel(channel),
+            now=self.clock(),
+            request_id=request_id_or_new(request_id),
+        )
 
     # -- the audit trail ---------------------------------------------------------------------
 
@@ -145,7 +196,6 @@ class Operations:
         with self.session() as session:
             return AuditTrail.history(session, resource_type, str(resource_id))
 
-
     # -- recovery ------------------------------------------------------------------
 
     def _commit_phase(self, session: Session, statement: Any, entry: AuditEntry | None) -> None:
@@ -158,8 +208,16 @@ class Operations:
             lease.rolled_back()
 
     def _step_runner(
-        self, session: Session, spec: ActionSpec, ctx: ActionContext, data: BaseModel,
-        target: Any, record: Any, claim_id: int, decision: Decision, resume: Row[Any] | None,
+        self,
+        session: Session,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel,
+        target: Any,
+        record: Any,
+        claim_id: int,
+        decision: Decision,
+        resume: Row[Any] | None,
     ) -> StepRunner:
         resource = spec.resource
         state_before = resource.state_of(record) if resource else None
@@ -169,17 +227,25 @@ class Operations:
                 session.refresh(record, with_for_update=True)
 
         def audit(outcome: str) -> AuditEntry:
-            return self._entry(spec, ctx, data, record, decision, outcome, state_before,
-                               target=target)
+            return self._entry(
+                spec, ctx, data, record, decision, outcome, state_before, target=target
+            )
 
         request = {
-            "actor": actor_snapshot(ctx.actor), "target": None if target is None else str(target),
-            "channel": str(ctx.channel), "reason": ctx.reason,
+            "actor": actor_snapshot(ctx.actor),
+            "target": None if target is None else str(target),
+            "channel": str(ctx.channel),
+            "reason": ctx.reason,
         }
         return StepRunner(
-            self, session, claim_id=claim_id, recovery=None if resume is None else resume.recovery,
-            request=request, request_input=json.dumps(data.model_dump(mode="json")),
-            relock=relock, audit=audit,
+            self,
+            session,
+            claim_id=claim_id,
+            recovery=None if resume is None else resume.recovery,
+            request=request,
+            request_input=json.dumps(data.model_dump(mode="json")),
+            relock=relock,
+            audit=audit,
         )
 
     def resume_abandoned(self, *, limit: int = 100) -> list[tuple[str, str]]:
@@ -188,21 +254,26 @@ class Operations:
         now = self.clock()
         with self.session() as session:
             rows = session.execute(
-                select(t).where(t.c.status != COMPLETED, t.c.recovery.is_not(None))
+                select(t)
+                .where(t.c.status != COMPLETED, t.c.recovery.is_not(None))
                 .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
-                .order_by(t.c.id).limit(limit)
+                .order_by(t.c.id)
+                .limit(limit)
             ).all()
         results: list[tuple[str, str]] = []
         for row in rows:
             request = row.recovery["request"]
             try:
                 outcome = self.execute(
-                    actor_from_snapshot(request["actor"]), row.action,
-                    json.loads(row.request_input or "{}"), target=request["target"], key=row.key,
-                    channel=request["channel"], reason=request.get("reason"),
+                    actor_from_snapshot(request["actor"]),
+                    row.action,
+                    json.loads(row.request_input or "{}"),
+                    target=request["target"],
+                    key=row.key,
+                    channel=request["channel"],
+                    reason=request.get("reason"),
                 )
                 results.append((row.key, "replayed" if outcome.replayed else "completed"))
             except CharterError as exc:
                 results.append((row.key, exc.code))
         return results
-

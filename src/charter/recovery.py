@@ -48,7 +48,7 @@ from .errors import ConfigurationError
 from .idempotency import IN_PROGRESS, idempotency_table
 
 if TYPE_CHECKING:
-    from .gate import Charter
+    from .operations import Operations
 
 __all__ = ["StepRunner", "actor_from_snapshot", "actor_snapshot", "takeover_statement"]
 
@@ -68,8 +68,12 @@ def actor_snapshot(actor: Actor) -> dict[str, Any]:
 
     def one(a: Actor) -> dict[str, Any]:
         return {
-            "id": a.id, "tenant": a.tenant, "kind": str(a.kind), "roles": sorted(a.roles),
-            "scopes": sorted(a.scopes), "attributes": to_jsonable_python(dict(a.attributes)),
+            "id": a.id,
+            "tenant": a.tenant,
+            "kind": str(a.kind),
+            "roles": sorted(a.roles),
+            "scopes": sorted(a.scopes),
+            "attributes": to_jsonable_python(dict(a.attributes)),
         }
 
     snap = one(actor)
@@ -81,7 +85,11 @@ def actor_snapshot(actor: Actor) -> dict[str, Any]:
 def actor_from_snapshot(snap: Mapping[str, Any]) -> Actor:
     subject = snap.get("on_behalf_of")
     return Actor.make(
-        snap["id"], snap["tenant"], kind=snap["kind"], roles=snap["roles"], scopes=snap["scopes"],
+        snap["id"],
+        snap["tenant"],
+        kind=snap["kind"],
+        roles=snap["roles"],
+        scopes=snap["scopes"],
         attributes=snap.get("attributes") or {},
         on_behalf_of=actor_from_snapshot(subject) if subject else None,
     )
@@ -102,8 +110,15 @@ class StepRunner:
     """Runs a handler's outside steps between recovery points (see the module docstring)."""
 
     def __init__(
-        self, charter: Charter, session: Session, *, claim_id: int, recovery: dict[str, Any] | None,
-        request: dict[str, Any], request_input: str, relock: Callable[[], None],
+        self,
+        charter: Operations,
+        session: Session,
+        *,
+        claim_id: int,
+        recovery: dict[str, Any] | None,
+        request: dict[str, Any],
+        request_input: str,
+        relock: Callable[[], None],
         audit: Callable[[str], Any],
     ) -> None:
         self.charter = charter
@@ -142,11 +157,14 @@ class StepRunner:
     def _save(self, *, locked_until: datetime | None, entry: Any) -> None:
         values: dict[str, Any] = {
             "recovery": json.loads(json.dumps(self.recovery, default=str)),
-            "request_input": self.request_input, "locked_until": locked_until,
+            "request_input": self.request_input,
+            "locked_until": locked_until,
             "phase": idempotency_table.c.phase + 1,
         }
         self.charter._commit_phase(
             self.session,
-            update(idempotency_table).where(idempotency_table.c.id == self.claim_id).values(**values),
+            update(idempotency_table)
+            .where(idempotency_table.c.id == self.claim_id)
+            .values(**values),
             entry,
         )

@@ -88,17 +88,28 @@ class Registry:
 
         def register(handler: F) -> F:
             self.register(
-                name, handler, on=on, input=input, allow=allow,
-                target=None if (creates or on is None) else target, creates=creates,
-                reason_required=reason_required, sensitive_read=sensitive_read, scope=scope,
-                impersonation=impersonation, listable=listable, status=status,
+                name,
+                handler,
+                on=on,
+                input=input,
+                allow=allow,
+                target=None if (creates or on is None) else target,
+                creates=creates,
+                reason_required=reason_required,
+                sensitive_read=sensitive_read,
+                scope=scope,
+                impersonation=impersonation,
+                listable=listable,
+                status=status,
                 idempotency=IdempotencyMode(idempotency),
             )
             return handler
 
         return register
 
-    def register(self, name: str, handler: Handler, *, on: type[Any] | None, **options: Any) -> ActionSpec:
+    def register(
+        self, name: str, handler: Handler, *, on: type[Any] | None, **options: Any
+    ) -> ActionSpec:
         """Register an action without the decorator (same options as :meth:`action`)."""
         if name in self._actions:
             raise ConfigurationError(f"action {name!r} is declared twice")
@@ -120,8 +131,12 @@ class Registry:
         if spec.allow is not None:
             self.policy.allow(spec.name, spec.allow, name=spec.name)
         self._policies[spec.name] = self.policy.compile(
-            resource=spec.resource, action=spec.name, scope=spec.scope,
-            impersonation=spec.impersonation, listable=spec.listable, creates=spec.creates,
+            resource=spec.resource,
+            action=spec.name,
+            scope=spec.scope,
+            impersonation=spec.impersonation,
+            listable=spec.listable,
+            creates=spec.creates,
         )
 
     def allow(self, pattern: str, condition: Any, *, name: str | None = None) -> Rule:
@@ -179,7 +194,9 @@ class Registry:
             if spec.resource is resource and not spec.creates
         }
 
-    def matrix(self, *, roles: Sequence[str], states: Sequence[str] | None = None) -> PermissionMatrix:
+    def matrix(
+        self, *, roles: Sequence[str], states: Sequence[str] | None = None
+    ) -> PermissionMatrix:
         """Roles x actions x states -> allow, deny or conditional, for review."""
         return permission_matrix(
             [self._policies[name] for name in self._actions], roles=roles, states=states

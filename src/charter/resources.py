@@ -67,12 +67,17 @@ class ResourceSpec:
                     f"resource {model.__name__}: {role} column {column!r} is not a mapped "
                     f"column (columns: {', '.join(sorted(columns))})"
                 )
-        resource_name = name or mapper.local_table.name
+        resource_name = name or str(getattr(mapper.local_table, "name", ""))
         if not resource_name or not resource_name.replace("_", "").isalnum():
             raise ConfigurationError(f"resource name {resource_name!r} must be an identifier")
         return cls(
-            model=model, name=resource_name, id=pk[0], tenant=tenant, state=state,
-            version=version, view=view,
+            model=model,
+            name=resource_name,
+            id=str(pk[0]),
+            tenant=tenant,
+            state=state,
+            version=version,
+            view=view,
         )
 
     def render(self, record: Any) -> Any:

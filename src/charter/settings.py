@@ -18,11 +18,11 @@ from .errors import ConfigurationError
 
 __all__ = ["DEVELOPMENT_TOKEN_SECRET", "Settings"]
 
-DEVELOPMENT_TOKEN_SECRET = "charter-development-token-secret-not-secret"
+DEVELOPMENT_TOKEN_SECRET = "charter-development-token-secret-not-secret"  # noqa: S105 - development only, refused elsewhere
 DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
 DEFAULT_DATABASE_URL = "sqlite:///charter-demo.db"
 # A fixed, obviously-not-secret whsec_ value for development only (base64 of 32 bytes).
-DEVELOPMENT_WEBHOOK_SECRET = "whsec_Y2hhcnRlci1kZXZlbG9wbWVudC13ZWJob29rLXNlY3I="
+DEVELOPMENT_WEBHOOK_SECRET = "whsec_Y2hhcnRlci1kZXZlbG9wbWVudC13ZWJob29rLXNlY3I="  # noqa: S105 - development only
 
 
 def _parse_keys(raw: str) -> dict[str, str]:
@@ -55,7 +55,9 @@ class Settings:
         if environment not in ("development", "production"):
             raise ConfigurationError("CHARTER_ENV must be 'development' or 'production'")
         dev = environment == "development"
-        secrets = tuple(s.strip() for s in env.get("CHARTER_TOKEN_SECRET", "").split(",") if s.strip())
+        secrets = tuple(
+            s.strip() for s in env.get("CHARTER_TOKEN_SECRET", "").split(",") if s.strip()
+        )
         audit = _parse_keys(env.get("CHARTER_AUDIT_KEY", ""))
         if not secrets:
             if not dev:
@@ -75,7 +77,9 @@ class Settings:
             if any(len(s) < 32 for s in secrets):
                 raise ConfigurationError("CHARTER_TOKEN_SECRET must be at least 32 characters")
         hooks = tuple(
-            s.strip() for s in env.get("CHARTER_PAYMENTS_WEBHOOK_SECRET", "").split(",") if s.strip()
+            s.strip()
+            for s in env.get("CHARTER_PAYMENTS_WEBHOOK_SECRET", "").split(",")
+            if s.strip()
         )
         if not hooks and dev:
             hooks = (DEVELOPMENT_WEBHOOK_SECRET,)

@@ -41,7 +41,9 @@ metadata = MetaData()
 WRITE_OPTION = "charter_write"
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: bool = False) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: bool = False
+) -> Engine:
     """Create an engine configured the way the gate needs it."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

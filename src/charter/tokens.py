@@ -32,7 +32,10 @@ class TokenSigner:
     """Issue and verify HS256 bearer tokens; ``secrets`` are newest first."""
 
     def __init__(
-        self, secrets: Sequence[str], *, issuer: str = "charter",
+        self,
+        secrets: Sequence[str],
+        *,
+        issuer: str = "charter",
         lifetime: timedelta = timedelta(hours=12),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -49,8 +52,11 @@ class TokenSigner:
     def issue(self, subject: str, tenant: str, *, scopes: Iterable[str] = ()) -> str:
         now = self.clock()
         claims = {
-            "sub": subject, "tenant": tenant, "scope": " ".join(sorted(scopes)),
-            "iss": self.issuer, "iat": int(now.timestamp()),
+            "sub": subject,
+            "tenant": tenant,
+            "scope": " ".join(sorted(scopes)),
+            "iss": self.issuer,
+            "iat": int(now.timestamp()),
             "exp": int((now + self.lifetime).timestamp()),
         }
         return jwt.encode(claims, self._secrets[0], algorithm=ALGORITHM)
@@ -62,7 +68,10 @@ class TokenSigner:
         for secret in self._secrets:
             try:
                 claims: dict[str, object] = jwt.decode(
-                    token, secret, algorithms=[ALGORITHM], issuer=self.issuer,
+                    token,
+                    secret,
+                    algorithms=[ALGORITHM],
+                    issuer=self.issuer,
                     options={"require": ["sub", "tenant", "exp", "iat"], "verify_exp": False},
                 )
             except jwt.InvalidSignatureError:
@@ -91,8 +100,12 @@ class TokenSigner:
             raise Unauthenticated("The token's user no longer exists.")
         scopes = str(claims.get("scope") or "").split()
         actor = Actor(
-            id=user.id, tenant=user.tenant, kind=user.kind, roles=user.roles,
-            scopes=frozenset(scopes), attributes=user.attributes,
+            id=user.id,
+            tenant=user.tenant,
+            kind=user.kind,
+            roles=user.roles,
+            scopes=frozenset(scopes),
+            attributes=user.attributes,
         )
         if on_behalf_of is None:
             return actor

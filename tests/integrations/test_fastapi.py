@@ -14,8 +14,11 @@ from charter.errors import ConfigurationError
 from charter.settings import DEVELOPMENT_TOKEN_SECRET, Settings
 from charter.tokens import TokenSigner
 
-SETTINGS = Settings(environment="development", token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
-                    audit_keys={"k1": "test-audit-key-0123456789abcdef"})
+SETTINGS = Settings(
+    environment="development",
+    token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
+    audit_keys={"k1": "test-audit-key-0123456789abcdef"},
+)
 PROBLEM = "application/problem+json"
 
 
@@ -31,13 +34,15 @@ def client(database_url: str) -> Iterator[TestClient]:
 def auth(user: str, *, scopes: list[str] | None = None, **headers: str) -> dict[str, str]:
     actor = next(a for (_, uid), a in DEMO_USERS.items() if uid == user)
     token = TokenSigner([DEVELOPMENT_TOKEN_SECRET]).issue(
-        actor.id, actor.tenant, scopes=demo_scopes(actor) if scopes is None else scopes)
+        actor.id, actor.tenant, scopes=demo_scopes(actor) if scopes is None else scopes
+    )
     return {"Authorization": f"Bearer {token}", **headers}
 
 
 def create_invoice(client: TestClient, amount: str = "1200.00") -> int:
-    response = client.post("/invoices", json={"customer": "ACME Corp", "amount": amount},
-                           headers=auth("alice"))
+    response = client.post(
+        "/invoices", json={"customer": "ACME Corp", "amount": amount}, headers=auth("alice")
+    )
     assert 201 == response.status_code, response.text
     return int(response.json()["id"])
 
@@ -54,8 +59,10 @@ def test_the_invoice_workflow_over_http(client):
 def test_a_denial_is_a_problem_document_with_a_stable_code(client):
     invoice = create_invoice(client)
     client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
-    response = client.post(f"/invoices/{invoice}/approve", headers=auth("alice", scopes=[
-        "invoices:read", "invoices:write", "invoices:approve"]))
+    response = client.post(
+        f"/invoices/{invoice}/approve",
+        headers=auth("alice", scopes=["invoices:read", "invoices:write", "invoices:approve"]),
+    )
     assert (403, PROBLEM) == (response.status_code, response.headers["content-type"])
     body = response.json()
     assert ("forbidden", 403) == (body["code"], body["status"])
@@ -66,8 +73,9 @@ def test_a_denial_is_a_problem_document_with_a_stable_code(client):
 def test_a_token_without_the_scope_cannot_approve_even_for_an_approver(client):
     invoice = create_invoice(client)
     client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
-    response = client.post(f"/invoices/{invoice}/approve",
-                           headers=auth("bob", scopes=["invoices:read"]))
+    response = client.post(
+        f"/invoices/{invoice}/approve", headers=auth("bob", scopes=["invoices:read"])
+    )
     assert 403 == response.status_code
     assert "invoices:approve" in response.json()["detail"]
 
@@ -101,17 +109,24 @@ def test_missing_and_bad_tokens_are_401(client):
 
 
 def test_unknown_fields_and_malformed_json_are_clear_errors(client):
-    extra = client.post("/invoices", json={"customer": "x", "amount": "1", "state": "approved"},
-                        headers=auth("alice"))
+    extra = client.post(
+        "/invoices",
+        json={"customer": "x", "amount": "1", "state": "approved"},
+        headers=auth("alice"),
+    )
     assert (422, ["state"]) == (extra.status_code, extra.json()["errors"][0]["loc"])
-    broken = client.post("/invoices", content=b"{nope", headers={
-        **auth("alice"), "Content-Type": "application/json"})
+    broken = client.post(
+        "/invoices", content=b"{nope", headers={**auth("alice"), "Content-Type": "application/json"}
+    )
     assert (400, "malformed_body") == (broken.status_code, broken.json()["code"])
 
 
 def test_bodies_over_the_limit_are_refused_with_413(client):
-    response = client.post("/invoices", content=b"{" + b" " * (70 * 1024) + b"}",
-                           headers={**auth("alice"), "Content-Type": "application/json"})
+    response = client.post(
+        "/invoices",
+        content=b"{" + b" " * (70 * 1024) + b"}",
+        headers={**auth("alice"), "Content-Type": "application/json"},
+    )
     assert (413, "payload_too_large") == (response.status_code, response.json()["code"])
 
 
@@ -128,11 +143,16 @@ def test_support_acts_on_behalf_of_a_user_only_with_a_reason(client):
     headers = auth("sam", **{"X-On-Behalf-Of": "alice"})
     missing = client.post(f"/invoices/{invoice}/submit", headers=headers)
     assert (400, "reason_required") == (missing.status_code, missing.json()["code"])
-    ok = client.post(f"/invoices/{invoice}/submit",
-                     headers={**headers, "X-Charter-Reason": "ticket 1234"})
+    ok = client.post(
+        f"/invoices/{invoice}/submit", headers={**headers, "X-Charter-Reason": "ticket 1234"}
+    )
     assert 200 == ok.status_code
     entry = client.app_state.charter.history("invoices", invoice)[-1]
-    assert ("alice", "sam", "ticket 1234") == (entry["subject"], entry["real_actor"], entry["reason"])
+    assert ("alice", "sam", "ticket 1234") == (
+        entry["subject"],
+        entry["real_actor"],
+        entry["reason"],
+    )
 
 
 def test_a_client_request_id_is_echoed_and_a_bad_one_replaced(client):
@@ -145,15 +165,21 @@ def test_a_client_request_id_is_echoed_and_a_bad_one_replaced(client):
 def test_unknown_routes_are_problems_too(client):
     response = client.get("/nope")
     assert (404, PROBLEM, "route_not_found") == (
-        response.status_code, response.headers["content-type"], response.json()["code"])
+        response.status_code,
+        response.headers["content-type"],
+        response.json()["code"],
+    )
 
 
 def test_a_lost_database_is_a_retryable_503(tmp_path):
-    charter = Charter(database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite",
-                      audit_keys=SETTINGS.audit_keys)
+    charter = Charter(
+        database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite", audit_keys=SETTINGS.audit_keys
+    )
     app = create_app(SETTINGS, charter=charter)
     client = TestClient(app, raise_server_exceptions=False)  # no lifespan: no migration
-    response = client.post("/invoices", json={"customer": "x", "amount": "1"}, headers=auth("alice"))
+    response = client.post(
+        "/invoices", json={"customer": "x", "amount": "1"}, headers=auth("alice")
+    )
     assert (503, "storage_unavailable") == (response.status_code, response.json()["code"])
     assert "Retry-After" in response.headers
     assert 503 == client.get("/healthz").status_code
@@ -163,10 +189,20 @@ def test_the_service_refuses_to_start_without_secrets_outside_development():
     with pytest.raises(ConfigurationError):
         Settings.from_env({"CHARTER_ENV": "production"})
     with pytest.raises(ConfigurationError):
-        Settings.from_env({"CHARTER_ENV": "production", "CHARTER_TOKEN_SECRET": DEVELOPMENT_TOKEN_SECRET,
-                           "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123"})
-    settings = Settings.from_env({"CHARTER_ENV": "production", "CHARTER_TOKEN_SECRET": "s" * 40,
-                                  "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123"})
+        Settings.from_env(
+            {
+                "CHARTER_ENV": "production",
+                "CHARTER_TOKEN_SECRET": DEVELOPMENT_TOKEN_SECRET,
+                "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123",
+            }
+        )
+    settings = Settings.from_env(
+        {
+            "CHARTER_ENV": "production",
+            "CHARTER_TOKEN_SECRET": "s" * 40,
+            "CHARTER_AUDIT_KEY": "k:0123456789abcdef0123",
+        }
+    )
     assert not settings.development
 
 
@@ -186,8 +222,12 @@ def test_the_invoice_list_is_filtered_in_sql_to_the_callers_tenant(client):
 
 def test_the_approval_queue_holds_only_what_the_approver_may_approve(client):
     small, big = submitted_invoices(client, ["100.00", "9000.00"])
-    assert [small] == [i["id"] for i in client.get("/approvals", headers=auth("bob")).json()["items"]]
-    assert [small, big] == [i["id"] for i in client.get("/approvals", headers=auth("carol")).json()["items"]]
+    assert [small] == [
+        i["id"] for i in client.get("/approvals", headers=auth("bob")).json()["items"]
+    ]
+    assert [small, big] == [
+        i["id"] for i in client.get("/approvals", headers=auth("carol")).json()["items"]
+    ]
     assert [] == client.get("/approvals", headers=auth("alice")).json()["items"]
 
 
@@ -204,9 +244,11 @@ def test_next_actions_say_what_is_allowed_and_why_not(client):
     invoice = create_invoice(client, "9000.00")
     client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
     actions = client.get(f"/invoices/{invoice}/actions", headers=auth("bob")).json()
-    assert (True, False, False) == (actions["invoice.get"]["allowed"],
-                                    actions["invoice.approve"]["allowed"],
-                                    actions["invoice.submit"]["allowed"])
+    assert (True, False, False) == (
+        actions["invoice.get"]["allowed"],
+        actions["invoice.approve"]["allowed"],
+        actions["invoice.submit"]["allowed"],
+    )
     assert 404 == client.get(f"/invoices/{invoice}/actions", headers=auth("gina")).status_code
 
 

@@ -32,10 +32,13 @@ def provider() -> Iterator[PaymentProviderStub]:
 
 @pytest.fixture
 def client(database_url: str, provider: PaymentProviderStub) -> Iterator[TestClient]:
-    settings = Settings(environment="development", token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
-                        audit_keys={"k1": "test-audit-key-0123456789abcdef"},
-                        payments_url=provider.base_url,
-                        webhook_secrets=(DEVELOPMENT_WEBHOOK_SECRET,))
+    settings = Settings(
+        environment="development",
+        token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
+        audit_keys={"k1": "test-audit-key-0123456789abcdef"},
+        payments_url=provider.base_url,
+        webhook_secrets=(DEVELOPMENT_WEBHOOK_SECRET,),
+    )
     charter = Charter(database_url=database_url, audit_keys=settings.audit_keys)
     app = create_app(settings, charter=charter)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -47,22 +50,30 @@ def paid_pending_invoice(client: TestClient) -> tuple[int, str]:
     invoice = create_invoice(client)
     client.post(f"/invoices/{invoice}/submit", headers=auth("alice"))
     client.post(f"/invoices/{invoice}/approve", headers=auth("bob"))
-    paid = client.post(f"/invoices/{invoice}/pay", headers=auth("carol", **{"Idempotency-Key": "p1"}))
+    paid = client.post(
+        f"/invoices/{invoice}/pay", headers=auth("carol", **{"Idempotency-Key": "p1"})
+    )
     assert 200 == paid.status_code, paid.text
     assert "payment_pending" == paid.json()["state"]
     return invoice, paid.json()["charge_id"]
 
 
-def settled(charge_id: str, invoice: int, *, msg_id: str = "msg_1", age: int = 0,
-            tenant: str = "acme") -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"type": "payment.settled", "data": {
-        "id": charge_id, "reference": f"{tenant}:{invoice}", "status": "succeeded"}}).encode()
+def settled(
+    charge_id: str, invoice: int, *, msg_id: str = "msg_1", age: int = 0, tenant: str = "acme"
+) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(
+        {
+            "type": "payment.settled",
+            "data": {"id": charge_id, "reference": f"{tenant}:{invoice}", "status": "succeeded"},
+        }
+    ).encode()
     return body, SIGNER.sign(msg_id, int(time.time()) - age, body)
 
 
 def post(client: TestClient, body: bytes, headers: dict[str, str]):
-    return client.post("/webhooks/payments", content=body,
-                       headers={**headers, "Content-Type": "application/json"})
+    return client.post(
+        "/webhooks/payments", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
 
 
 def state(client: TestClient, invoice: int) -> str:
@@ -74,8 +85,11 @@ def test_the_settled_webhook_marks_the_invoice_paid_as_the_partner(client, provi
     response = post(client, *settled(charge, invoice))
     assert (200, "processed") == (response.status_code, response.json()["status"])
     assert "paid" == state(client, invoice)
-    entry = [h for h in client.app_state.charter.history("invoices", invoice)
-             if h["action"] == "invoice.mark_paid"][0]
+    entry = next(
+        h
+        for h in client.app_state.charter.history("invoices", invoice)
+        if h["action"] == "invoice.mark_paid"
+    )
     assert ("payments-provider", "webhook") == (entry["subject"], entry["channel"])
     assert 1 == provider.stats()["charges_created"]
 
@@ -86,8 +100,11 @@ def test_a_replayed_message_is_acknowledged_and_not_processed_again(client):
     assert "processed" == post(client, body, headers).json()["status"]
     again = post(client, body, headers)
     assert (200, "duplicate") == (again.status_code, again.json()["status"])
-    marks = [h for h in client.app_state.charter.history("invoices", invoice)
-             if h["action"] == "invoice.mark_paid"]
+    marks = [
+        h
+        for h in client.app_state.charter.history("invoices", invoice)
+        if h["action"] == "invoice.mark_paid"
+    ]
     assert [False, True] == [m["replayed"] for m in marks]
 
 
@@ -146,9 +163,12 @@ def test_unknown_event_types_are_acknowledged_and_ignored(client):
 def test_a_receiver_refuses_actions_without_idempotency(client):
     charter: Charter = client.app_state.charter
     with pytest.raises(ConfigurationError):
-        WebhookReceiver(charter, StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
-                        partner=lambda e: None,  # type: ignore[arg-type,return-value]
-                        routes={"x": WebhookRoute("invoice.submit", input=lambda e: {})})
+        WebhookReceiver(
+            charter,
+            StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
+            partner=lambda e: None,  # type: ignore[arg-type,return-value]
+            routes={"x": WebhookRoute("invoice.submit", input=lambda e: {})},
+        )
 
 
 @pytest.mark.postgres

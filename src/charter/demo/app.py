@@ -14,14 +14,14 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
+from ..decision import Decision
+from ..errors import NotFound
 from ..gate import Charter
 from ..integrations.fastapi import CharterRoutes
+from ..integrations.webhooks import WebhookReceiver, WebhookRoute
 from ..migrate import upgrade
 from ..settings import Settings
 from ..tokens import TokenSigner
-from ..decision import Decision
-from ..errors import NotFound
-from ..integrations.webhooks import WebhookReceiver, WebhookRoute
 from ..webhooks import StandardWebhookVerifier
 from .models import Invoice
 from .payments import PaymentClient
@@ -50,7 +50,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     settings = settings or Settings.from_env()
     if charter is None:
         charter = Charter(
-            database_url=settings.database_url, audit_keys=settings.audit_keys,
+            database_url=settings.database_url,
+            audit_keys=settings.audit_keys,
             development=settings.development,
         )
     payments = PaymentClient(settings.payments_url) if settings.payments_url else None
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
 
     def authenticate(request: Request) -> Actor:
         return signer.authenticate(
-            request.headers.get("authorization"), directory,
+            request.headers.get("authorization"),
+            directory,
             on_behalf_of=request.headers.get("x-on-behalf-of"),
         )
 
@@ -87,15 +89,21 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
     routes.list("/invoices", "invoice.get", render=invoice_view)
     if settings.webhook_secrets:
-        routes.webhook("/webhooks/payments", WebhookReceiver(
-            charter, StandardWebhookVerifier(settings.webhook_secrets),
-            partner=lambda event: payments_partner(_reference(event)[0]),
-            routes={"payment.settled": WebhookRoute(
-                "invoice.mark_paid",
-                input=lambda event: {"charge_id": event["data"]["id"]},
-                target=lambda event: _reference(event)[1],
-            )},
-        ))
+        routes.webhook(
+            "/webhooks/payments",
+            WebhookReceiver(
+                charter,
+                StandardWebhookVerifier(settings.webhook_secrets),
+                partner=lambda event: payments_partner(_reference(event)[0]),
+                routes={
+                    "payment.settled": WebhookRoute(
+                        "invoice.mark_paid",
+                        input=lambda event: {"charge_id": event["data"]["id"]},
+                        target=lambda event: _reference(event)[1],
+                    )
+                },
+            ),
+        )
     routes.list("/approvals", "invoice.approve", render=invoice_view)
 
     @app.get("/invoices/{id}/actions")
@@ -103,10 +111,12 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         """What the caller may do next with this invoice, and why not (for UI buttons)."""
         actor = await routes.actor(request)
         decisions = await run_in_threadpool(_allowed, charter, actor, id)
-        return JSONResponse({
-            name: {"allowed": d.allowed, "reason": d.public_reason if not d.allowed else None}
-            for name, d in decisions.items()
-        })
+        return JSONResponse(
+            {
+                name: {"allowed": d.allowed, "reason": d.public_reason if not d.allowed else None}
+                for name, d in decisions.items()
+            }
+        )
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..actor import Actor
 from ..context import ActionContext
-from ..gate import Charter
 from ..errors import ConfigurationError
+from ..gate import Charter
 from ..policy import A, C, R
-from .payments import PaymentClient
 from .models import Invoice, InvoiceState
+from .payments import PaymentClient
 
 __all__ = [
     "DEMO_USERS",
@@ -42,8 +42,9 @@ DEMO_USERS: Mapping[tuple[str, str], Actor] = {
     for a in (
         Actor.make("alice", "acme", roles={"member"}),
         Actor.make("bob", "acme", roles={"approver"}, attributes={"approval_limit": 5000}),
-        Actor.make("carol", "acme", roles={"admin", "approver"},
-                   attributes={"approval_limit": 100000}),
+        Actor.make(
+            "carol", "acme", roles={"admin", "approver"}, attributes={"approval_limit": 100000}
+        ),
         Actor.make("sam", "acme", kind="support", roles={"support"}),
         Actor.make("gina", "globex", roles={"member"}),
         Actor.make("gary", "globex", roles={"approver"}, attributes={"approval_limit": 5000}),
@@ -74,10 +75,16 @@ class Approve(BaseModel):
 
 def invoice_view(invoice: Invoice) -> dict[str, Any]:
     return {
-        "id": invoice.id, "tenant": invoice.tenant_id, "customer": invoice.customer,
-        "amount": str(invoice.amount), "currency": invoice.currency, "state": invoice.state,
-        "version": invoice.version, "created_by": invoice.created_by,
-        "submitted_by": invoice.submitted_by, "approved_by": invoice.approved_by,
+        "id": invoice.id,
+        "tenant": invoice.tenant_id,
+        "customer": invoice.customer,
+        "amount": str(invoice.amount),
+        "currency": invoice.currency,
+        "state": invoice.state,
+        "version": invoice.version,
+        "created_by": invoice.created_by,
+        "submitted_by": invoice.submitted_by,
+        "approved_by": invoice.approved_by,
         "charge_id": invoice.charge_id,
     }
 
@@ -104,8 +111,9 @@ PROVIDER_SETTLES = (
 
 def payments_partner(tenant: str) -> Actor:
     """The payment provider, as a partner actor of one tenant (its webhooks act as it)."""
-    return Actor.make("payments-provider", tenant, kind="partner", roles={"payments"},
-                      scopes={"invoices:settle"})
+    return Actor.make(
+        "payments-provider", tenant, kind="partner", roles={"payments"}, scopes={"invoices:settle"}
+    )
 
 
 def build_charter(charter: Charter, *, payments: PaymentClient | None = None) -> Charter:
@@ -113,14 +121,25 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
     )
 
-    @charter.action("invoice.create", on=Invoice, input=CreateInvoice, creates=True,
-                    allow=ANY_STAFF, scope="invoices:write", idempotency="optional")
+    @charter.action(
+        "invoice.create",
+        on=Invoice,
+        input=CreateInvoice,
+        creates=True,
+        allow=ANY_STAFF,
+        scope="invoices:write",
+        idempotency="optional",
+    )
     def create(ctx: ActionContext, _: None, data: CreateInvoice) -> Invoice:
         """Create a draft invoice."""
         assert ctx.session is not None
         invoice = Invoice(
-            customer=data.customer, amount=data.amount, currency=data.currency,
-            state=InvoiceState.DRAFT, version=1, created_by=ctx.actor.subject.id,
+            customer=data.customer,
+            amount=data.amount,
+            currency=data.currency,
+            state=InvoiceState.DRAFT,
+            version=1,
+            created_by=ctx.actor.subject.id,
             created_at=ctx.now,
         )
         ctx.session.add(invoice)
@@ -133,22 +152,36 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         invoice.submitted_by = ctx.actor.subject.id
         return invoice
 
-    @charter.action("invoice.approve", on=Invoice, input=Approve, allow=CAN_APPROVE,
-                    scope="invoices:approve", idempotency="optional", listable=True)
+    @charter.action(
+        "invoice.approve",
+        on=Invoice,
+        input=Approve,
+        allow=CAN_APPROVE,
+        scope="invoices:approve",
+        idempotency="optional",
+        listable=True,
+    )
     def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> Invoice:
         """Approve a submitted invoice."""
         invoice.state = InvoiceState.APPROVED
         invoice.approved_by = ctx.actor.subject.id
         return invoice
 
-    @charter.action("invoice.get", on=Invoice, allow=CAN_READ, sensitive_read=True,
-                    scope="invoices:read", listable=True)
+    @charter.action(
+        "invoice.get",
+        on=Invoice,
+        allow=CAN_READ,
+        sensitive_read=True,
+        scope="invoices:read",
+        listable=True,
+    )
     def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
         """Read one invoice (audited)."""
         return invoice_view(invoice)
 
-    @charter.action("invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write",
-                    idempotency="required")
+    @charter.action(
+        "invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write", idempotency="required"
+    )
     def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Charge an approved invoice through the payment provider (exactly once)."""
         if payments is None:
@@ -163,8 +196,14 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         invoice.charge_id = charge  # final phase: waits for the provider's payment.settled
         return invoice
 
-    @charter.action("invoice.mark_paid", on=Invoice, input=Settle, allow=PROVIDER_SETTLES,
-                    scope="invoices:settle", idempotency="required")
+    @charter.action(
+        "invoice.mark_paid",
+        on=Invoice,
+        input=Settle,
+        allow=PROVIDER_SETTLES,
+        scope="invoices:settle",
+        idempotency="required",
+    )
     def mark_paid(ctx: ActionContext, invoice: Invoice, _: Settle) -> Invoice:
         """The provider confirms the charge (webhook payment.settled)."""
         invoice.state = InvoiceState.PAID

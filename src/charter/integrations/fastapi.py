@@ -128,9 +128,7 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"], (b"x-request-id", raw_id)
-                ]
+                message["headers"] = [*message["headers"], (b"x-request-id", raw_id)]
             await send(message)
 
         declared = headers.get("content-length")
@@ -145,9 +143,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise PayloadTooLarge(
-                        f"The body exceeds {self.max_body_bytes} bytes."
-                    )
+                    raise PayloadTooLarge(f"The body exceeds {self.max_body_bytes} bytes.")
             return message
 
         await self.app(scope, limited_receive, send_with_id)
@@ -181,8 +177,13 @@ class CharterRoutes:
     """
 
     def __init__(
-        self, app: FastAPI, charter: Charter, *, authenticate: Authenticator,
-        max_body_bytes: int = 1 << 20, channel: Channel = Channel.HTTP,
+        self,
+        app: FastAPI,
+        charter: Charter,
+        *,
+        authenticate: Authenticator,
+        max_body_bytes: int = 1 << 20,
+        channel: Channel = Channel.HTTP,
     ) -> None:
         self.app = app
         self.charter = charter
@@ -207,7 +208,10 @@ class CharterRoutes:
             actor = await self.actor(request)
             body = await _json_body(request) if has_body else None
             outcome: Outcome = await run_in_threadpool(
-                self.charter.execute, actor, action, body,
+                self.charter.execute,
+                actor,
+                action,
+                body,
                 target=request.path_params.get(target) if target else None,
                 key=request.headers.get(IDEMPOTENCY_HEADER),
                 reason=request.headers.get(REASON_HEADER),
@@ -218,13 +222,19 @@ class CharterRoutes:
             return outcome_response(outcome)
 
         endpoint.__name__ = action.replace(".", "_")
-        extra = {"requestBody": {"content": {"application/json": {"schema": schema}}}} if schema else None
+        extra = (
+            {"requestBody": {"content": {"application/json": {"schema": schema}}}}
+            if schema
+            else None
+        )
         self.app.add_api_route(
-            path, endpoint, methods=[method.upper()], name=action,
+            path,
+            endpoint,
+            methods=[method.upper()],
+            name=action,
             summary=(spec.handler.__doc__ or action).strip().splitlines()[0],
             openapi_extra=extra,
         )
-
 
     def list(self, path: str, action: str, *, render: Callable[[Any], Any]) -> None:
         """``GET path?limit=&after=``: the records the caller may ``action``, filtered in SQL."""
@@ -240,15 +250,24 @@ class CharterRoutes:
             if after is not None and len(after) > 64:
                 raise InvalidInput("the page cursor is invalid")
             rows, cursor = await run_in_threadpool(
-                self.charter.list_records, actor, action, limit=limit, after=after,
-                channel=self.channel, request_id=request.state.request_id,
+                self.charter.list_records,
+                actor,
+                action,
+                limit=limit,
+                after=after,
+                channel=self.channel,
+                request_id=request.state.request_id,
             )
-            return JSONResponse({"items": [render(r) for r in rows], "next": cursor,
-                                 "limit": min(max(limit, 1), MAX_PAGE)})
+            return JSONResponse(
+                {
+                    "items": [render(r) for r in rows],
+                    "next": cursor,
+                    "limit": min(max(limit, 1), MAX_PAGE),
+                }
+            )
 
         endpoint.__name__ = f"list_{action.replace('.', '_')}"
         self.app.add_api_route(path, endpoint, methods=["GET"], name=f"list:{action}")
-
 
     def webhook(self, path: str, receiver: WebhookReceiver) -> None:
         """``POST path``: a partner's signed callback, verified on the raw body bytes."""

@@ -102,7 +102,12 @@ class WebhookReceiver:
         except (KeyError, TypeError, ValueError) as exc:
             raise WebhookMalformed(f"the {kind} event lacks a field: {exc}") from exc
         outcome = self.charter.execute(
-            self.partner(payload), route.action, dict(data), target=target,
-            key=f"webhook:{message_id}"[:255], channel=Channel.WEBHOOK, request_id=request_id,
+            self.partner(payload),
+            route.action,
+            dict(data),
+            target=target,
+            key=f"webhook:{message_id}"[:255],
+            channel=Channel.WEBHOOK,
+            request_id=request_id,
         )
         return WebhookResult("duplicate" if outcome.replayed else "processed", kind, outcome)
