@@ -1,4 +1,9 @@
-"""Charter: one gate for every state-changing business action of an API."""
+"""Charter: one gate for every state-changing business action of an API.
+
+Declare resources and actions on a :class:`Charter`, write rules with ``A``
+(the actor), ``R`` (the record) and ``C`` (the call's context), and run every
+action, from every channel, through :meth:`Charter.execute`.
+"""
 
 from .actions import ActionSpec, NoInput
 from .actor import Actor, ActorKind, Channel
@@ -17,16 +22,28 @@ from .errors import (
     ReasonRequired,
     StorageUnavailable,
     Unauthenticated,
+    UnknownAction,
 )
-from .gate import Charter, Outcome
+from .gate import Charter, HandlerFailed, Outcome
+from .idempotency import (
+    IdempotencyKeyInProgress,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IdempotencyMode,
+)
+from .policy import A, ActionPolicy, C, PolicySet, R, Rule
 from .resources import ResourceSpec
 
 __all__ = [
+    "A",
     "ActionContext",
+    "ActionPolicy",
     "ActionSpec",
     "Actor",
     "ActorKind",
     "AuditProblem",
+    "C",
     "Channel",
     "Charter",
     "CharterError",
@@ -36,14 +53,24 @@ __all__ = [
     "DecisionKind",
     "DomainError",
     "Forbidden",
+    "HandlerFailed",
+    "IdempotencyKeyInProgress",
+    "IdempotencyKeyInvalid",
+    "IdempotencyKeyMissing",
+    "IdempotencyKeyReused",
+    "IdempotencyMode",
     "InvalidInput",
     "NoInput",
     "NotFound",
     "Outcome",
+    "PolicySet",
     "PreconditionFailed",
+    "R",
     "ReasonRequired",
     "ResourceSpec",
+    "Rule",
     "StorageUnavailable",
     "Unauthenticated",
+    "UnknownAction",
     "VerificationReport",
 ]
