@@ -47,7 +47,8 @@ def test_every_error_has_a_stable_code_and_an_http_status():
     codes = set()
     for error in errors:
         if isinstance(error, type) and issubclass(error, charter.CharterError):
-            assert error.code and error.code == error.code.lower()
+            assert error.code
+            assert error.code == error.code.lower()
             assert 400 <= error.status <= 599
             codes.add(error.code)
     assert len(codes) >= 15

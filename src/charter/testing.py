@@ -61,7 +61,7 @@ class _NullLease(AuditLease):
 
 
 class NullAuditTrail(AuditTrail):
-    """An audit trail that writes nothing. For benchmarks that price the audit; never in production."""
+    """An audit trail that writes nothing: for benchmarks that price the audit, never production."""
 
     def __init__(self) -> None:
         super().__init__(AuditKeyring({"null": "null-audit-key-not-used"}))
