@@ -16,7 +16,11 @@ def test_the_first_readme_example_runs_and_replays(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text(match.group(1))
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert 0 == result.returncode, result.stderr

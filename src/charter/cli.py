@@ -252,6 +252,29 @@ def idempotency_purge(database_url: DatabaseOption = None) -> None:
     console.print(f"removed {removed} expired idempotency records")
 
 
+@idem_app.command("resume")
+def idempotency_resume(
+    database_url: DatabaseOption = None,
+    app_spec: Annotated[str, typer.Option("--app", help="module:attribute of your Charter.")] = "",
+) -> None:
+    """Drive abandoned multi-phase requests (their worker died) to a final state, once."""
+    if app_spec:
+        charter = _load_app(app_spec)
+    else:
+        from .demo.app import create_app
+
+        settings = _settings(database_url)
+        charter = _charter(settings)
+        create_app(settings, charter=charter)  # declares the reference service's actions
+    try:
+        results = charter.resume_abandoned()
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    for key, outcome in results:
+        console.print(f"{key}: {outcome}")
+    console.print(f"resumed {len(results)} abandoned requests")
+
+
 @app.command("demo")
 def demo(
     host: Annotated[

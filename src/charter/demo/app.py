@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(upgrade, charter.engine, extra_locations=DEMO_MIGRATIONS)
-        task = asyncio.create_task(_checkpoints(charter))
+        task = asyncio.create_task(_maintenance(charter))
         try:
             yield
         finally:
@@ -150,11 +150,13 @@ def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decis
         return charter.allowed_actions(actor, invoice)
 
 
-async def _checkpoints(charter: Charter) -> None:
-    """Sign the audit streams' heads periodically (see charter.audit_verify)."""
+async def _maintenance(charter: Charter) -> None:
+    """Periodic upkeep: sign the audit streams' heads, finish abandoned multi-phase
+    requests, sweep expired idempotency records."""
     while True:
         await asyncio.sleep(CHECKPOINT_SECONDS)
-        try:
-            await run_in_threadpool(charter.checkpoint_audit)
-        except Exception:
-            log.warning("audit checkpoint failed; will retry", exc_info=True)
+        for job in (charter.checkpoint_audit, charter.resume_abandoned, charter.purge_idempotency):
+            try:
+                await run_in_threadpool(job)
+            except Exception:
+                log.warning("maintenance job %s failed; will retry", job.__name__, exc_info=True)
