@@ -325,6 +325,18 @@ class AuditLease:
     pending: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
 
+    def seal(self, entries: Iterable[AuditEntry]) -> list[dict[str, Any]]:
+        """Seal entries after the stream's head and count them as written by this lease.
+
+        For callers that insert the rows themselves (e.g. folded into another
+        statement); :meth:`write` seals and inserts.
+        """
+        rows: list[dict[str, Any]] = []
+        for entry in entries:
+            rows.append(self.trail.seal(self.stream, entry, [*self.pending, *rows]))
+        self.pending.extend(rows)
+        return rows
+
     def write(self, session: Session, entries: Iterable[AuditEntry]) -> None:
         rows: list[dict[str, Any]] = []
         for entry in entries:

@@ -28,15 +28,16 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, bindparam, event, select
+from sqlalchemy import Select, bindparam, event, insert, select
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
-from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, digest_input
+from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, audit_table, digest_input
 from .context import ActionContext
 from .decision import Decision, DecisionKind
 from .errors import (
@@ -60,6 +61,7 @@ from .idempotency import (
     claim_values,
     completion_statement,
     fingerprint,
+    idempotency_table,
     lookup,
     stored_error,
     validate_key,
@@ -184,6 +186,7 @@ class Charter(Registry, Operations):
         self.idempotency_retention = idempotency_retention
         self.recovery_lease = recovery_lease
         self._load_statements: dict[tuple[str, bool], Select[Any]] = {}
+        self._claim_load_statements: dict[str, Select[Any]] = {}
         self._lock_rows = is_postgres(self.engine)
         event.listen(self._sessions, "before_flush", self._guard_tenants)
         event.listen(self._sessions, "after_flush", _mark_written)
@@ -301,11 +304,16 @@ class Charter(Registry, Operations):
                 ctx.session = session
                 session.info[_ACTOR] = ctx.actor
                 session.info[_CREATED] = set()
+                claim_id: int | None = None
                 if resume is not None:
-                    claim_id: int | None = int(resume.id)
+                    claim_id = int(resume.id)
+                    record = self._load(session, spec, ctx.actor, target) if spec.target else None
+                elif fp is not None and spec.target is not None and self._lock_rows:
+                    claim_id, record = self._claim_and_load(session, spec, ctx, target, fp)
                 else:
-                    claim_id = self._claim(session, ctx, fp) if fp is not None else None
-                record = self._load(session, spec, ctx.actor, target) if spec.target else None
+                    if fp is not None:
+                        claim_id = self._claim(session, ctx, fp)
+                    record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
                         NotFound(
@@ -424,15 +432,70 @@ class Charter(Registry, Operations):
     ) -> None:
         """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together."""
         session.flush()
-        lease.write(session, entries)
-        if completion is not None:
-            session.execute(completion)
+        if completion is not None and self._lock_rows and len(entries) == 1:
+            # PostgreSQL: the audit entry and the stored outcome in one round trip
+            # (a data-modifying CTE), so idempotency adds no statement to a call.
+            row = lease.seal(entries)[0]
+            session.execute(
+                completion.add_cte(insert(audit_table).values(row).cte("charter_entry"))
+            )
+        else:
+            lease.write(session, entries)
+            if completion is not None:
+                session.execute(completion)
         try:
             session.commit()
         except BaseException:
             lease.abandon()  # the COMMIT's fate is unknown: never reuse this stream
             raise
         lease.committed()
+
+    def _claim_and_load(
+        self, session: Session, spec: ActionSpec, ctx: ActionContext, target: Any, fp: str
+    ) -> tuple[int | None, Any]:
+        """PostgreSQL: claim the key and lock the target in one statement (one round trip).
+
+        ``WITH claim AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id)
+        SELECT record, (SELECT id FROM claim) ... FOR UPDATE OF record``. When the
+        record is not found the claim's fate does not matter: the refusal rolls
+        the transaction back.
+        """
+        resource = spec.resource
+        assert resource is not None and ctx.idempotency_key is not None
+        key = coerce_id(resource, target)
+        if key is None:
+            return None, None
+        stmt = self._claim_load_statements.get(resource.name)
+        if stmt is None:
+            stmt = _claim_and_load_statement(resource)
+            self._claim_load_statements[resource.name] = stmt
+        actor = ctx.actor
+        values = claim_values(
+            tenant=actor.tenant_id,
+            subject=actor.subject.id,
+            key=ctx.idempotency_key,
+            fp=fp,
+            action=ctx.action,
+            now=ctx.now,
+            retention=self.idempotency_retention,
+        )
+        params = {f"c_{name}": value for name, value in values.items()}
+        params.update(t_id=key, t_tenant=actor.tenant_id)
+        try:
+            found = session.execute(stmt, params).first()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                raise IdempotencyKeyInProgress(
+                    "A request with this Idempotency-Key is still running; retry shortly.",
+                    retry_after=1,
+                ) from exc
+            raise
+        if found is None:
+            return None, None
+        record, claimed = found
+        if claimed is None:
+            raise _AlreadyClaimed
+        return int(claimed), record
 
     def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
         """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
@@ -711,6 +774,33 @@ class Charter(Registry, Operations):
             completed_at=ctx.now,
         )
         session.execute(claim_statement(self.engine.dialect.name, values))
+
+
+def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
+    columns = (
+        "tenant",
+        "subject",
+        "key",
+        "fingerprint",
+        "action",
+        "status",
+        "phase",
+        "created_at",
+        "expires_at",
+    )
+    claim = (
+        pg_insert(idempotency_table)
+        .values({name: bindparam(f"c_{name}") for name in columns})
+        .on_conflict_do_nothing(index_elements=["tenant", "subject", "key"])
+        .returning(idempotency_table.c.id)
+        .cte("charter_claim")
+    )
+    stmt = select(resource.model, select(claim.c.id).scalar_subquery().label("claimed"))
+    # Parameter names must not match a column of the INSERT (SQLAlchemy would add it).
+    stmt = stmt.where(resource.column(resource.id) == bindparam("t_id"))
+    if resource.tenant is not None:
+        stmt = stmt.where(resource.column(resource.tenant) == bindparam("t_tenant"))
+    return stmt.with_for_update(of=resource.model).add_cte(claim)
 
 
 def _mark_written(session: Session, _context: Any) -> None:
