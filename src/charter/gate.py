@@ -72,7 +72,7 @@ from .recovery import (
     takeover_statement,
 )
 from .registry import Registry
-from .resources import coerce_id, request_id_or_new
+from .resources import ResourceSpec, coerce_id, request_id_or_new
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
 
 __all__ = ["Charter", "HandlerFailed", "Outcome"]
@@ -461,7 +461,8 @@ class Charter(Registry, Operations):
         the transaction back.
         """
         resource = spec.resource
-        assert resource is not None and ctx.idempotency_key is not None
+        assert resource is not None
+        assert ctx.idempotency_key is not None
         key = coerce_id(resource, target)
         if key is None:
             return None, None
