@@ -19,8 +19,8 @@ from charter.idempotency import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     idempotency_table,
-    purge,
 )
+from charter.testing import FrozenClock
 
 from . import app as test_app
 from .conftest import AUDIT_KEYS
@@ -149,17 +149,18 @@ def test_validation_errors_are_not_stored(charter, alice):
     assert 1 == load(charter, doc_id).counter
 
 
-def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(charter, alice):
+def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(database_url, alice):
+    clock = FrozenClock(datetime.now(UTC))
+    charter = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS, clock=clock))
     doc_id = create_doc(charter, alice)
     charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old")
-    with charter._sessions() as s:
-        assert 0 == purge(s, datetime.now(UTC))
-        assert 1 == purge(s, datetime.now(UTC) + timedelta(hours=25))
-        s.commit()
-    assert not charter.execute(
-        alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old"
-    ).replayed
-    assert 2 == load(charter, doc_id).counter
+    assert 0 == charter.purge_idempotency()
+    assert charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old").replayed
+    clock.advance(timedelta(hours=24, seconds=1))
+    assert 1 == charter.purge_idempotency()
+    again = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old")
+    assert (False, 2) == (again.replayed, load(charter, doc_id).counter)
+    charter.engine.dispose()
 
 
 # -- concurrency on PostgreSQL -------------------------------------------------------------
@@ -277,3 +278,55 @@ def test_a_crash_leaves_nothing_or_everything_and_the_retry_runs_once(
     assert report.ok, report.problems
     with charter.session() as s:
         assert 1 == s.execute(select(func.count()).select_from(idempotency_table)).scalar_one()
+
+
+def test_another_instance_without_the_memory_replays_from_the_database(
+    charter, alice, database_url
+):
+    doc_id = create_doc(charter, alice)
+    first = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="shared")
+    other = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    try:
+        again = other.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="shared")
+        assert (True, first.body) == (again.replayed, again.body)
+        with pytest.raises(IdempotencyKeyReused):
+            other.execute(alice, "doc.charge", {"amount": "6"}, target=doc_id, key="shared")
+    finally:
+        other.engine.dispose()
+    assert 1 == load(charter, doc_id).counter
+
+
+@pytest.mark.postgres
+def test_a_duplicate_that_waits_too_long_gets_409_with_retry_after(pg, alice, pg_schema):
+    from datetime import timedelta as td
+
+    from charter.idempotency import IdempotencyKeyInProgress, claim_statement, claim_values
+
+    doc_id = create_doc(pg, alice)
+    impatient = test_app.build(
+        Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS, lock_timeout=td(milliseconds=200))
+    )
+    holder = pg._sessions()
+    try:
+        holder.execute(
+            claim_statement(
+                "postgresql",
+                claim_values(
+                    tenant="acme",
+                    subject="alice",
+                    key="slow",
+                    fp="x",
+                    action="doc.charge",
+                    now=datetime.now(UTC),
+                    retention=td(hours=1),
+                ),
+            )
+        )  # held, uncommitted
+        with pytest.raises(IdempotencyKeyInProgress) as info:
+            impatient.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="slow")
+        assert (409, "1") == (info.value.status, info.value.headers["Retry-After"])
+    finally:
+        holder.rollback()
+        holder.close()
+        impatient.engine.dispose()
+    assert 0 == load(pg, doc_id).counter

@@ -56,7 +56,9 @@ from .idempotency import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     IdempotencyMode,
+    OutcomeCache,
     ReplayedError,
+    StoredOutcome,
     claim_statement,
     claim_values,
     completion_statement,
@@ -159,10 +161,17 @@ class Charter(Registry, Operations):
         audit_trail: AuditTrail | None = None,
         idempotency_retention: timedelta = DEFAULT_RETENTION,
         recovery_lease: timedelta = DEFAULT_LEASE,
+        lock_timeout: timedelta = timedelta(seconds=10),
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
-        self.engine: Engine = engine if engine is not None else make_engine(str(database_url))
+        self.engine: Engine = (
+            engine
+            if engine is not None
+            else make_engine(
+                str(database_url), lock_timeout_ms=int(lock_timeout.total_seconds() * 1000)
+            )
+        )
         self.clock = clock
         self.development = development
         if audit_keys is None:
@@ -187,6 +196,8 @@ class Charter(Registry, Operations):
         self.recovery_lease = recovery_lease
         self._load_statements: dict[tuple[str, bool], Select[Any]] = {}
         self._claim_load_statements: dict[str, Select[Any]] = {}
+        self._outcomes = OutcomeCache()
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._lock_rows = is_postgres(self.engine)
         event.listen(self._sessions, "before_flush", self._guard_tenants)
         event.listen(self._sessions, "after_flush", _mark_written)
@@ -240,6 +251,13 @@ class Charter(Registry, Operations):
             idempotency_key=key,
         )
         fp = fingerprint(spec.name, target, data) if key is not None else None
+        if key is not None:
+            assert fp is not None
+            stored = self._outcomes.get((actor.tenant_id, actor.subject.id, key), ctx.now)
+            if stored is not None:  # a replay that needs no lookup (see OutcomeCache)
+                return self._replay_stored(
+                    spec, ctx, data, target, fp, stored, stored.fingerprint, stored.action
+                )
         resume: Row[Any] | None = None
         for _attempt in range(_CLAIM_ATTEMPTS):
             try:
@@ -379,6 +397,17 @@ class Charter(Registry, Operations):
                             now=ctx.now,
                         ),
                     )
+                    self._remember(
+                        ctx,
+                        spec,
+                        fp,
+                        resume,
+                        exc.status,
+                        None,
+                        stored_error(exc),
+                        exc.code,
+                        entry.resource_id,
+                    )
                     raise
                 except Forbidden as exc:  # e.g. the tenant guard during the handler's flush
                     raise _Refusal(exc, exc.decision, record) from exc
@@ -412,6 +441,10 @@ class Charter(Registry, Operations):
                         now=ctx.now,
                     )
                 self._commit(session, lease, [entry], completion)
+                if claim_id is not None:
+                    self._remember(
+                        ctx, spec, fp, resume, spec.status, body, None, "ok", entry.resource_id
+                    )
         finally:
             lease.rolled_back()
         return Outcome(
@@ -421,6 +454,36 @@ class Charter(Registry, Operations):
             request_id=ctx.request_id,
             resource_id=entry.resource_id,
             version=version,
+        )
+
+    def _remember(
+        self,
+        ctx: ActionContext,
+        spec: ActionSpec,
+        fp: str | None,
+        resume: Row[Any] | None,
+        status: int,
+        body: Any,
+        error: dict[str, Any] | None,
+        outcome: str,
+        resource_id: str | None,
+    ) -> None:
+        """Keep a just-committed outcome for replays (it expires with its record)."""
+        if fp is None or ctx.idempotency_key is None:
+            return
+        created = ctx.now if resume is None else _aware(resume.created_at)
+        self._outcomes.put(
+            (ctx.actor.tenant_id, ctx.actor.subject.id, ctx.idempotency_key),
+            StoredOutcome(
+                fp,
+                spec.name,
+                status,
+                body,
+                error,
+                outcome,
+                resource_id,
+                created + self.idempotency_retention,
+            ),
         )
 
     def _commit(
@@ -534,61 +597,85 @@ class Charter(Registry, Operations):
         target: Any,
         fp: str,
     ) -> Outcome | None:
-        """Answer a duplicate from the stored outcome (audited as a replay); None if gone."""
+        """Answer a duplicate from the stored record (audited as a replay); None if gone."""
         actor = ctx.actor
         assert ctx.idempotency_key is not None
-        lease = self.audit_trail.lease()
-        try:
-            with translate_errors(), self._sessions() as session:
-                row = lookup(session, actor.tenant_id, actor.subject.id, ctx.idempotency_key)
-                if row is None:
-                    return None
-                if row.fingerprint != fp:
-                    refusal = IdempotencyKeyReused(
-                        "This Idempotency-Key was already used for a different request "
-                        f"({row.action}); use a new key for a new request."
-                    )
-                    entry = self._entry(
-                        spec, ctx, data, None, None, refusal.code, None, target=target
-                    )
-                    self._commit(session, lease, [entry], None)
-                    raise refusal
-                if row.status != COMPLETED and row.recovery is not None:
-                    taken = session.execute(
-                        takeover_statement(int(row.id), self.clock(), self.recovery_lease)
-                    )
-                    session.commit()
-                    if getattr(taken, "rowcount", 0) == 1:
-                        raise _Resumable(row)
-                if row.status != COMPLETED:
-                    raise IdempotencyKeyInProgress(
-                        "A request with this Idempotency-Key is still in progress; retry shortly."
-                    )
-                entry = self._entry(
-                    spec,
-                    ctx,
-                    data,
-                    None,
-                    Decision.allow("replay"),
-                    str(row.outcome),
-                    None,
-                    target=target,
+        with translate_errors(), self._sessions() as session:
+            row = lookup(session, actor.tenant_id, actor.subject.id, ctx.idempotency_key)
+            if row is None:
+                return None
+            if row.status != COMPLETED and row.recovery is not None and row.fingerprint == fp:
+                taken = session.execute(
+                    takeover_statement(int(row.id), self.clock(), self.recovery_lease)
                 )
-                entry.resource_id = row.resource_id
-                entry.replayed = True
-                self._commit(session, lease, [entry], None)
-        finally:
-            lease.rolled_back()
-        if row.error:
-            raise ReplayedError(dict(row.error))
+                session.commit()
+                if getattr(taken, "rowcount", 0) == 1:
+                    raise _Resumable(row)
+            if row.status != COMPLETED and row.fingerprint == fp:
+                raise IdempotencyKeyInProgress(
+                    "A request with this Idempotency-Key is still in progress; retry shortly."
+                )
+        if row.status == COMPLETED:
+            stored = StoredOutcome.from_row(row)
+            self._outcomes.put((actor.tenant_id, actor.subject.id, ctx.idempotency_key), stored)
+        else:
+            stored = None
+        return self._replay_stored(spec, ctx, data, target, fp, stored, row.fingerprint, row.action)
+
+    def _replay_stored(
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel,
+        target: Any,
+        fp: str,
+        stored: StoredOutcome | None,
+        stored_fingerprint: str,
+        stored_action: str,
+    ) -> Outcome:
+        """Replay a stored outcome, or refuse a different request under the same key."""
+        if stored_fingerprint != fp:
+            refusal = IdempotencyKeyReused(
+                "This Idempotency-Key was already used for a different request "
+                f"({stored_action}); use a new key for a new request."
+            )
+            self._audit_alone(
+                self._entry(spec, ctx, data, None, None, refusal.code, None, target=target)
+            )
+            raise refusal
+        assert stored is not None
+        entry = self._entry(
+            spec, ctx, data, None, Decision.allow("replay"), stored.outcome, None, target=target
+        )
+        entry.resource_id = stored.resource_id
+        entry.replayed = True
+        self._audit_alone(entry)
+        if stored.error:
+            raise ReplayedError(dict(stored.error))
         return Outcome(
             action=spec.name,
-            status=int(row.response_status),
-            body=row.response_body,
+            status=stored.status,
+            body=stored.body,
             request_id=ctx.request_id,
-            resource_id=row.resource_id,
+            resource_id=stored.resource_id,
             replayed=True,
         )
+
+    def _audit_alone(self, entry: AuditEntry) -> None:
+        """Append one entry on its own (PostgreSQL: one autocommit INSERT, one round trip)."""
+        if not self._lock_rows:
+            with translate_errors():
+                self.audit_trail.write_alone(self._sessions, [entry])
+            return
+        lease = self.audit_trail.lease()
+        rows = lease.seal([entry])
+        try:
+            with translate_errors(), self._autocommit.connect() as conn:
+                conn.execute(insert(audit_table).inline(), rows[0])
+        except BaseException:
+            lease.abandon()  # the INSERT's fate may be unknown: never reuse the stream
+            raise
+        lease.committed()
 
     def _load(self, session: Session, spec: ActionSpec, actor: Actor, target: Any) -> Any:
         resource = spec.resource
@@ -802,6 +889,10 @@ def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
     if resource.tenant is not None:
         stmt = stmt.where(resource.column(resource.tenant) == bindparam("t_tenant"))
     return stmt.with_for_update(of=resource.model).add_cte(claim)
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _mark_written(session: Session, _context: Any) -> None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -151,7 +153,10 @@ idempotency_table = Table(
     Column("completed_at", DateTime(timezone=True), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("tenant", "subject", "key", name="uq_charter_idempotency_scope"),
-    Index("ix_charter_idempotency_expiry", "status", "expires_at"),
+    # Expiry only: the completion UPDATE changes ``status``, and an index on it
+    # would make every completion a non-HOT update on PostgreSQL.
+    Index("ix_charter_idempotency_expiry", "expires_at"),
+    postgresql_with={"fillfactor": 70},  # room for HOT updates of the completion
 )
 
 
@@ -194,6 +199,73 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, Enum):
         return _canonical(value.value)
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutcome:
+    """A completed request's outcome, as replayed."""
+
+    fingerprint: str
+    action: str
+    status: int
+    body: Any
+    error: dict[str, Any] | None
+    outcome: str
+    resource_id: str | None
+    expires_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> StoredOutcome:
+        return cls(
+            fingerprint=row.fingerprint,
+            action=row.action,
+            status=int(row.response_status),
+            body=row.response_body,
+            error=dict(row.error) if row.error else None,
+            outcome=str(row.outcome),
+            resource_id=row.resource_id,
+            expires_at=_aware(row.expires_at),
+        )
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+class OutcomeCache:
+    """Completed outcomes this process has seen, so that a replay needs no lookup.
+
+    Safe because a completed record never changes: it is only deleted after it
+    expires, and entries here expire at the same moment. Bounded in count (LRU)
+    and in body size; a miss falls back to the database, so several instances
+    need no coordination.
+    """
+
+    def __init__(self, *, max_entries: int = 10_000, max_body_bytes: int = 64 * 1024) -> None:
+        self._entries: OrderedDict[tuple[str, str, str], StoredOutcome] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+        self.max_body_bytes = max_body_bytes
+
+    def get(self, scope: tuple[str, str, str], now: datetime) -> StoredOutcome | None:
+        with self._lock:
+            stored = self._entries.get(scope)
+            if stored is None:
+                return None
+            if stored.expires_at <= now:
+                del self._entries[scope]
+                return None
+            self._entries.move_to_end(scope)
+            return stored
+
+    def put(self, scope: tuple[str, str, str], stored: StoredOutcome) -> None:
+        if self.max_entries <= 0 or len(json.dumps(stored.body, default=str)) > self.max_body_bytes:
+            return
+        with self._lock:
+            self._entries[scope] = stored
+            self._entries.move_to_end(scope)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,12 @@ WRITE_OPTION = "charter_write"
 
 
 def make_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: bool = False
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 20,
+    echo: bool = False,
+    lock_timeout_ms: int | None = 10_000,
 ) -> Engine:
     """Create an engine configured the way the gate needs it."""
     parsed = make_url(url)
@@ -62,7 +67,18 @@ def make_engine(
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
         # Charter is tested against psycopg 3; map the bare scheme onto it.
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, echo=echo, pool_size=pool_size, max_overflow=max_overflow)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and lock_timeout_ms is not None:
+        # Bound every lock wait (row locks, a concurrent duplicate's idempotency
+        # claim) as a connection setting: no extra statement per transaction.
+        connect_args["options"] = f"-c lock_timeout={int(lock_timeout_ms)}"
+    return create_engine(
+        parsed,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_args=connect_args,
+    )
 
 
 def configure_sqlite(engine: Engine) -> None:

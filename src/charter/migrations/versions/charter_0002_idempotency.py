@@ -38,10 +38,9 @@ def upgrade() -> None:
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("tenant", "subject", "key", name="uq_charter_idempotency_scope"),
+        postgresql_with={"fillfactor": 70},
     )
-    op.create_index(
-        "ix_charter_idempotency_expiry", "charter_idempotency", ["status", "expires_at"]
-    )
+    op.create_index("ix_charter_idempotency_expiry", "charter_idempotency", ["expires_at"])
 
 
 def downgrade() -> None:
