@@ -50,6 +50,7 @@ from .errors import (
     ReasonRequired,
 )
 from .idempotency import (
+    CLAIM_COLUMNS,
     COMPLETED,
     DEFAULT_RETENTION,
     IdempotencyKeyInProgress,
@@ -61,10 +62,12 @@ from .idempotency import (
     StoredOutcome,
     claim_statement,
     claim_values,
+    completion_params,
     completion_statement,
     fingerprint,
     idempotency_table,
     lookup,
+    prepared_claim,
     stored_error,
     validate_key,
 )
@@ -387,7 +390,7 @@ class Charter(Registry, Operations):
                         session,
                         lease,
                         [entry],
-                        completion_statement(
+                        completion_params(
                             claim_id,
                             status=exc.status,
                             body=None,
@@ -431,7 +434,7 @@ class Charter(Registry, Operations):
                 entry = self._entry(spec, ctx, data, record, decision, "ok", state_before)
                 completion = None
                 if claim_id is not None:
-                    completion = completion_statement(
+                    completion = completion_params(
                         claim_id,
                         status=spec.status,
                         body=body,
@@ -491,21 +494,23 @@ class Charter(Registry, Operations):
         session: Session,
         lease: AuditLease,
         entries: list[AuditEntry],
-        completion: Any,
+        completion: dict[str, Any] | None,
     ) -> None:
-        """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together."""
+        """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together.
+
+        ``completion`` holds the parameters of the stored outcome (keyed calls).
+        """
         session.flush()
         if completion is not None and self._lock_rows and len(entries) == 1:
             # PostgreSQL: the audit entry and the stored outcome in one round trip
             # (a data-modifying CTE), so idempotency adds no statement to a call.
             row = lease.seal(entries)[0]
-            session.execute(
-                completion.add_cte(insert(audit_table).values(row).cte("charter_entry"))
-            )
+            params = {**completion, **{f"a_{name}": value for name, value in row.items()}}
+            session.execute(completion_statement(with_audit=True), params)
         else:
             lease.write(session, entries)
             if completion is not None:
-                session.execute(completion)
+                session.execute(completion_statement(), completion)
         try:
             session.commit()
         except BaseException:
@@ -576,7 +581,8 @@ class Charter(Registry, Operations):
         )
         try:
             claimed = session.execute(
-                claim_statement(self.engine.dialect.name, values)
+                prepared_claim(self.engine.dialect.name),
+                {f"c_{name}": value for name, value in values.items()},
             ).scalar_one_or_none()
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
@@ -865,17 +871,7 @@ class Charter(Registry, Operations):
 
 
 def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
-    columns = (
-        "tenant",
-        "subject",
-        "key",
-        "fingerprint",
-        "action",
-        "status",
-        "phase",
-        "created_at",
-        "expires_at",
-    )
+    columns = CLAIM_COLUMNS
     claim = (
         pg_insert(idempotency_table)
         .values({name: bindparam(f"c_{name}") for name in columns})

@@ -28,6 +28,7 @@ leaves either nothing (a retry runs once) or everything (a retry replays).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -49,7 +50,9 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
+    insert,
     select,
     update,
 )
@@ -288,6 +291,21 @@ def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
     )
 
 
+CLAIM_COLUMNS = (
+    "tenant", "subject", "key", "fingerprint", "action", "status", "phase", "created_at",
+    "expires_at",
+)  # fmt: skip
+
+
+@functools.cache
+def prepared_claim(dialect: str) -> Any:
+    """The claim INSERT built once with bound parameters ``c_<column>``."""
+    t = idempotency_table
+    return claim_statement(
+        dialect, {name: bindparam(f"c_{name}", type_=t.c[name].type) for name in CLAIM_COLUMNS}
+    )
+
+
 def claim_values(
     *,
     tenant: str,
@@ -311,7 +329,13 @@ def claim_values(
     }
 
 
-def completion_statement(
+_COMPLETION_COLUMNS = (
+    "status", "response_status", "response_body", "error", "outcome", "resource_id",
+    "completed_at", "locked_until", "request_input",
+)  # fmt: skip
+
+
+def completion_params(
     claim_id: int,
     *,
     status: int,
@@ -320,22 +344,41 @@ def completion_statement(
     outcome: str,
     resource_id: str | None,
     now: datetime,
-) -> Any:
-    return (
-        update(idempotency_table)
-        .where(idempotency_table.c.id == claim_id)
+) -> dict[str, Any]:
+    """Parameters of :func:`completion_statement`: the outcome stored under a claim."""
+    values = {
+        "status": COMPLETED, "response_status": status, "response_body": body, "error": error,
+        "outcome": outcome, "resource_id": resource_id, "completed_at": now,
+        "locked_until": None,
+        "request_input": None,  # the request (which may hold secrets) is not kept once done
+    }  # fmt: skip
+    return {"u_id": claim_id, **{f"u_{name}": value for name, value in values.items()}}
+
+
+@functools.cache
+def completion_statement(*, with_audit: bool = False) -> Any:
+    """The completion UPDATE, built once with bound parameters (it is on every keyed call).
+
+    ``with_audit=True`` (PostgreSQL) folds the audit entry's INSERT into the same
+    statement as a data-modifying CTE, whose parameters are named ``a_<column>``.
+    """
+    t = idempotency_table
+    stmt = (
+        update(t)
+        .where(t.c.id == bindparam("u_id"))
         .values(
-            status=COMPLETED,
-            response_status=status,
-            response_body=body,
-            error=error,
-            outcome=outcome,
-            resource_id=resource_id,
-            completed_at=now,
-            locked_until=None,
-            request_input=None,  # the request (which may hold secrets) is not kept once done
+            {name: bindparam(f"u_{name}", type_=t.c[name].type) for name in _COMPLETION_COLUMNS}
         )
     )
+    if with_audit:
+        from .audit import audit_table
+
+        columns = [c for c in audit_table.c if c.name != "id"]
+        entry = insert(audit_table).values(
+            {c.name: bindparam(f"a_{c.name}", type_=c.type) for c in columns}
+        )
+        stmt = stmt.add_cte(entry.cte("charter_entry"))
+    return stmt
 
 
 def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | None:

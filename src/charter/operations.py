@@ -203,7 +203,8 @@ class Operations:
         lease = self.audit_trail.lease()
         try:
             with translate_errors():
-                self._commit(session, lease, [entry] if entry is not None else [], statement)
+                session.execute(statement)
+                self._commit(session, lease, [entry] if entry is not None else [], None)
         finally:
             lease.rolled_back()
 
