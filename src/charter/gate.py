@@ -539,26 +539,11 @@ class Charter(Registry, Operations):
             stmt = _claim_and_load_statement(resource)
             self._claim_load_statements[resource.name] = stmt
         actor = ctx.actor
-        values = claim_values(
-            tenant=actor.tenant_id,
-            subject=actor.subject.id,
-            key=ctx.idempotency_key,
-            fp=fp,
-            action=ctx.action,
-            now=ctx.now,
-            retention=self.idempotency_retention,
-        )
+        values = self._claim_values(ctx, fp)
         params = {f"c_{name}": value for name, value in values.items()}
         params.update(t_id=key, t_tenant=actor.tenant_id)
-        try:
+        with _bounded_wait():
             found = session.execute(stmt, params).first()
-        except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-                raise IdempotencyKeyInProgress(
-                    "A request with this Idempotency-Key is still running; retry shortly.",
-                    retry_after=1,
-                ) from exc
-            raise
         if found is None:
             return None, None
         record, claimed = found
@@ -566,31 +551,27 @@ class Charter(Registry, Operations):
             raise _AlreadyClaimed
         return int(claimed), record
 
-    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
-        """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
-        actor = ctx.actor
+    def _claim_values(self, ctx: ActionContext, fp: str) -> dict[str, Any]:
         assert ctx.idempotency_key is not None
-        values = claim_values(
-            tenant=actor.tenant_id,
-            subject=actor.subject.id,
+        return claim_values(
+            tenant=ctx.actor.tenant_id,
+            subject=ctx.actor.subject.id,
             key=ctx.idempotency_key,
             fp=fp,
             action=ctx.action,
             now=ctx.now,
             retention=self.idempotency_retention,
         )
-        try:
+
+    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
+        """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
+        assert ctx.idempotency_key is not None
+        values = self._claim_values(ctx, fp)
+        with _bounded_wait():
             claimed = session.execute(
                 prepared_claim(self.engine.dialect.name),
                 {f"c_{name}": value for name, value in values.items()},
             ).scalar_one_or_none()
-        except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-                raise IdempotencyKeyInProgress(
-                    "A request with this Idempotency-Key is still running; retry shortly.",
-                    retry_after=1,
-                ) from exc
-            raise
         if claimed is None:
             raise _AlreadyClaimed
         return int(claimed)
@@ -848,17 +829,8 @@ class Charter(Registry, Operations):
         error: CharterError,
         resource_id: str | None,
     ) -> None:
-        actor = ctx.actor
         assert ctx.idempotency_key is not None
-        values = claim_values(
-            tenant=actor.tenant_id,
-            subject=actor.subject.id,
-            key=ctx.idempotency_key,
-            fp=fp,
-            action=ctx.action,
-            now=ctx.now,
-            retention=self.idempotency_retention,
-        )
+        values = self._claim_values(ctx, fp)
         values.update(
             status=COMPLETED,
             response_status=error.status,
@@ -885,6 +857,20 @@ def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
     if resource.tenant is not None:
         stmt = stmt.where(resource.column(resource.tenant) == bindparam("t_tenant"))
     return stmt.with_for_update(of=resource.model).add_cte(claim)
+
+
+@contextmanager
+def _bounded_wait() -> Iterator[None]:
+    """A claim that waited past ``lock_timeout``: another request holds the key (409)."""
+    try:
+        yield
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise IdempotencyKeyInProgress(
+                "A request with this Idempotency-Key is still running; retry shortly.",
+                retry_after=1,
+            ) from exc
+        raise
 
 
 def _aware(when: datetime) -> datetime:
