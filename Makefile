@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## Set everything up and run the whole test suite (PostgreSQL/Redis tests skip with a reason if absent; under CI=true they must run).
 test: $(STAMP)
-	$(BIN)/python -m pytest --cov=charter --cov-branch --cov-report=term:skip-covered --cov-fail-under=$${COV_FLOOR:-80} -p no:cacheprovider
+	$(BIN)/python -m pytest --cov=charter --cov-branch --cov-report=term:skip-covered --cov-fail-under=$${COV_FLOOR:-85} -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
