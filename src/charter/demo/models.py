@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime, Numeric, String
+from sqlalchemy import DateTime, Index, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "Invoice", "InvoiceState"]
@@ -25,6 +25,8 @@ class InvoiceState:
 
 class Invoice(Base):
     __tablename__ = "invoices"
+    # The approval queue and lists filter by tenant and state (see the policy's SQL).
+    __table_args__ = (Index("ix_invoices_tenant_state", "tenant_id", "state"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
