@@ -41,7 +41,7 @@ class ActionContext:
     session: Session | None = None
     idempotency_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    steps: StepRunner | None = None
+    steps: StepRunner | Callable[[], StepRunner] | None = None
 
     def external(self, name: str, call: Callable[[str], T]) -> T:
         """Call an outside service as a recovered step (see :mod:`charter.recovery`).
@@ -55,4 +55,6 @@ class ActionContext:
                 f"{self.action}: ctx.external() needs an idempotent action "
                 "(idempotency='required') called with a key"
             )
+        if callable(self.steps):  # built lazily, on the first step
+            self.steps = self.steps()
         return self.steps.external(name, call)

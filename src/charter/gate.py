@@ -19,6 +19,7 @@ is rolled back and the refusal is audited.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -363,8 +364,18 @@ class Charter(Registry, Operations):
                     )
                 state_before = resource.state_of(record) if resource else None
                 if claim_id is not None:
-                    ctx.steps = self._step_runner(
-                        session, spec, ctx, data, target, record, claim_id, decision, resume
+                    # Built on the first ctx.external() only: most keyed actions have no step.
+                    ctx.steps = functools.partial(
+                        self._step_runner,
+                        session,
+                        spec,
+                        ctx,
+                        data,
+                        target,
+                        record,
+                        claim_id,
+                        decision,
+                        resume,
                     )
                 session.info[_WROTE] = False
                 try:
