@@ -215,6 +215,9 @@ def _redact(value: Any, name: str = "") -> Any:
     return value
 
 
+_EMPTY_DIGEST = hashlib.sha256(b"{}").hexdigest()
+
+
 def digest_input(data: BaseModel | Mapping[str, Any] | None) -> str | None:
     """SHA-256 of the canonical JSON of the input, with secret fields redacted.
 
@@ -225,6 +228,8 @@ def digest_input(data: BaseModel | Mapping[str, Any] | None) -> str | None:
     """
     if data is None:
         return None
+    if isinstance(data, BaseModel) and not type(data).model_fields:
+        return _EMPTY_DIGEST  # actions without input: the same digest every time
     raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
     canonical = json.dumps(_redact(raw), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -729,8 +729,13 @@ class Charter(Registry, Operations):
             resource = self._resources.get(type(obj))
             if resource is None or resource.tenant is None:
                 continue
-            history = sa_inspect(obj).attrs[resource.tenant].history
-            if history.has_changes():
+            # committed_state holds the original value of every attribute changed
+            # since load: cheaper than building the attribute's history.
+            state = sa_inspect(obj)
+            if (
+                resource.tenant in state.committed_state
+                and state.attrs[resource.tenant].history.has_changes()
+            ):
                 raise _tenant_violation(f"a {resource.name} record cannot change tenant")
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ class ResourceSpec:
     state: str | None = None
     version: str | None = None
     view: Callable[[Any], Any] | None = None
+    id_type: type[Any] | None = None  # the primary key's Python type, to coerce ids
 
     @classmethod
     def declare(
@@ -70,6 +71,10 @@ class ResourceSpec:
         resource_name = name or str(getattr(mapper.local_table, "name", ""))
         if not resource_name or not resource_name.replace("_", "").isalnum():
             raise ConfigurationError(f"resource name {resource_name!r} must be an identifier")
+        try:
+            id_type: type[Any] | None = mapper.primary_key[0].type.python_type
+        except NotImplementedError:
+            id_type = None
         return cls(
             model=model,
             name=resource_name,
@@ -78,6 +83,7 @@ class ResourceSpec:
             state=state,
             version=version,
             view=view,
+            id_type=id_type,
         )
 
     def render(self, record: Any) -> Any:
@@ -111,14 +117,13 @@ class ResourceSpec:
 def request_id_or_new(value: str | None) -> str:
     if value and len(value) <= MAX_REQUEST_ID and value.isprintable() and value.isascii():
         return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def coerce_id(resource: ResourceSpec, target: Any) -> Any:
-    column = resource.column(resource.id)
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
+    """The target id as the primary key's Python type, or None if it cannot be one."""
+    python_type = resource.id_type
+    if python_type is None:
         return target
     if isinstance(target, python_type):
         return target
