@@ -50,7 +50,6 @@ def upgrade() -> None:
     op.create_index(
         "ix_charter_audit_resource", "charter_audit", ["resource_type", "resource_id", "id"]
     )
-    op.create_index("ix_charter_audit_tenant_at", "charter_audit", ["tenant", "at"])
     op.create_table(
         "charter_audit_checkpoints",
         sa.Column("id", _ID, primary_key=True, autoincrement=True),
@@ -64,6 +63,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("charter_audit_checkpoints")
-    op.drop_index("ix_charter_audit_tenant_at", "charter_audit")
     op.drop_index("ix_charter_audit_resource", "charter_audit")
     op.drop_table("charter_audit")
