@@ -65,9 +65,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import _common
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import String, event, func, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from charter import Actor, Charter
@@ -75,7 +76,6 @@ from charter.context import ActionContext
 from charter.errors import CharterError
 from charter.idempotency import IdempotencyKeyInProgress
 from charter.migrate import upgrade
-from charter.storage import make_engine
 
 PG_URL = os.environ.get(
     "CHARTER_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/charter_test"
@@ -161,23 +161,7 @@ def vacuum(engine: Engine) -> None:
 
 
 def pg_bench_url() -> str | None:
-    """The benchmark database's URL, created if missing; None when PostgreSQL is unusable."""
-    base = make_url(PG_URL)
-    target = base.set(database=BENCH_DB)
-    admin = make_engine(base.set(database="postgres").render_as_string(hide_password=False))
-    try:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": BENCH_DB}
-            ).scalar()
-            if not exists:
-                conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
-    except Exception as exc:
-        print(f"PostgreSQL unavailable at {target.render_as_string()}: {exc!r}", file=sys.stderr)
-        return None
-    finally:
-        admin.dispose()
-    return target.render_as_string(hide_password=False)
+    return _common.pg_bench_url(BENCH_DB)
 
 
 # -- the three paths ---------------------------------------------------------------------

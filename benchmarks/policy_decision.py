@@ -24,13 +24,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import _common
 import casbin
 import cedarpy
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from charter.actor import Actor
-from charter.policy import A, PolicySet, R
+from charter.policy import PolicySet
 from charter.resources import ResourceSpec
 
 
@@ -57,10 +58,7 @@ def charter_engine() -> Any:
     policy = PolicySet()
     policy.allow(
         "invoice.approve",
-        A.has_role("approver")
-        & (R.state == "submitted")
-        & (R.amount <= A.approval_limit)
-        & (R.created_by != A.id),
+        _common.APPROVER_RULE,
         name="approvers-approve",
     )
     return policy.compile(resource=spec, action="invoice.approve", listable=True)

@@ -21,12 +21,13 @@ import sys
 import time
 from decimal import Decimal
 
+import _common
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from charter.actor import Actor
-from charter.policy import A, PolicySet, R
+from charter.policy import PolicySet
 from charter.resources import ResourceSpec
 
 PG_URL = os.environ.get(
@@ -103,10 +104,7 @@ def main() -> int:
     policy = PolicySet()
     policy.allow(
         "invoice.approve",
-        A.has_role("approver")
-        & (R.state == "submitted")
-        & (R.amount <= A.approval_limit)
-        & (R.created_by != A.id),
+        _common.APPROVER_RULE,
         name="approvers-approve",
     )
     ap = policy.compile(resource=spec, action="invoice.approve", listable=True)

@@ -1,0 +1,45 @@
+"""Shared pieces of the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from charter import A, R
+from charter.storage import make_engine
+
+PG_URL = os.environ.get(
+    "CHARTER_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/charter_test"
+)
+
+# The rule every policy benchmark measures: an approver of the invoice's tenant (the tenant
+# is built in), invoice submitted, amount within the actor's limit, not the creator.
+APPROVER_RULE = (
+    A.has_role("approver")
+    & (R.state == "submitted")
+    & (R.amount <= A.approval_limit)
+    & (R.created_by != A.id)
+)
+
+
+def pg_bench_url(database: str) -> str | None:
+    """URL of a benchmark database beside the test one, created if missing; None if unusable."""
+    base = make_url(PG_URL)
+    target = base.set(database=database)
+    admin = make_engine(base.set(database="postgres").render_as_string(hide_password=False))
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": database}
+            ).scalar()
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{database}"'))
+    except Exception as exc:
+        print(f"PostgreSQL unavailable at {target.render_as_string()}: {exc!r}", file=sys.stderr)
+        return None
+    finally:
+        admin.dispose()
+    return target.render_as_string(hide_password=False)
