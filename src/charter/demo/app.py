@@ -24,7 +24,7 @@ from ..settings import Settings
 from ..tokens import TokenSigner
 from ..webhooks import StandardWebhookVerifier
 from .models import Invoice
-from .payments import PaymentClient
+from .payment_client import PaymentClient
 from .service import build_charter, directory, invoice_view, payments_partner
 
 __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]

@@ -25,7 +25,7 @@ from ..errors import ConfigurationError
 from ..gate import Charter
 from ..policy import A, C, R
 from .models import Invoice, InvoiceState
-from .payments import PaymentClient
+from .payment_client import PaymentClient
 
 __all__ = [
     "DEMO_USERS",
