@@ -258,3 +258,29 @@ def test_a_denial_is_explained_in_the_audit_trail_with_the_failed_condition(clie
     assert 403 == client.post(f"/invoices/{invoice}/approve", headers=auth("bob")).status_code
     denial = client.app_state.charter.history("invoices", invoice)[-1]
     assert "R.amount 9000.00 <= A.approval_limit 5000 is false" in denial["detail"]["failed"]
+
+
+def test_idempotency_key_header_replays_with_the_marker_and_refuses_reuse(client):
+    headers = auth("alice", **{"Idempotency-Key": "create-1"})
+    first = client.post("/invoices", json={"customer": "ACME", "amount": "10.00"}, headers=headers)
+    again = client.post("/invoices", json={"customer": "ACME", "amount": "10.0"}, headers=headers)
+    assert (201, 201, first.json()) == (first.status_code, again.status_code, again.json())
+    assert ("true", None) == (
+        again.headers.get("idempotent-replayed"),
+        first.headers.get("idempotent-replayed"),
+    )
+    other = client.post("/invoices", json={"customer": "Other", "amount": "10.00"}, headers=headers)
+    assert (422, "idempotency_key_reused") == (other.status_code, other.json()["code"])
+    bad = client.post(
+        "/invoices",
+        json={"customer": "ACME", "amount": "1"},
+        headers=auth("alice", **{"Idempotency-Key": "x" * 256}),
+    )
+    assert (400, "idempotency_key_invalid") == (bad.status_code, bad.json()["code"])
+    assert 1 == len(client.get("/invoices", headers=auth("bob")).json()["items"])
+
+
+def test_a_required_key_missing_over_http_is_400(client):
+    invoice = create_invoice(client)
+    response = client.post(f"/invoices/{invoice}/pay", headers=auth("carol"))
+    assert (400, "idempotency_key_missing") == (response.status_code, response.json()["code"])
