@@ -23,21 +23,21 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, bindparam, event, insert, select
+from sqlalchemy import Select, bindparam, event, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
-from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, audit_table, digest_input
+from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail
+from .claims import Claims, _AlreadyClaimed, _Resumable
 from .context import ActionContext
 from .decision import Decision, DecisionKind
 from .errors import (
@@ -50,34 +50,23 @@ from .errors import (
     ReasonRequired,
 )
 from .idempotency import (
-    CLAIM_COLUMNS,
-    COMPLETED,
     DEFAULT_RETENTION,
     IdempotencyKeyInProgress,
     IdempotencyKeyMissing,
-    IdempotencyKeyReused,
     IdempotencyMode,
     OutcomeCache,
-    ReplayedError,
-    StoredOutcome,
-    claim_statement,
-    claim_values,
     completion_params,
     completion_statement,
     fingerprint,
-    idempotency_table,
-    lookup,
-    prepared_claim,
     stored_error,
     validate_key,
 )
-from .operations import Operations
+from .outcome import Outcome
 from .recovery import (
     DEFAULT_LEASE,
-    takeover_statement,
 )
 from .registry import Registry
-from .resources import ResourceSpec, coerce_id, request_id_or_new
+from .resources import coerce_id, request_id_or_new
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
 
 __all__ = ["Charter", "HandlerFailed", "Outcome"]
@@ -92,8 +81,6 @@ DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
 _ACTOR = "charter.actor"
 _WROTE = "charter.wrote"
 _CLAIM_ATTEMPTS = 3
-LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
-UNIQUE_VIOLATION = "23505"
 _CREATED = "charter.created"
 
 MAX_REASON = 1000
@@ -108,32 +95,8 @@ class HandlerFailed(CharterError):
     title = "Internal error"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What an executed action produced."""
-
-    action: str
-    status: int
-    body: Any
-    request_id: str
-    resource_id: str | None = None
-    version: int | None = None
-    replayed: bool = False
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class _Resumable(Exception):
-    """Internal: this call took over an abandoned multi-phase request and resumes it."""
-
-    def __init__(self, row: Row[Any]) -> None:
-        self.row = row
-
-
-class _AlreadyClaimed(Exception):
-    """Internal: another request holds (or held) this idempotency key."""
 
 
 class _Refusal(Exception):
@@ -145,7 +108,7 @@ class _Refusal(Exception):
         self.record = record
 
 
-class Charter(Registry, Operations):
+class Charter(Registry, Claims):
     """The registry of resources and actions, and the gate that runs them.
 
     Configuration is keyword-only: ``database_url`` *or* ``engine``; ``clock``
@@ -470,36 +433,6 @@ class Charter(Registry, Operations):
             version=version,
         )
 
-    def _remember(
-        self,
-        ctx: ActionContext,
-        spec: ActionSpec,
-        fp: str | None,
-        resume: Row[Any] | None,
-        status: int,
-        body: Any,
-        error: dict[str, Any] | None,
-        outcome: str,
-        resource_id: str | None,
-    ) -> None:
-        """Keep a just-committed outcome for replays (it expires with its record)."""
-        if fp is None or ctx.idempotency_key is None:
-            return
-        created = ctx.now if resume is None else _aware(resume.created_at)
-        self._outcomes.put(
-            (ctx.actor.tenant_id, ctx.actor.subject.id, ctx.idempotency_key),
-            StoredOutcome(
-                fp,
-                spec.name,
-                status,
-                body,
-                error,
-                outcome,
-                resource_id,
-                created + self.idempotency_retention,
-            ),
-        )
-
     def _commit(
         self,
         session: Session,
@@ -526,157 +459,6 @@ class Charter(Registry, Operations):
             session.commit()
         except BaseException:
             lease.abandon()  # the COMMIT's fate is unknown: never reuse this stream
-            raise
-        lease.committed()
-
-    def _claim_and_load(
-        self, session: Session, spec: ActionSpec, ctx: ActionContext, target: Any, fp: str
-    ) -> tuple[int | None, Any]:
-        """PostgreSQL: claim the key and lock the target in one statement (one round trip).
-
-        ``WITH claim AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id)
-        SELECT record, (SELECT id FROM claim) ... FOR UPDATE OF record``. When the
-        record is not found the claim's fate does not matter: the refusal rolls
-        the transaction back.
-        """
-        resource = spec.resource
-        assert resource is not None
-        assert ctx.idempotency_key is not None
-        key = coerce_id(resource, target)
-        if key is None:
-            return None, None
-        stmt = self._claim_load_statements.get(resource.name)
-        if stmt is None:
-            stmt = _claim_and_load_statement(resource)
-            self._claim_load_statements[resource.name] = stmt
-        actor = ctx.actor
-        values = self._claim_values(ctx, fp)
-        params = {f"c_{name}": value for name, value in values.items()}
-        params.update(t_id=key, t_tenant=actor.tenant_id)
-        try:
-            with _bounded_wait():
-                found = session.execute(stmt, params).first()
-        except IntegrityError as exc:
-            if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
-                raise _AlreadyClaimed from exc  # the transaction is aborted: replay path
-            raise
-        if found is None:
-            return None, None
-        record, claimed = found
-        if claimed is None:
-            raise _AlreadyClaimed
-        return int(claimed), record
-
-    def _claim_values(self, ctx: ActionContext, fp: str) -> dict[str, Any]:
-        assert ctx.idempotency_key is not None
-        return claim_values(
-            tenant=ctx.actor.tenant_id,
-            subject=ctx.actor.subject.id,
-            key=ctx.idempotency_key,
-            fp=fp,
-            action=ctx.action,
-            now=ctx.now,
-            retention=self.idempotency_retention,
-        )
-
-    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
-        """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
-        assert ctx.idempotency_key is not None
-        values = self._claim_values(ctx, fp)
-        with _bounded_wait():
-            claimed = session.execute(
-                prepared_claim(self.engine.dialect.name),
-                {f"c_{name}": value for name, value in values.items()},
-            ).scalar_one_or_none()
-        if claimed is None:
-            raise _AlreadyClaimed
-        return int(claimed)
-
-    def _replay(
-        self,
-        spec: ActionSpec,
-        ctx: ActionContext,
-        data: BaseModel,
-        target: Any,
-        fp: str,
-    ) -> Outcome | None:
-        """Answer a duplicate from the stored record (audited as a replay); None if gone."""
-        actor = ctx.actor
-        assert ctx.idempotency_key is not None
-        with translate_errors(), self._sessions() as session:
-            row = lookup(session, actor.tenant_id, actor.subject.id, ctx.idempotency_key)
-            if row is None:
-                return None
-            if row.status != COMPLETED and row.recovery is not None and row.fingerprint == fp:
-                taken = session.execute(
-                    takeover_statement(int(row.id), self.clock(), self.recovery_lease)
-                )
-                session.commit()
-                if getattr(taken, "rowcount", 0) == 1:
-                    raise _Resumable(row)
-            if row.status != COMPLETED and row.fingerprint == fp:
-                raise IdempotencyKeyInProgress(
-                    "A request with this Idempotency-Key is still in progress; retry shortly."
-                )
-        if row.status == COMPLETED:
-            stored = StoredOutcome.from_row(row)
-            self._outcomes.put((actor.tenant_id, actor.subject.id, ctx.idempotency_key), stored)
-        else:
-            stored = None
-        return self._replay_stored(spec, ctx, data, target, fp, stored, row.fingerprint, row.action)
-
-    def _replay_stored(
-        self,
-        spec: ActionSpec,
-        ctx: ActionContext,
-        data: BaseModel,
-        target: Any,
-        fp: str,
-        stored: StoredOutcome | None,
-        stored_fingerprint: str,
-        stored_action: str,
-    ) -> Outcome:
-        """Replay a stored outcome, or refuse a different request under the same key."""
-        if stored_fingerprint != fp:
-            refusal = IdempotencyKeyReused(
-                "This Idempotency-Key was already used for a different request "
-                f"({stored_action}); use a new key for a new request."
-            )
-            self._audit_alone(
-                self._entry(spec, ctx, data, None, None, refusal.code, None, target=target)
-            )
-            raise refusal
-        assert stored is not None
-        entry = self._entry(
-            spec, ctx, data, None, Decision.allow("replay"), stored.outcome, None, target=target
-        )
-        entry.resource_id = stored.resource_id
-        entry.replayed = True
-        self._audit_alone(entry)
-        if stored.error:
-            raise ReplayedError(dict(stored.error))
-        return Outcome(
-            action=spec.name,
-            status=stored.status,
-            body=stored.body,
-            request_id=ctx.request_id,
-            resource_id=stored.resource_id,
-            replayed=True,
-        )
-
-    def _audit_alone(self, entry: AuditEntry) -> None:
-        """Append one entry on its own (PostgreSQL: one autocommit INSERT, one round trip)."""
-        if not self._lock_rows:
-            with translate_errors():
-                self.audit_trail.write_alone(self._sessions, [entry])
-            return
-        lease = self.audit_trail.lease()
-        rows = lease.seal([entry])
-        try:
-            with translate_errors(), self._autocommit.connect() as conn:
-                conn.execute(insert(audit_table).inline(), rows[0])
-        except BaseException:
-            lease.abandon()  # the INSERT's fate may be unknown: never reuse the stream
             raise
         lease.committed()
 
@@ -759,48 +541,6 @@ class Charter(Registry, Operations):
             setattr(record, resource.version, current)
         return int(current)
 
-    def _entry(
-        self,
-        spec: ActionSpec,
-        ctx: ActionContext,
-        data: BaseModel | None,
-        record: Any,
-        decision: Decision | None,
-        outcome: str,
-        state_before: str | None,
-        target: Any = None,
-        detail: dict[str, Any] | None = None,
-    ) -> AuditEntry:
-        actor = ctx.actor
-        resource = spec.resource
-        resource_id = (
-            resource.identity(record)
-            if record is not None and resource
-            else (None if target is None else str(target)[:128])
-        )
-        return AuditEntry(
-            at=ctx.now,
-            tenant=actor.tenant_id,
-            subject=actor.subject.id,
-            subject_kind=str(actor.subject.kind),
-            real_actor=actor.id if actor.is_impersonating else None,
-            scopes=sorted(actor.scopes),
-            channel=str(ctx.channel),
-            action=spec.name,
-            resource_type=resource.name if resource else None,
-            resource_id=resource_id,
-            reason=ctx.reason,
-            decision="allow" if decision and decision.allowed else "deny",
-            rule=decision.rule if decision else None,
-            outcome=outcome,
-            request_id=ctx.request_id,
-            idempotency_key=ctx.idempotency_key,
-            state_before=state_before,
-            state_after=resource.state_of(record) if resource else None,
-            input_digest=digest_input(data),
-            detail=detail,
-        )
-
     def _audit_refusal(
         self,
         spec: ActionSpec,
@@ -841,63 +581,6 @@ class Charter(Registry, Operations):
                 self._commit(session, lease, [entry], None)
         finally:
             lease.rolled_back()
-
-    def _store_refusal(
-        self,
-        session: Session,
-        ctx: ActionContext,
-        fp: str,
-        error: CharterError,
-        resource_id: str | None,
-    ) -> None:
-        assert ctx.idempotency_key is not None
-        values = self._claim_values(ctx, fp)
-        values.update(
-            status=COMPLETED,
-            response_status=error.status,
-            error=stored_error(error),
-            outcome=error.code,
-            resource_id=resource_id,
-            completed_at=ctx.now,
-        )
-        session.execute(claim_statement(self.engine.dialect.name, values))
-
-
-def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
-    # A plain INSERT, not ON CONFLICT DO NOTHING: speculative insertion costs
-    # PostgreSQL ~0.3 ms here against ~0.08 ms (benchmarks/RESULTS.md), and a
-    # conflict is rare (a duplicate), answered by the unique violation instead.
-    # Concurrency is the same: the INSERT waits on a duplicate's uncommitted key.
-    claim = (
-        insert(idempotency_table)
-        .values({name: bindparam(f"c_{name}") for name in CLAIM_COLUMNS})
-        .returning(idempotency_table.c.id)
-        .cte("charter_claim")
-    )
-    stmt = select(resource.model, select(claim.c.id).scalar_subquery().label("claimed"))
-    # Parameter names must not match a column of the INSERT (SQLAlchemy would add it).
-    stmt = stmt.where(resource.column(resource.id) == bindparam("t_id"))
-    if resource.tenant is not None:
-        stmt = stmt.where(resource.column(resource.tenant) == bindparam("t_tenant"))
-    return stmt.with_for_update(of=resource.model).add_cte(claim)
-
-
-@contextmanager
-def _bounded_wait() -> Iterator[None]:
-    """A claim that waited past ``lock_timeout``: another request holds the key (409)."""
-    try:
-        yield
-    except OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-            raise IdempotencyKeyInProgress(
-                "A request with this Idempotency-Key is still running; retry shortly.",
-                retry_after=1,
-            ) from exc
-        raise
-
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _mark_written(session: Session, _context: Any) -> None:

@@ -21,18 +21,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .actions import ActionSpec
 from .actor import Actor, Channel
-from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail
+from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, digest_input
 from .audit_verify import VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, InvalidInput
 from .idempotency import COMPLETED, idempotency_table, purge
+from .outcome import Outcome
 from .recovery import StepRunner, actor_from_snapshot, actor_snapshot
 from .resources import coerce_id, request_id_or_new
 from .storage import translate_errors
 
 if TYPE_CHECKING:
-    from .gate import Outcome
     from .policy import ActionPolicy
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Operations"]
@@ -71,18 +71,48 @@ class Operations:
         def _commit(
             self, session: Session, lease: AuditLease, entries: list[AuditEntry], completion: Any
         ) -> None: ...
-        def _entry(
-            self,
-            spec: ActionSpec,
-            ctx: ActionContext,
-            data: BaseModel | None,
-            record: Any,
-            decision: Decision | None,
-            outcome: str,
-            state_before: str | None,
-            target: Any = None,
-            detail: dict[str, Any] | None = None,
-        ) -> AuditEntry: ...
+
+    def _entry(
+        self,
+        spec: ActionSpec,
+        ctx: ActionContext,
+        data: BaseModel | None,
+        record: Any,
+        decision: Decision | None,
+        outcome: str,
+        state_before: str | None,
+        target: Any = None,
+        detail: dict[str, Any] | None = None,
+    ) -> AuditEntry:
+        actor = ctx.actor
+        resource = spec.resource
+        resource_id = (
+            resource.identity(record)
+            if record is not None and resource
+            else (None if target is None else str(target)[:128])
+        )
+        return AuditEntry(
+            at=ctx.now,
+            tenant=actor.tenant_id,
+            subject=actor.subject.id,
+            subject_kind=str(actor.subject.kind),
+            real_actor=actor.id if actor.is_impersonating else None,
+            scopes=sorted(actor.scopes),
+            channel=str(ctx.channel),
+            action=spec.name,
+            resource_type=resource.name if resource else None,
+            resource_id=resource_id,
+            reason=ctx.reason,
+            decision="allow" if decision and decision.allowed else "deny",
+            rule=decision.rule if decision else None,
+            outcome=outcome,
+            request_id=ctx.request_id,
+            idempotency_key=ctx.idempotency_key,
+            state_before=state_before,
+            state_after=resource.state_of(record) if resource else None,
+            input_digest=digest_input(data),
+            detail=detail,
+        )
 
     # -- lists -------------------------------------------------------------------
 

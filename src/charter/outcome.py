@@ -1,0 +1,26 @@
+"""What an executed action produced (the value every channel renders)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Outcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of :meth:`Charter.execute`.
+
+    ``status`` is the HTTP status a channel should answer with; ``version`` the
+    record's new version (the ETag); ``replayed`` is true when the outcome was
+    stored by an earlier request with the same idempotency key.
+    """
+
+    action: str
+    status: int
+    body: Any
+    request_id: str
+    resource_id: str | None = None
+    version: int | None = None
+    replayed: bool = False
