@@ -142,6 +142,7 @@ def prepare_schema(engine: Engine, rows: int) -> None:
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM charter_audit"))
+        conn.execute(text("DELETE FROM charter_idempotency_outcomes"))
         conn.execute(text("DELETE FROM charter_idempotency"))
         conn.execute(
             Item.__table__.insert(),

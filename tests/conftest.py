@@ -71,6 +71,7 @@ def pg_schema() -> str:
         for table in (
             *_CHARTER_TABLES,
             "invoices",
+            "charter_idempotency_outcomes",
             "charter_idempotency",
             "charter_webhook_messages",
         ):

@@ -19,6 +19,7 @@ from charter.idempotency import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     idempotency_table,
+    lookup,
 )
 from charter.testing import FrozenClock
 
@@ -28,8 +29,12 @@ from .test_gate import create_doc, load
 
 
 def idem_rows(charter: Charter) -> list[dict]:
+    """Each stored key with its outcome (if completed)."""
     with charter.session() as s:
-        return [dict(r._mapping) for r in s.execute(select(idempotency_table))]
+        keys = s.execute(
+            select(idempotency_table.c.tenant, idempotency_table.c.subject, idempotency_table.c.key)
+        ).all()
+        return [dict(lookup(s, *k)._mapping) for k in keys]
 
 
 def test_a_required_key_that_is_missing_is_a_400_and_nothing_runs(charter, alice):

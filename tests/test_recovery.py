@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from charter import Actor, Charter
 from charter.demo.payments import PaymentProviderStub, PaymentProviderUnavailable
-from charter.idempotency import IdempotencyKeyInProgress, idempotency_table
+from charter.idempotency import IdempotencyKeyInProgress, idempotency_table, lookup
 
 from . import recovery_app
 from .test_gate import create_doc, load
@@ -125,7 +125,8 @@ def test_the_background_completer_finishes_abandoned_requests(database_url, prov
     assert [] == later.resume_abandoned()
     assert (1, "paid") == (charges(provider), load(later, doc_id).state)
     with later.session() as s:
-        row = s.execute(select(idempotency_table)).one()
-    assert ("completed", None) == (row.status, row.request_input)
+        claim = s.execute(select(idempotency_table)).one()
+        row = lookup(s, claim.tenant, claim.subject, claim.key)
+    assert (True, None, None) == (row.completed_at is not None, row.request_input, row.locked_until)
     for c in (setup, later):
         c.engine.dispose()

@@ -33,7 +33,6 @@ from .decision import Decision
 from .errors import CharterError
 from .idempotency import (
     CLAIM_COLUMNS,
-    COMPLETED,
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
     OutcomeCache,
@@ -41,6 +40,8 @@ from .idempotency import (
     StoredOutcome,
     claim_statement,
     claim_values,
+    completion_params,
+    completion_statement,
     idempotency_table,
     lookup,
     prepared_claim,
@@ -189,18 +190,19 @@ class Claims(Operations):
             row = lookup(session, actor.tenant_id, actor.subject.id, ctx.idempotency_key)
             if row is None:
                 return None
-            if row.status != COMPLETED and row.recovery is not None and row.fingerprint == fp:
+            done = row.completed_at is not None
+            if not done and row.recovery is not None and row.fingerprint == fp:
                 taken = session.execute(
                     takeover_statement(int(row.id), self.clock(), self.recovery_lease)
                 )
                 session.commit()
                 if getattr(taken, "rowcount", 0) == 1:
                     raise _Resumable(row)
-            if row.status != COMPLETED and row.fingerprint == fp:
+            if not done and row.fingerprint == fp:
                 raise IdempotencyKeyInProgress(
                     "A request with this Idempotency-Key is still in progress; retry shortly."
                 )
-        if row.status == COMPLETED:
+        if row.completed_at is not None:
             stored = StoredOutcome.from_row(row)
             self._outcomes.put((actor.tenant_id, actor.subject.id, ctx.idempotency_key), stored)
         else:
@@ -270,17 +272,19 @@ class Claims(Operations):
         error: CharterError,
         resource_id: str | None,
     ) -> None:
-        assert ctx.idempotency_key is not None
         values = self._claim_values(ctx, fp)
-        values.update(
-            status=COMPLETED,
-            response_status=error.status,
-            error=stored_error(error),
-            outcome=error.code,
-            resource_id=resource_id,
-            completed_at=ctx.now,
-        )
-        session.execute(claim_statement(self.engine.dialect.name, values))
+        claimed = session.execute(
+            claim_statement(self.engine.dialect.name, values)
+        ).scalar_one_or_none()
+        if claimed is None:
+            return  # a duplicate claimed the key in between and keeps its own outcome
+        session.execute(
+            completion_statement(),
+            completion_params(
+                int(claimed), status=error.status, body=None, error=stored_error(error),
+                outcome=error.code, resource_id=resource_id, now=ctx.now,
+            ),
+        )  # fmt: skip
 
 
 def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:

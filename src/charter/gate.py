@@ -58,13 +58,12 @@ from .idempotency import (
     completion_params,
     completion_statement,
     fingerprint,
+    release_statement,
     stored_error,
     validate_key,
 )
 from .outcome import Outcome
-from .recovery import (
-    DEFAULT_LEASE,
-)
+from .recovery import DEFAULT_LEASE, StepRunner
 from .registry import Registry
 from .resources import coerce_id, request_id_or_new
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
@@ -417,6 +416,8 @@ class Charter(Registry, Claims):
                         resource_id=entry.resource_id,
                         now=ctx.now,
                     )
+                    if resume is not None or isinstance(ctx.steps, StepRunner):
+                        session.execute(release_statement(claim_id))  # drop the stored input
                 self._commit(session, lease, [entry], completion)
                 if claim_id is not None:
                     self._remember(

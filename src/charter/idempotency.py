@@ -52,6 +52,7 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     delete,
+    exists,
     insert,
     select,
     update,
@@ -79,9 +80,6 @@ __all__ = [
 
 DEFAULT_RETENTION = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
-
-IN_PROGRESS = "in_progress"  # held by a running transaction, or a multi-phase request
-COMPLETED = "completed"
 
 
 class IdempotencyMode(StrEnum):
@@ -142,24 +140,33 @@ idempotency_table = Table(
     Column("key", String(MAX_KEY_LENGTH), nullable=False),
     Column("fingerprint", String(64), nullable=False),
     Column("action", String(128), nullable=False),
-    Column("resource_id", String(128), nullable=True),
-    Column("status", String(16), nullable=False),
-    Column("response_status", Integer, nullable=True),
-    Column("response_body", JSON, nullable=True),
-    Column("error", JSON, nullable=True),
-    Column("outcome", String(64), nullable=True),
     Column("phase", Integer, nullable=False, default=0),
     Column("recovery", JSON, nullable=True),
     Column("request_input", Text, nullable=True),
     Column("locked_until", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("completed_at", DateTime(timezone=True), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("tenant", "subject", "key", name="uq_charter_idempotency_scope"),
-    # Expiry only: the completion UPDATE changes ``status``, and an index on it
-    # would make every completion a non-HOT update on PostgreSQL.
     Index("ix_charter_idempotency_expiry", "expires_at"),
-    postgresql_with={"fillfactor": 70},  # room for HOT updates of the completion
+)
+
+# The outcome lives in its own table, written once by an INSERT. Updating the
+# claim row that the same transaction had just inserted left a dead tuple per
+# call, and the pruning it needed made long runs' keyed calls ~50% slower on
+# PostgreSQL (benchmarks/RESULTS.md). A claim is completed when its outcome exists.
+outcome_table = Table(
+    "charter_idempotency_outcomes",
+    metadata,
+    # No foreign key on purpose: its check takes a KEY SHARE lock on the claim row,
+    # which marks that tuple just as the UPDATE did. Only the gate writes here, with
+    # the id it claimed in the same transaction; purge deletes both sides.
+    Column("claim_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("resource_id", String(128), nullable=True),
+    Column("response_status", Integer, nullable=False),
+    Column("response_body", JSON, nullable=True),
+    Column("error", JSON, nullable=True),
+    Column("outcome", String(64), nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -235,37 +242,56 @@ def _aware(when: datetime) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+# A cached outcome, packed as a tuple of strings, ints and a datetime only: the
+# garbage collector stops tracking such tuples, so a full cache adds nothing to
+# every collection (a cache of dicts made long runs' first executions ~50% slower).
+_Packed = tuple[str, str, int, str, str | None, str, str | None, datetime]
+
+
 class OutcomeCache:
     """Completed outcomes this process has seen, so that a replay needs no lookup.
 
     Safe because a completed record never changes: it is only deleted after it
     expires, and entries here expire at the same moment. Bounded in count (LRU)
     and in body size; a miss falls back to the database, so several instances
-    need no coordination.
+    need no coordination. Bodies are kept as JSON text, so every replay gets its
+    own copy and no caller can alter what the next one sees.
     """
 
     def __init__(self, *, max_entries: int = 10_000, max_body_bytes: int = 64 * 1024) -> None:
-        self._entries: OrderedDict[tuple[str, str, str], StoredOutcome] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, str], _Packed] = OrderedDict()
         self._lock = threading.Lock()
         self.max_entries = max_entries
         self.max_body_bytes = max_body_bytes
 
     def get(self, scope: tuple[str, str, str], now: datetime) -> StoredOutcome | None:
         with self._lock:
-            stored = self._entries.get(scope)
-            if stored is None:
+            packed = self._entries.get(scope)
+            if packed is None:
                 return None
-            if stored.expires_at <= now:
+            if packed[7] <= now:
                 del self._entries[scope]
                 return None
             self._entries.move_to_end(scope)
-            return stored
+        fp, action, status, body, error, outcome, resource_id, expires_at = packed
+        return StoredOutcome(
+            fp, action, status, json.loads(body), json.loads(error) if error else None,
+            outcome, resource_id, expires_at,
+        )  # fmt: skip
 
     def put(self, scope: tuple[str, str, str], stored: StoredOutcome) -> None:
-        if self.max_entries <= 0 or len(json.dumps(stored.body, default=str)) > self.max_body_bytes:
+        if self.max_entries <= 0:
             return
+        body = json.dumps(stored.body, default=str)
+        if len(body) > self.max_body_bytes:
+            return
+        error = json.dumps(stored.error, default=str) if stored.error else None
+        packed: _Packed = (
+            stored.fingerprint, stored.action, stored.status, body, error, stored.outcome,
+            stored.resource_id, stored.expires_at,
+        )  # fmt: skip
         with self._lock:
-            self._entries[scope] = stored
+            self._entries[scope] = packed
             self._entries.move_to_end(scope)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -292,7 +318,7 @@ def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
 
 
 CLAIM_COLUMNS = (
-    "tenant", "subject", "key", "fingerprint", "action", "status", "phase", "created_at",
+    "tenant", "subject", "key", "fingerprint", "action", "phase", "created_at",
     "expires_at",
 )  # fmt: skip
 
@@ -322,16 +348,14 @@ def claim_values(
         "key": key,
         "fingerprint": fp,
         "action": action,
-        "status": IN_PROGRESS,
         "phase": 0,
         "created_at": now,
         "expires_at": now + retention,
     }
 
 
-_COMPLETION_COLUMNS = (
-    "status", "response_status", "response_body", "error", "outcome", "resource_id",
-    "completed_at", "locked_until", "request_input",
+_OUTCOME_COLUMNS = (
+    "resource_id", "response_status", "response_body", "error", "outcome", "completed_at",
 )  # fmt: skip
 
 
@@ -347,57 +371,70 @@ def completion_params(
 ) -> dict[str, Any]:
     """Parameters of :func:`completion_statement`: the outcome stored under a claim."""
     values = {
-        "status": COMPLETED, "response_status": status, "response_body": body, "error": error,
-        "outcome": outcome, "resource_id": resource_id, "completed_at": now,
-        "locked_until": None,
-        "request_input": None,  # the request (which may hold secrets) is not kept once done
+        "response_status": status, "response_body": body, "error": error, "outcome": outcome,
+        "resource_id": resource_id, "completed_at": now,
     }  # fmt: skip
-    return {"u_id": claim_id, **{f"u_{name}": value for name, value in values.items()}}
+    return {"u_claim_id": claim_id, **{f"u_{name}": value for name, value in values.items()}}
 
 
 @functools.cache
 def completion_statement(*, with_audit: bool = False) -> Any:
-    """The completion UPDATE, built once with bound parameters (it is on every keyed call).
+    """The outcome INSERT, built once with bound parameters (it is on every keyed call).
 
     ``with_audit=True`` (PostgreSQL) folds the audit entry's INSERT into the same
     statement as a data-modifying CTE, whose parameters are named ``a_<column>``.
     """
-    t = idempotency_table
-    stmt = (
-        update(t)
-        .where(t.c.id == bindparam("u_id"))
-        .values(
-            {name: bindparam(f"u_{name}", type_=t.c[name].type) for name in _COMPLETION_COLUMNS}
-        )
+    t = outcome_table
+    columns = ("claim_id", *_OUTCOME_COLUMNS)
+    stmt = insert(t).values(
+        {name: bindparam(f"u_{name}", type_=t.c[name].type) for name in columns}
     )
     if with_audit:
         from .audit import audit_table
 
-        columns = [c for c in audit_table.c if c.name != "id"]
+        audited = [c for c in audit_table.c if c.name != "id"]
         entry = insert(audit_table).values(
-            {c.name: bindparam(f"a_{c.name}", type_=c.type) for c in columns}
+            {c.name: bindparam(f"a_{c.name}", type_=c.type) for c in audited}
         )
         stmt = stmt.add_cte(entry.cte("charter_entry"))
     return stmt
 
 
+def release_statement(claim_id: int) -> Any:
+    """Forget a finished multi-phase request's input (it may hold secrets) and lease."""
+    return (
+        update(idempotency_table)
+        .where(idempotency_table.c.id == claim_id)
+        .values(request_input=None, locked_until=None)
+    )
+
+
+def not_completed() -> Any:
+    """SQL condition: the claim has no outcome yet (running, or an abandoned multi-phase one)."""
+    return ~exists().where(outcome_table.c.claim_id == idempotency_table.c.id)
+
+
 def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | None:
-    stmt = select(idempotency_table).where(
-        idempotency_table.c.tenant == tenant,
-        idempotency_table.c.subject == subject,
-        idempotency_table.c.key == key,
+    """The claim and, if completed, its outcome (``completed_at`` is None until then)."""
+    t, o = idempotency_table, outcome_table
+    stmt = (
+        select(t, *[o.c[name] for name in _OUTCOME_COLUMNS])
+        .select_from(t.outerjoin(o, o.c.claim_id == t.c.id))
+        .where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
     )
     return session.execute(stmt).first()
 
 
 def purge(session: Session, now: datetime) -> int:
-    """Delete finished records whose retention has passed; in-progress ones are kept."""
-    result = session.execute(
-        delete(idempotency_table).where(
-            idempotency_table.c.status == COMPLETED, idempotency_table.c.expires_at < now
-        )
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    """Delete finished records whose retention has passed; unfinished ones are kept."""
+    t, o = idempotency_table, outcome_table
+    expired = select(t.c.id).where(t.c.expires_at < now, ~not_completed())
+    ids = [row[0] for row in session.execute(expired)]
+    if not ids:
+        return 0
+    session.execute(delete(o).where(o.c.claim_id.in_(ids)))
+    session.execute(delete(t).where(t.c.id.in_(ids)))
+    return len(ids)
 
 
 def stored_error(error: CharterError) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .audit_verify import VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, InvalidInput
-from .idempotency import COMPLETED, idempotency_table, purge
+from .idempotency import idempotency_table, not_completed, purge
 from .outcome import Outcome
 from .recovery import StepRunner, actor_from_snapshot, actor_snapshot
 from .resources import coerce_id, request_id_or_new
@@ -286,7 +286,7 @@ class Operations:
         with self.session() as session:
             rows = session.execute(
                 select(t)
-                .where(t.c.status != COMPLETED, t.c.recovery.is_not(None))
+                .where(not_completed(), t.c.recovery.is_not(None))
                 .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
                 .order_by(t.c.id)
                 .limit(limit)

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 
 from .actor import Actor
 from .errors import ConfigurationError
-from .idempotency import IN_PROGRESS, idempotency_table
+from .idempotency import idempotency_table, not_completed
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -100,7 +100,7 @@ def takeover_statement(claim_id: int, now: datetime, lease: timedelta) -> Any:
     t = idempotency_table
     return (
         update(t)
-        .where(t.c.id == claim_id, t.c.status == IN_PROGRESS, t.c.recovery.is_not(None))
+        .where(t.c.id == claim_id, t.c.recovery.is_not(None), not_completed())
         .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
         .values(locked_until=now + lease)
     )
