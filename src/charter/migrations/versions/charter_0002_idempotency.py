@@ -32,7 +32,12 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("tenant", "subject", "key", name="uq_charter_idempotency_scope"),
     )
-    op.create_index("ix_charter_idempotency_expiry", "charter_idempotency", ["expires_at"])
+    op.create_index(
+        "ix_charter_idempotency_expiry",
+        "charter_idempotency",
+        ["expires_at"],
+        postgresql_using="brin",
+    )
     _outcomes()
 
 
