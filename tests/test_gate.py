@@ -203,3 +203,33 @@ def test_the_trail_of_a_fresh_database_verifies(charter, alice):
     report = charter.verify_audit()
     assert report.ok, report.problems
     assert 2 == report.entries
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_on_postgres_the_audit_rides_on_the_records_update(charter, alice):
+    """One statement carries the change and its audit entry (and a keyed call's outcome)."""
+    from sqlalchemy import event
+
+    doc_id = create_doc(charter, alice)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(" ".join(statement.split())[:40])
+
+    event.listen(charter.engine, "before_cursor_execute", seen)
+    try:
+        charter.execute(alice, "doc.rename", {"title": "folded"}, target=doc_id)
+        one = list(statements)
+        statements.clear()
+        charter.execute(alice, "doc.charge", {"amount": "2"}, target=doc_id, key="fold-1")
+        keyed = list(statements)
+    finally:
+        event.remove(charter.engine, "before_cursor_execute", seen)
+    assert 2 == len(one)
+    assert one[1].startswith("WITH charter_entry AS (INSERT INTO")
+    assert 2 == len(keyed)
+    doc = load(charter, doc_id)
+    assert ("folded", 1, 3) == (doc.title, doc.counter, doc.version)
+    assert charter.verify_audit().ok
+    assert ["doc.create", "doc.rename", "doc.charge"] == [r["action"] for r in audit_rows(charter)]

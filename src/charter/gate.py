@@ -28,15 +28,16 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, bindparam, event, select
+from sqlalchemy import Select, bindparam, event, insert, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
-from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail
+from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, audit_table
 from .claims import Claims, _AlreadyClaimed, _Resumable
 from .context import ActionContext
 from .decision import Decision, DecisionKind
@@ -48,6 +49,7 @@ from .errors import (
     NotFound,
     PreconditionFailed,
     ReasonRequired,
+    StorageError,
 )
 from .idempotency import (
     DEFAULT_RETENTION,
@@ -65,7 +67,7 @@ from .idempotency import (
 from .outcome import Outcome
 from .recovery import DEFAULT_LEASE, StepRunner
 from .registry import Registry
-from .resources import coerce_id, request_id_or_new
+from .resources import ResourceSpec, coerce_id, request_id_or_new
 from .storage import WRITE_OPTION, is_postgres, make_engine, translate_errors
 
 __all__ = ["Charter", "HandlerFailed", "Outcome"]
@@ -162,6 +164,7 @@ class Charter(Registry, Claims):
         self.recovery_lease = recovery_lease
         self._load_statements: dict[tuple[str, bool], Select[Any]] = {}
         self._claim_load_statements: dict[str, Select[Any]] = {}
+        self._fold_statements: dict[tuple[str, tuple[str, ...], bool], Any] = {}
         self._outcomes = OutcomeCache()
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._lock_rows = is_postgres(self.engine)
@@ -418,7 +421,7 @@ class Charter(Registry, Claims):
                     )
                     if resume is not None or isinstance(ctx.steps, StepRunner):
                         session.execute(release_statement(claim_id))  # drop the stored input
-                self._commit(session, lease, [entry], completion)
+                self._commit(session, lease, [entry], completion, record, spec)
                 if claim_id is not None:
                     self._remember(
                         ctx, spec, fp, resume, spec.status, body, None, "ok", entry.resource_id
@@ -440,11 +443,23 @@ class Charter(Registry, Claims):
         lease: AuditLease,
         entries: list[AuditEntry],
         completion: dict[str, Any] | None,
+        record: Any = None,
+        spec: ActionSpec | None = None,
     ) -> None:
         """The gate's mandatory writes, then COMMIT: effect, audit and outcome land together.
 
         ``completion`` holds the parameters of the stored outcome (keyed calls).
+        ``record``/``spec``: the target, whose UPDATE may carry the writes (see
+        :meth:`_fold_into_update`).
         """
+        if (
+            record is not None
+            and spec is not None
+            and len(entries) == 1
+            and self._fold_into_update(session, lease, spec, record, entries[0], completion)
+        ):
+            self._finish_commit(session, lease)
+            return
         session.flush()
         if completion is not None and self._lock_rows and len(entries) == 1:
             # PostgreSQL: the audit entry and the stored outcome in one round trip
@@ -456,12 +471,70 @@ class Charter(Registry, Claims):
             lease.write(session, entries)
             if completion is not None:
                 session.execute(completion_statement(), completion)
+        self._finish_commit(session, lease)
+
+    @staticmethod
+    def _finish_commit(session: Session, lease: AuditLease) -> None:
         try:
             session.commit()
         except BaseException:
             lease.abandon()  # the COMMIT's fate is unknown: never reuse this stream
             raise
         lease.committed()
+
+    def _fold_into_update(
+        self,
+        session: Session,
+        lease: AuditLease,
+        spec: ActionSpec,
+        record: Any,
+        entry: AuditEntry,
+        completion: dict[str, Any] | None,
+    ) -> bool:
+        """PostgreSQL: write the record's change, its audit entry (and stored outcome) at once.
+
+        ``WITH entry AS (INSERT audit), outcome AS (INSERT ...) UPDATE record SET ...``:
+        the gate's mandatory writes ride on the effect's own statement, so an audited
+        call costs the round trips of a hand-written one. Only for the plain case: the
+        target is the only changed object, nothing was flushed by the handler, and its
+        mapper has no version counter, update hooks or onupdate defaults; anything else
+        goes through the ORM flush. Returns False when it does not apply.
+        """
+        resource = spec.resource
+        if (
+            not self._lock_rows
+            or resource is None
+            or session.new
+            or session.deleted
+            or session.info.get(_WROTE)
+            or len(session.dirty) != 1
+            or record not in session.dirty
+        ):
+            return False
+        state = sa_inspect(record)
+        changed = tuple(sorted(state.committed_state))
+        statement = self._fold_statements.get((resource.name, changed, completion is not None))
+        if statement is None:
+            statement = _folded_update(resource, changed, completion is not None)
+            if statement is False:
+                return False
+            self._fold_statements[(resource.name, changed, completion is not None)] = statement
+        if statement is False:
+            return False
+        row = lease.seal([entry])[0]
+        params: dict[str, Any] = {f"a_{name}": value for name, value in row.items()}
+        params.update({f"r_{key}": getattr(record, key) for key in changed})
+        params["r_pk"] = getattr(record, resource.id)
+        if completion is not None:
+            params.update(completion)
+        # On the connection, not the session: a session execute would autoflush the
+        # very change this statement carries.
+        result = session.connection().execute(statement, params)
+        if getattr(result, "rowcount", 1) != 1:
+            raise StorageError("The record changed under its lock; nothing was written.")
+        for key in changed:  # the row now holds these values: the ORM has nothing to flush
+            set_committed_value(record, key, getattr(record, key))
+        return True
 
     def _load(self, session: Session, spec: ActionSpec, actor: Actor, target: Any) -> Any:
         resource = spec.resource
@@ -582,6 +655,45 @@ class Charter(Registry, Claims):
                 self._commit(session, lease, [entry], None)
         finally:
             lease.rolled_back()
+
+
+def _folded_update(resource: ResourceSpec, changed: tuple[str, ...], completion: bool) -> Any:
+    """The UPDATE of ``changed`` columns with the audit (and outcome) INSERTs as CTEs.
+
+    ``False`` when the mapper needs the ORM flush: a version counter, update
+    hooks, onupdate defaults, a changed tenant (the flush guard must see it) or a
+    changed attribute that is not a plain column.
+    """
+    mapper: Any = sa_inspect(resource.model)
+    if (
+        not changed
+        or mapper.version_id_col is not None
+        or mapper.dispatch.before_update
+        or mapper.dispatch.after_update
+        or resource.tenant in changed
+    ):
+        return False
+    columns = {}
+    for key in changed:
+        prop = mapper.column_attrs.get(key) if key in mapper.column_attrs else None
+        if prop is None or len(prop.columns) != 1:
+            return False
+        column = prop.columns[0]
+        if column.onupdate is not None or column.server_onupdate is not None:
+            return False
+        columns[column.name] = bindparam(f"r_{key}", type_=column.type)
+    table = mapper.local_table
+    pk = resource.column(resource.id)
+    stmt = update(table).where(pk == bindparam("r_pk")).values(columns)
+    audited = [c for c in audit_table.c if c.name != "id"]
+    stmt = stmt.add_cte(
+        insert(audit_table)
+        .values({c.name: bindparam(f"a_{c.name}", type_=c.type) for c in audited})
+        .cte("charter_entry")
+    )
+    if completion:
+        stmt = stmt.add_cte(completion_statement().cte("charter_outcome"))
+    return stmt
 
 
 def _mark_written(session: Session, _context: Any) -> None:
