@@ -107,6 +107,9 @@ class NullLease(AuditLease):
     def write(self, session: Session, entries: Any) -> None:
         return None
 
+    def seal(self, entries: Any) -> list[dict[str, Any]]:
+        return []  # nothing to write, on any path
+
     def committed(self) -> None:
         return None
 

@@ -461,13 +461,16 @@ class Charter(Registry, Claims):
             self._finish_commit(session, lease)
             return
         session.flush()
+        folded = False
         if completion is not None and self._lock_rows and len(entries) == 1:
-            # PostgreSQL: the audit entry and the stored outcome in one round trip
-            # (a data-modifying CTE), so idempotency adds no statement to a call.
-            row = lease.seal(entries)[0]
-            params = {**completion, **{f"a_{name}": value for name, value in row.items()}}
-            session.execute(completion_statement(with_audit=True), params)
-        else:
+            sealed = lease.seal(entries)
+            if sealed:
+                # PostgreSQL: the audit entry and the stored outcome in one round trip
+                # (a data-modifying CTE), so idempotency adds no statement to a call.
+                params = {**completion, **{f"a_{k}": v for k, v in sealed[0].items()}}
+                session.execute(completion_statement(with_audit=True), params)
+                folded = True
+        if not folded:
             lease.write(session, entries)
             if completion is not None:
                 session.execute(completion_statement(), completion)
@@ -521,8 +524,10 @@ class Charter(Registry, Claims):
             self._fold_statements[(resource.name, changed, completion is not None)] = statement
         if statement is False:
             return False
-        row = lease.seal([entry])[0]
-        params: dict[str, Any] = {f"a_{name}": value for name, value in row.items()}
+        rows = lease.seal([entry])
+        if not rows:  # a trail that writes nothing (charter.testing.NullAuditTrail)
+            return False
+        params: dict[str, Any] = {f"a_{name}": value for name, value in rows[0].items()}
         params.update({f"r_{key}": getattr(record, key) for key in changed})
         params["r_pk"] = getattr(record, resource.id)
         if completion is not None:

@@ -59,6 +59,9 @@ class _NullLease(AuditLease):
     def write(self, session: Session, entries: Iterable[AuditEntry]) -> None:
         return None
 
+    def seal(self, entries: Iterable[AuditEntry]) -> list[dict[str, Any]]:
+        return []  # no rows: every write path of the gate writes nothing
+
 
 class NullAuditTrail(AuditTrail):
     """An audit trail that writes nothing: for benchmarks that price the audit, never production."""
