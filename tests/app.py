@@ -145,4 +145,12 @@ def build(charter: Charter) -> Charter:
         doc.state = "published"
         return {"state": doc.state}
 
+    @charter.action("doc.two_steps", on=Doc, input=Rename, allow=is_member)
+    def two_steps(ctx: ActionContext, doc: Doc, data: Rename) -> dict[str, Any]:
+        doc.title = data.title
+        assert ctx.session is not None
+        ctx.session.flush()  # the change reaches the database before the gate's writes
+        doc.counter += 1
+        return {"title": doc.title, "counter": doc.counter}
+
     return charter

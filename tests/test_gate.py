@@ -233,3 +233,16 @@ def test_on_postgres_the_audit_rides_on_the_records_update(charter, alice):
     assert ("folded", 1, 3) == (doc.title, doc.counter, doc.version)
     assert charter.verify_audit().ok
     assert ["doc.create", "doc.rename", "doc.charge"] == [r["action"] for r in audit_rows(charter)]
+
+
+def test_a_handler_that_flushes_takes_the_ordinary_path_with_the_same_result(charter, alice):
+    doc_id = create_doc(charter, alice)
+    outcome = charter.execute(alice, "doc.two_steps", {"title": "both"}, target=doc_id)
+    doc = load(charter, doc_id)
+    assert ({"title": "both", "counter": 1}, "both", 1, 2) == (
+        outcome.body,
+        doc.title,
+        doc.counter,
+        doc.version,
+    )
+    assert charter.verify_audit().ok
