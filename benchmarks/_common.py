@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 import sys
 
 from sqlalchemy import text
@@ -43,3 +45,33 @@ def pg_bench_url(database: str) -> str | None:
     finally:
         admin.dispose()
     return target.render_as_string(hide_password=False)
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on: cores, CPU, architecture, Python, git revision."""
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "rev": rev,
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"

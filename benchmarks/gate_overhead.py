@@ -38,10 +38,8 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -458,30 +456,8 @@ def micro_costs(charter: Charter, n: int = 5000) -> dict[str, float]:
 # -- reporting --------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return {
-        "nproc": nproc,
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "rev": rev,
-    }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+machine = _common.machine
+loadavg = _common.loadavg
 
 
 def main() -> int:

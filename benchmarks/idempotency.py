@@ -49,11 +49,9 @@ import io
 import json
 import multiprocessing
 import os
-import platform
 import pstats
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -597,33 +595,8 @@ def run_concurrent(
 # -- reporting -----------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "arch": platform.machine(),
-        "python": platform.python_version(),
-        "rev": rev,
-    }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+machine = _common.machine
+loadavg = _common.loadavg
 
 
 def print_counts(db: str, counts: dict[str, dict[str, Any]]) -> None:
