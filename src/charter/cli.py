@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +30,8 @@ policy_app = typer.Typer(help="Review the rules.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 idem_app = typer.Typer(help="Idempotency records.", no_args_is_help=True)
 app.add_typer(idem_app, name="idempotency")
+
+T = TypeVar("T")
 
 console = Console()
 err = Console(stderr=True)
@@ -67,6 +70,15 @@ def _charter(settings: Settings) -> Charter:
     )
 
 
+def _call(database_url: str | None, operation: Callable[[Charter], T]) -> T:
+    """Run one library call on the configured Charter; a Charter error exits 1 with its message."""
+    charter = _charter(_settings(database_url))
+    try:
+        return operation(charter)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+
+
 def _fail(exc: CharterError) -> typer.Exit:
     err.print(f"[red]error[/red] ({exc.code}): {exc.message}")
     return typer.Exit(1)
@@ -101,11 +113,7 @@ def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check every audit entry and checkpoint; exit 1 and say where anything was tampered with."""
-    charter = _charter(_settings(database_url))
-    try:
-        report = charter.verify_audit()
-    except CharterError as exc:
-        raise _fail(exc) from exc
+    report = _call(database_url, lambda charter: charter.verify_audit())
     if as_json:
         console.print_json(
             json.dumps(
@@ -142,11 +150,7 @@ def audit_verify(
 @audit_app.command("checkpoint")
 def audit_checkpoint(database_url: DatabaseOption = None) -> None:
     """Sign the head of every audit stream (guards against tail truncation)."""
-    charter = _charter(_settings(database_url))
-    try:
-        row = charter.checkpoint_audit()
-    except CharterError as exc:
-        raise _fail(exc) from exc
+    row = _call(database_url, lambda charter: charter.checkpoint_audit())
     console.print(f"checkpoint signed over {len(row['heads'])} streams")
 
 
@@ -244,11 +248,7 @@ def policy_matrix(
 @idem_app.command("purge")
 def idempotency_purge(database_url: DatabaseOption = None) -> None:
     """Delete finished idempotency records past their retention (in-progress ones stay)."""
-    charter = _charter(_settings(database_url))
-    try:
-        removed = charter.purge_idempotency()
-    except CharterError as exc:
-        raise _fail(exc) from exc
+    removed = _call(database_url, lambda charter: charter.purge_idempotency())
     console.print(f"removed {removed} expired idempotency records")
 
 
