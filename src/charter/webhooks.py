@@ -292,16 +292,18 @@ class WebhookVerifier:
     """What both verifiers share: limits, clock, header lookup, and the ``is_valid`` twin."""
 
     _names: tuple[str, ...] = ()
+    _decode: Callable[[str], _Key]  # how a secret string becomes a key (per scheme)
 
     def __init__(
         self,
-        keys: tuple[_Key, ...],
+        secrets: str | Sequence[str],
         *,
-        tolerance: timedelta,
-        clock: Clock,
-        max_body_bytes: int,
-        max_header_length: int,
+        tolerance: timedelta = DEFAULT_TOLERANCE,
+        clock: Clock = utc_now,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
     ) -> None:
+        keys = _keys(secrets, type(self)._decode)
         if not isinstance(tolerance, timedelta) or tolerance <= timedelta(0):
             raise ConfigurationError("tolerance must be a positive timedelta")
         if max_body_bytes <= 0 or max_header_length <= 0:
@@ -398,22 +400,7 @@ class StandardWebhookVerifier(WebhookVerifier):
 
     _names = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
-    def __init__(
-        self,
-        secrets: str | Sequence[str],
-        *,
-        tolerance: timedelta = DEFAULT_TOLERANCE,
-        clock: Clock = utc_now,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
-    ) -> None:
-        super().__init__(
-            _keys(secrets, _standard_key),
-            tolerance=tolerance,
-            clock=clock,
-            max_body_bytes=max_body_bytes,
-            max_header_length=max_header_length,
-        )
+    _decode = staticmethod(_standard_key)
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> VerifiedWebhook:
         """Return the verified webhook, or raise a :class:`WebhookError` subclass."""
@@ -459,22 +446,7 @@ class StripeSignatureVerifier(WebhookVerifier):
 
     _names = ("stripe-signature",)
 
-    def __init__(
-        self,
-        secrets: str | Sequence[str],
-        *,
-        tolerance: timedelta = DEFAULT_TOLERANCE,
-        clock: Clock = utc_now,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_header_length: int = DEFAULT_MAX_HEADER_LENGTH,
-    ) -> None:
-        super().__init__(
-            _keys(secrets, _stripe_key),
-            tolerance=tolerance,
-            clock=clock,
-            max_body_bytes=max_body_bytes,
-            max_header_length=max_header_length,
-        )
+    _decode = staticmethod(_stripe_key)
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> VerifiedWebhook:
         """Return the verified webhook (``id`` is ``None``), or raise a :class:`WebhookError`."""
