@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Final, NoReturn
+from typing import Any, ClassVar, Final, NoReturn
 
 __all__ = [
     "ALWAYS",
@@ -449,10 +449,26 @@ class _Real:
         return "A.real"
 
 
-class _Actor:
+class _Root:
+    """What ``A``, ``R`` and ``C`` share: any public attribute is a reference under the root."""
+
+    __slots__ = ()
+    _root: ClassVar[str]
+
+    def __getattr__(self, name: str) -> Ref:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return Ref(self._root, (name,))
+
+    def __repr__(self) -> str:
+        return self._root
+
+
+class _Actor(_Root):
     """``A``: the actor. Attribute access reads the subject's fields and attributes."""
 
     __slots__ = ()
+    _root = "A"
     real: Final = _Real()
 
     def has_role(self, role: str) -> HasRole:
@@ -465,41 +481,19 @@ class _Actor:
     def impersonating(self) -> Ref:
         return Ref("A", ("impersonating",))
 
-    def __getattr__(self, name: str) -> Ref:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return Ref("A", (name,))
 
-    def __repr__(self) -> str:
-        return "A"
-
-
-class _Record:
+class _Record(_Root):
     """``R``: the target record; ``R.amount`` is ``record.amount``."""
 
     __slots__ = ()
-
-    def __getattr__(self, name: str) -> Ref:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return Ref("R", (name,))
-
-    def __repr__(self) -> str:
-        return "R"
+    _root = "R"
 
 
-class _Context:
+class _Context(_Root):
     """``C``: the call context (``C.now``, ``C.channel``, ``C.input.<field>``)."""
 
     __slots__ = ()
-
-    def __getattr__(self, name: str) -> Ref:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return Ref("C", (name,))
-
-    def __repr__(self) -> str:
-        return "C"
+    _root = "C"
 
 
 A: Final = _Actor()
