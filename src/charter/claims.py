@@ -32,19 +32,17 @@ from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError
 from .idempotency import (
-    CLAIM_COLUMNS,
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
     OutcomeCache,
     ReplayedError,
     StoredOutcome,
+    claim_insert,
     claim_statement,
     claim_values,
     completion_params,
     completion_statement,
-    idempotency_table,
     lookup,
-    prepared_claim,
     stored_error,
 )
 from .operations import Operations
@@ -99,7 +97,7 @@ class Claims(Operations):
             return
         created = ctx.now if resume is None else _aware(resume.created_at)
         self._outcomes.put(
-            (ctx.actor.tenant_id, ctx.actor.subject.id, ctx.idempotency_key),
+            ctx.idempotency_scope,
             StoredOutcome(
                 fp,
                 spec.name,
@@ -114,66 +112,46 @@ class Claims(Operations):
 
     def _claim_and_load(
         self, session: Session, spec: ActionSpec, ctx: ActionContext, target: Any, fp: str
-    ) -> tuple[int | None, Any]:
+    ) -> Any:
         """PostgreSQL: claim the key and lock the target in one statement (one round trip).
 
-        ``WITH claim AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id)
-        SELECT record, (SELECT id FROM claim) ... FOR UPDATE OF record``. When the
-        record is not found the claim's fate does not matter: the refusal rolls
-        the transaction back.
+        ``WITH claim AS (INSERT ...) SELECT record ... FOR UPDATE OF record``:
+        the statement succeeds only if the INSERT did, so success *is* the
+        claim, and a taken key is a unique violation (:class:`_AlreadyClaimed`).
+        When the record is not found the claim's fate does not matter: the
+        refusal rolls the transaction back.
         """
         resource = spec.resource
         assert resource is not None
-        assert ctx.idempotency_key is not None
         key = coerce_id(resource, target)
         if key is None:
-            return None, None
+            return None
         stmt = self._claim_load_statements.get(resource.name)
         if stmt is None:
             stmt = _claim_and_load_statement(resource)
             self._claim_load_statements[resource.name] = stmt
-        actor = ctx.actor
-        values = self._claim_values(ctx, fp)
-        params = {f"c_{name}": value for name, value in values.items()}
-        params.update(t_id=key, t_tenant=actor.tenant_id)
-        try:
-            with _bounded_wait():
-                found = session.execute(stmt, params).first()
-        except IntegrityError as exc:
-            if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
-                raise _AlreadyClaimed from exc  # the transaction is aborted: replay path
-            raise
-        if found is None:
-            return None, None
-        record, claimed = found
-        if claimed is None:
-            raise _AlreadyClaimed
-        return int(claimed), record
+        params = self._claim_params(ctx, fp)
+        params["t_id"] = key
+        with _claiming():
+            return session.execute(stmt, params).scalar_one_or_none()
 
-    def _claim_values(self, ctx: ActionContext, fp: str) -> dict[str, Any]:
+    def _claim_params(self, ctx: ActionContext, fp: str) -> dict[str, Any]:
         assert ctx.idempotency_key is not None
-        return claim_values(
-            tenant=ctx.actor.tenant_id,
-            subject=ctx.actor.subject.id,
-            key=ctx.idempotency_key,
-            fp=fp,
-            action=ctx.action,
-            now=ctx.now,
-            retention=self.idempotency_retention,
-        )
+        now = ctx.now
+        return {
+            "c_tenant": ctx.actor.tenant_id,
+            "c_subject": ctx.actor.subject.id,
+            "c_key": ctx.idempotency_key,
+            "c_fingerprint": fp,
+            "c_action": ctx.action,
+            "c_created_at": now,
+            "c_expires_at": now + self.idempotency_retention,
+        }
 
-    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> int:
+    def _claim(self, session: Session, ctx: ActionContext, fp: str) -> None:
         """Claim the idempotency key inside the effect's transaction (see charter.idempotency)."""
-        assert ctx.idempotency_key is not None
-        values = self._claim_values(ctx, fp)
-        with _bounded_wait():
-            claimed = session.execute(
-                prepared_claim(self.engine.dialect.name),
-                {f"c_{name}": value for name, value in values.items()},
-            ).scalar_one_or_none()
-        if claimed is None:
-            raise _AlreadyClaimed
-        return int(claimed)
+        with _claiming():
+            session.execute(_CLAIM, self._claim_params(ctx, fp))
 
     def _replay(
         self,
@@ -204,7 +182,7 @@ class Claims(Operations):
                 )
         if row.completed_at is not None:
             stored = StoredOutcome.from_row(row)
-            self._outcomes.put((actor.tenant_id, actor.subject.id, ctx.idempotency_key), stored)
+            self._outcomes.put(ctx.idempotency_scope, stored)
         else:
             stored = None
         return self._replay_stored(spec, ctx, data, target, fp, stored, row.fingerprint, row.action)
@@ -272,38 +250,57 @@ class Claims(Operations):
         error: CharterError,
         resource_id: str | None,
     ) -> None:
-        values = self._claim_values(ctx, fp)
-        claimed = session.execute(
-            claim_statement(self.engine.dialect.name, values)
-        ).scalar_one_or_none()
-        if claimed is None:
+        assert ctx.idempotency_key is not None
+        values = claim_values(
+            tenant=ctx.actor.tenant_id,
+            subject=ctx.actor.subject.id,
+            key=ctx.idempotency_key,
+            fp=fp,
+            action=ctx.action,
+            now=ctx.now,
+            retention=self.idempotency_retention,
+        )
+        claimed = session.execute(claim_statement(self.engine.dialect.name, values))
+        if claimed.scalar_one_or_none() is None:
             return  # a duplicate claimed the key in between and keeps its own outcome
         session.execute(
             completion_statement(),
             completion_params(
-                int(claimed), status=error.status, body=None, error=stored_error(error),
+                ctx.idempotency_scope, status=error.status, body=None, error=stored_error(error),
                 outcome=error.code, resource_id=resource_id, now=ctx.now,
             ),
         )  # fmt: skip
 
 
+_CLAIM = claim_insert()
+
+
 def _claim_and_load_statement(resource: ResourceSpec) -> Select[Any]:
-    # A plain INSERT, not ON CONFLICT DO NOTHING: speculative insertion costs
-    # PostgreSQL ~0.3 ms here against ~0.08 ms (benchmarks/RESULTS.md), and a
-    # conflict is rare (a duplicate), answered by the unique violation instead.
-    # Concurrency is the same: the INSERT waits on a duplicate's uncommitted key.
-    claim = (
-        insert(idempotency_table)
-        .values({name: bindparam(f"c_{name}") for name in CLAIM_COLUMNS})
-        .returning(idempotency_table.c.id)
-        .cte("charter_claim")
-    )
-    stmt = select(resource.model, select(claim.c.id).scalar_subquery().label("claimed"))
+    claim = claim_insert().cte("charter_claim")
     # Parameter names must not match a column of the INSERT (SQLAlchemy would add it).
-    stmt = stmt.where(resource.column(resource.id) == bindparam("t_id"))
-    if resource.tenant is not None:
-        stmt = stmt.where(resource.column(resource.tenant) == bindparam("t_tenant"))
+    stmt = select(resource.model).where(resource.column(resource.id) == bindparam("t_id"))
+    if resource.tenant is not None:  # the record's tenant is the claim's: one parameter
+        stmt = stmt.where(resource.column(resource.tenant) == bindparam("c_tenant"))
     return stmt.with_for_update(of=resource.model).add_cte(claim)
+
+
+@contextmanager
+def _claiming() -> Iterator[None]:
+    """A claim INSERT: a taken key is :class:`_AlreadyClaimed`; waits are bounded (409)."""
+    try:
+        with _bounded_wait():
+            yield
+    except IntegrityError as exc:
+        if _is_unique_violation(exc):
+            raise _AlreadyClaimed from exc  # the caller rolls back and replays
+        raise
+
+
+def _is_unique_violation(exc: IntegrityError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == UNIQUE_VIOLATION:  # PostgreSQL
+        return True
+    return getattr(orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_UNIQUE"
 
 
 @contextmanager

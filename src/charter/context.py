@@ -43,6 +43,12 @@ class ActionContext:
     extra: dict[str, Any] = field(default_factory=dict)
     steps: StepRunner | Callable[[], StepRunner] | None = None
 
+    @property
+    def idempotency_scope(self) -> tuple[str, str, str]:
+        """(tenant, subject, key): where a keyed call's record lives (see charter.idempotency)."""
+        assert self.idempotency_key is not None, "only keyed calls have a scope"
+        return (self.actor.tenant_id, self.actor.subject.id, self.idempotency_key)
+
     def external(self, name: str, call: Callable[[str], T]) -> T:
         """Call an outside service as a recovered step (see :mod:`charter.recovery`).
 

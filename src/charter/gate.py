@@ -222,7 +222,7 @@ class Charter(Registry, Claims):
         fp = fingerprint(spec.name, target, data) if key is not None else None
         if key is not None:
             assert fp is not None
-            stored = self._outcomes.get((actor.tenant_id, actor.subject.id, key), ctx.now)
+            stored = self._outcomes.get(ctx.idempotency_scope, ctx.now)
             if stored is not None:  # a replay that needs no lookup (see OutcomeCache)
                 return self._replay_stored(
                     spec, ctx, data, target, fp, stored, stored.fingerprint, stored.action
@@ -291,15 +291,16 @@ class Charter(Registry, Claims):
                 ctx.session = session
                 session.info[_ACTOR] = ctx.actor
                 session.info[_CREATED] = set()
-                claim_id: int | None = None
+                # Keyed calls hold their key's claim from here to the COMMIT.
+                claimed = fp is not None
                 if resume is not None:
-                    claim_id = int(resume.id)
                     record = self._load(session, spec, ctx.actor, target) if spec.target else None
-                elif fp is not None and spec.target is not None and self._lock_rows:
-                    claim_id, record = self._claim_and_load(session, spec, ctx, target, fp)
+                elif claimed and spec.target is not None and self._lock_rows:
+                    assert fp is not None
+                    record = self._claim_and_load(session, spec, ctx, target, fp)
                 else:
                     if fp is not None:
-                        claim_id = self._claim(session, ctx, fp)
+                        self._claim(session, ctx, fp)
                     record = self._load(session, spec, ctx.actor, target) if spec.target else None
                 if spec.target is not None and record is None:
                     raise _Refusal(
@@ -328,25 +329,17 @@ class Charter(Registry, Claims):
                         Forbidden(decision.public_reason, decision=decision), decision, record
                     )
                 state_before = resource.state_of(record) if resource else None
-                if claim_id is not None:
+                if claimed:
                     # Built on the first ctx.external() only: most keyed actions have no step.
                     ctx.steps = functools.partial(
-                        self._step_runner,
-                        session,
-                        spec,
-                        ctx,
-                        data,
-                        target,
-                        record,
-                        claim_id,
-                        decision,
+                        self._step_runner, session, spec, ctx, data, target, record, decision,
                         resume,
-                    )
+                    )  # fmt: skip
                 session.info[_WROTE] = False
                 try:
                     body = spec.handler(ctx, record, data)
                 except DomainError as exc:
-                    if claim_id is None or session.info[_WROTE]:
+                    if not claimed or session.info[_WROTE]:
                         raise _Refusal(exc, decision, record) from exc
                     # Nothing reached the database: drop the handler's pending changes
                     # and store the refusal as this key's outcome, under the same claim.
@@ -367,7 +360,7 @@ class Charter(Registry, Claims):
                         lease,
                         [entry],
                         completion_params(
-                            claim_id,
+                            ctx.idempotency_scope,
                             status=exc.status,
                             body=None,
                             error=stored_error(exc),
@@ -409,9 +402,9 @@ class Charter(Registry, Claims):
                 body = _jsonable(body)
                 entry = self._entry(spec, ctx, data, record, decision, "ok", state_before)
                 completion = None
-                if claim_id is not None:
+                if claimed:
                     completion = completion_params(
-                        claim_id,
+                        ctx.idempotency_scope,
                         status=spec.status,
                         body=body,
                         error=None,
@@ -420,9 +413,10 @@ class Charter(Registry, Claims):
                         now=ctx.now,
                     )
                     if resume is not None or isinstance(ctx.steps, StepRunner):
-                        session.execute(release_statement(claim_id))  # drop the stored input
+                        # Multi-phase: drop the stored input (it may hold secrets) and lease.
+                        session.execute(release_statement(ctx.idempotency_scope))
                 self._commit(session, lease, [entry], completion, record, spec)
-                if claim_id is not None:
+                if claimed:
                     self._remember(
                         ctx, spec, fp, resume, spec.status, body, None, "ok", entry.resource_id
                     )
@@ -697,7 +691,7 @@ def _folded_update(resource: ResourceSpec, changed: tuple[str, ...], completion:
         .cte("charter_entry")
     )
     if completion:
-        stmt = stmt.add_cte(completion_statement().cte("charter_outcome"))
+        stmt = stmt.add_cte(completion_statement(beside_audit=True).cte("charter_outcome"))
     return stmt
 
 

@@ -14,16 +14,18 @@ Semantics follow draft-ietf-httpapi-idempotency-key-header and Stripe's behaviou
   Validation errors, denials, rate limiting and infrastructure failures store
   nothing: the claim rolls back with the transaction and a corrected retry runs.
 
-Why it holds under concurrency: the claim is an ``INSERT ... ON CONFLICT DO
-NOTHING`` on the unique (tenant, subject, key) index, *inside the effect's
-transaction*. On PostgreSQL a concurrent duplicate's insert waits on the
+Why it holds under concurrency: the claim is an ``INSERT`` on the unique
+(tenant, subject, key) index, *inside the effect's transaction* and before the
+handler runs. On PostgreSQL a concurrent duplicate's insert waits on the
 uncommitted index entry until the first transaction ends (bounded by
 ``lock_timeout``, after which it answers 409 ``idempotency_key_in_progress``
-with ``Retry-After``); if the first committed, the duplicate claims nothing and
-replays; if it rolled back, the duplicate runs. On SQLite writers are
-serialized by ``BEGIN IMMEDIATE``, with the same outcome. Because the effect,
-the audit entry and the stored outcome commit together, a crash at any point
-leaves either nothing (a retry runs once) or everything (a retry replays).
+with ``Retry-After``); if the first committed, the duplicate's insert fails
+with a unique violation, its transaction (which ran nothing) rolls back and it
+replays; if the first rolled back, the duplicate's insert goes through and it
+runs. On SQLite writers are serialized by ``BEGIN IMMEDIATE``, with the same
+outcome. Because the effect, the audit entry and the stored outcome commit
+together, a crash at any point leaves either nothing (a retry runs once) or
+everything (a retry replays).
 """
 
 from __future__ import annotations
@@ -46,15 +48,19 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     delete,
     exists,
     insert,
+    literal_column,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -157,20 +163,31 @@ idempotency_table = Table(
 # claim row that the same transaction had just inserted left a dead tuple per
 # call, and the pruning it needed made long runs' keyed calls ~50% slower on
 # PostgreSQL (benchmarks/RESULTS.md). A claim is completed when its outcome exists.
+#
+# Keyed by the scope, like the claim, not by the claim's id: the gate then needs
+# no ``RETURNING id`` from the claim (whose cost showed in benchmarks/RESULTS.md),
+# and on PostgreSQL the outcome's scope comes from the audit entry's own
+# parameters (see completion_statement).
 outcome_table = Table(
     "charter_idempotency_outcomes",
     metadata,
     # No foreign key on purpose: its check takes a KEY SHARE lock on the claim row,
-    # which marks that tuple just as the UPDATE did. Only the gate writes here, with
-    # the id it claimed in the same transaction; purge deletes both sides.
-    Column("claim_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    # which marks that tuple just as the UPDATE did. Only the gate writes here, under
+    # the scope it claimed in the same transaction; purge deletes both sides.
+    Column("tenant", String(128), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("key", String(MAX_KEY_LENGTH), nullable=False),
     Column("resource_id", String(128), nullable=True),
     Column("response_status", Integer, nullable=False),
     Column("response_body", JSON, nullable=True),
     Column("error", JSON, nullable=True),
     Column("outcome", String(64), nullable=False),
     Column("completed_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("tenant", "subject", "key", name="pk_charter_idempotency_outcomes"),
 )
+
+#: The scope of a key: (tenant, subject, key).
+Scope = tuple[str, str, str]
 
 
 def validate_key(key: str | None) -> str | None:
@@ -300,17 +317,8 @@ class OutcomeCache:
                 self._entries.popitem(last=False)
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A request's hold on its key for the duration of one transaction."""
-
-    id: int
-    key: str
-    fingerprint: str
-
-
 def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` for the dialect in use."""
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id``: no row if the key is taken."""
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
         insert_fn(idempotency_table)
@@ -321,18 +329,24 @@ def claim_statement(dialect: str, values: dict[str, Any]) -> Any:
 
 
 CLAIM_COLUMNS = (
-    "tenant", "subject", "key", "fingerprint", "action", "phase", "created_at",
-    "expires_at",
+    "tenant", "subject", "key", "fingerprint", "action", "created_at", "expires_at",
 )  # fmt: skip
 
 
-@functools.cache
-def prepared_claim(dialect: str) -> Any:
-    """The claim INSERT built once with bound parameters ``c_<column>``."""
+def claim_insert() -> Any:
+    """The gate's claim: a plain INSERT with bound parameters ``c_<column>``.
+
+    Plain, not ``ON CONFLICT DO NOTHING``: speculative insertion costs PostgreSQL
+    ~0.3 ms against ~0.08 ms (benchmarks/RESULTS.md), and a taken key is rare (a
+    duplicate), answered by the unique violation instead. A concurrent duplicate's
+    INSERT waits on the holder's uncommitted index entry either way.
+    """
     t = idempotency_table
-    return claim_statement(
-        dialect, {name: bindparam(f"c_{name}", type_=t.c[name].type) for name in CLAIM_COLUMNS}
-    )
+    values: dict[str, Any] = {
+        name: bindparam(f"c_{name}", type_=t.c[name].type) for name in CLAIM_COLUMNS
+    }
+    values["phase"] = literal_column("0")  # a new claim is in its first phase
+    return insert(t).values(values)
 
 
 def claim_values(
@@ -361,9 +375,16 @@ _OUTCOME_COLUMNS = (
     "resource_id", "response_status", "response_body", "error", "outcome", "completed_at",
 )  # fmt: skip
 
+# The stored outcome's columns that its call's audit entry carries too, by the
+# entry's column name: what the call did, to which record, when, under which key.
+_FROM_AUDIT = {
+    "tenant": "tenant", "subject": "subject", "key": "idempotency_key",
+    "resource_id": "resource_id", "outcome": "outcome", "completed_at": "at",
+}  # fmt: skip
+
 
 def completion_params(
-    claim_id: int,
+    scope: Scope,
     *,
     status: int,
     body: Any,
@@ -373,25 +394,37 @@ def completion_params(
     now: datetime,
 ) -> dict[str, Any]:
     """Parameters of :func:`completion_statement`: the outcome stored under a claim."""
+    tenant, subject, key = scope
     values = {
-        "response_status": status, "response_body": body, "error": error, "outcome": outcome,
-        "resource_id": resource_id, "completed_at": now,
+        "tenant": tenant, "subject": subject, "key": key, "response_status": status,
+        "response_body": body, "error": error, "outcome": outcome, "resource_id": resource_id,
+        "completed_at": now,
     }  # fmt: skip
-    return {"u_claim_id": claim_id, **{f"u_{name}": value for name, value in values.items()}}
+    return {f"u_{name}": value for name, value in values.items()}
 
 
 @functools.cache
-def completion_statement(*, with_audit: bool = False) -> Any:
+def completion_statement(*, with_audit: bool = False, beside_audit: bool = False) -> Any:
     """The outcome INSERT, built once with bound parameters (it is on every keyed call).
 
     ``with_audit=True`` (PostgreSQL) folds the audit entry's INSERT into the same
     statement as a data-modifying CTE, whose parameters are named ``a_<column>``.
+    With it, or with ``beside_audit=True`` (the INSERT is itself a CTE beside the
+    entry's), the columns the entry carries too are read from the entry's
+    parameters: they are equal by construction, and each is sent once.
     """
     t = outcome_table
-    columns = ("claim_id", *_OUTCOME_COLUMNS)
+    shared = with_audit or beside_audit
     stmt = insert(t).values(
-        {name: bindparam(f"u_{name}", type_=t.c[name].type) for name in columns}
-    )
+        {
+            column.name: bindparam(
+                f"a_{_FROM_AUDIT[column.name]}" if shared and column.name in _FROM_AUDIT
+                else f"u_{column.name}",
+                type_=column.type,
+            )
+            for column in t.c
+        }
+    )  # fmt: skip
     if with_audit:
         from .audit import audit_table
 
@@ -403,18 +436,32 @@ def completion_statement(*, with_audit: bool = False) -> Any:
     return stmt
 
 
-def release_statement(claim_id: int) -> Any:
+def release_statement(scope: Scope) -> Any:
     """Forget a finished multi-phase request's input (it may hold secrets) and lease."""
+    t = idempotency_table
+    tenant, subject, key = scope
     return (
-        update(idempotency_table)
-        .where(idempotency_table.c.id == claim_id)
+        update(t)
+        .where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
         .values(request_input=None, locked_until=None)
     )
 
 
+def claim_id_statement(scope: Scope) -> Any:
+    """The id of a claim, which names it in derived keys (multi-phase requests only)."""
+    t = idempotency_table
+    tenant, subject, key = scope
+    return select(t.c.id).where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
+
+
+def _same_scope() -> Any:
+    t, o = idempotency_table, outcome_table
+    return and_(o.c.tenant == t.c.tenant, o.c.subject == t.c.subject, o.c.key == t.c.key)
+
+
 def not_completed() -> Any:
     """SQL condition: the claim has no outcome yet (running, or an abandoned multi-phase one)."""
-    return ~exists().where(outcome_table.c.claim_id == idempotency_table.c.id)
+    return ~exists().where(_same_scope())
 
 
 def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | None:
@@ -422,7 +469,7 @@ def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | 
     t, o = idempotency_table, outcome_table
     stmt = (
         select(t, *[o.c[name] for name in _OUTCOME_COLUMNS])
-        .select_from(t.outerjoin(o, o.c.claim_id == t.c.id))
+        .select_from(t.outerjoin(o, _same_scope()))
         .where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
     )
     return session.execute(stmt).first()
@@ -431,13 +478,21 @@ def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | 
 def purge(session: Session, now: datetime) -> int:
     """Delete finished records whose retention has passed; unfinished ones are kept."""
     t, o = idempotency_table, outcome_table
-    expired = select(t.c.id).where(t.c.expires_at < now, ~not_completed())
-    ids = [row[0] for row in session.execute(expired)]
-    if not ids:
+    expired = select(t.c.id, t.c.tenant, t.c.subject, t.c.key).where(
+        t.c.expires_at < now, ~not_completed()
+    )
+    rows = session.execute(expired).all()
+    if not rows:
         return 0
-    session.execute(delete(o).where(o.c.claim_id.in_(ids)))
-    session.execute(delete(t).where(t.c.id.in_(ids)))
-    return len(ids)
+    for start in range(0, len(rows), _PURGE_BATCH):
+        batch = rows[start : start + _PURGE_BATCH]
+        scopes = [(r.tenant, r.subject, r.key) for r in batch]
+        session.execute(delete(o).where(tuple_(o.c.tenant, o.c.subject, o.c.key).in_(scopes)))
+        session.execute(delete(t).where(t.c.id.in_([r.id for r in batch])))
+    return len(rows)
+
+
+_PURGE_BATCH = 500  # rows per DELETE: bounded statement size (SQLite limits parameters)
 
 
 def stored_error(error: CharterError) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .audit_verify import VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, InvalidInput
-from .idempotency import idempotency_table, not_completed, purge
+from .idempotency import claim_id_statement, idempotency_table, not_completed, purge
 from .outcome import Outcome
 from .recovery import StepRunner, actor_from_snapshot, actor_snapshot
 from .resources import coerce_id, request_id_or_new
@@ -246,10 +246,13 @@ class Operations:
         data: BaseModel,
         target: Any,
         record: Any,
-        claim_id: int,
         decision: Decision,
         resume: Row[Any] | None,
     ) -> StepRunner:
+        if resume is not None:
+            claim_id = int(resume.id)
+        else:  # claimed by this transaction, which is the only one that can see it yet
+            claim_id = session.execute(claim_id_statement(ctx.idempotency_scope)).scalar_one()
         resource = spec.resource
         state_before = resource.state_of(record) if resource else None
 
