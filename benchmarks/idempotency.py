@@ -18,12 +18,16 @@ The same single-thread ratios are measured on a SQLite file
 Method. The benchmark declares its own model (``bench_idem_items``) and its own
 Charter with two actions sharing one handler (``counter += 1``): ``bench.bump``
 (``idempotency="none"``) and ``bench.bump_keyed`` (``idempotency="required"``),
-with the same validated input. Unkeyed, keyed-first and replay operations run
-in interleaved blocks (the order of the three rotates every round) after a
-warm-up, rotating over many rows; every single operation is timed and each
-figure is the median of all its per-op times (the ratio of the medians of the
-per-block means is printed alongside as a drift check). Replays re-execute
-keys used by earlier keyed-first blocks, oldest first, each once.
+with the same validated input. After a warm-up, unkeyed, keyed-first and
+replay operations run interleaved op by op (one of each per triple, the order
+rotating through all six permutations), rotating over many rows, so that the
+three share every moment of a run on a noisy machine. Every single operation
+is timed and each figure is the median of all its per-op times (the ratio of
+the medians of the per-round means is printed alongside as a drift check).
+Replays re-execute keys used by earlier keyed-first operations, oldest first,
+each once. (Until 2026-11-22 the paths ran in blocks of 100-300 ops; on a
+shared VM whose speed drifted by 2x within a minute, block-wise figures moved
+by +-0.15 from run to run, see benchmarks/RESULTS.md.)
 
 Concurrency: every worker goes through all K keys (each key targets its own
 row) in its own shuffled order -- or, in the lockstep variant, all in the same
@@ -214,7 +218,7 @@ def timed_block(op: Callable[[int], None], ids: list[int], sink: list[float]) ->
 @dataclass
 class SingleResult:
     per_op: dict[str, list[float]]
-    block_means: dict[str, list[float]]
+    block_means: dict[str, list[float]]  # per round
 
     def us(self, side: str) -> float:
         return statistics.median(self.per_op[side]) * 1e6
@@ -245,8 +249,14 @@ ORDERS = [
 
 
 def measure_single(
-    charter: Charter, blocks: int, per_block: int, warmup: int, prefix: str
+    charter: Charter, rounds: int, per_round: int, warmup: int, prefix: str
 ) -> SingleResult:
+    """Per-op interleaving: each triple runs the three paths once, in a rotating order.
+
+    Interleaving op by op (not in blocks) makes the three paths share every moment
+    of the run, so a machine that slows down or speeds up mid-run (a shared VM)
+    moves all three medians alike instead of whichever block it hit.
+    """
     pool = KeyPool(prefix)
     ops = make_ops(charter, pool)
     cursor = 0
@@ -263,9 +273,19 @@ def measure_single(
         timed_block(ops[side], next_ids(warmup), scratch)
     per_op: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
     means: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
-    for k in range(blocks):
-        for side in ORDERS[k % len(ORDERS)]:
-            means[side].append(timed_block(ops[side], next_ids(per_block), per_op[side]))
+    clock = time.perf_counter
+    triple = 0
+    for _ in range(rounds):
+        this_round: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
+        for _ in range(per_round):
+            for side, item_id in zip(ORDERS[triple % len(ORDERS)], next_ids(3), strict=True):
+                t = clock()
+                ops[side](item_id)
+                this_round[side].append(clock() - t)
+            triple += 1
+        for side, times in this_round.items():
+            per_op[side].extend(times)
+            means[side].append(statistics.fmean(times))
     return SingleResult(per_op, means)
 
 
@@ -636,7 +656,7 @@ def main() -> int:
         f"python={info['python']} charter={info['rev']} loadavg={loadavg()}"
     )
     print(
-        f"sizes: {blocks} rounds x 3 interleaved blocks x {per_block} ops, warm-up "
+        f"sizes: {blocks} rounds x {per_block} interleaved triples (one op per path), warm-up "
         f"{warmup}/side; concurrency K={k} keys x {threads} workers"
     )
 
@@ -725,7 +745,7 @@ def main() -> int:
 
     # Report -----------------------------------------------------------------------------
     print()
-    print("single thread, per-op time (us): median of every op [p90] (median of block means)")
+    print("single thread, per-op time (us): median of every op [p90] (median of round means)")
     print(
         f"  {'database':<18} {'unkeyed':>22} {'keyed first':>22} {'replay':>22}"
         f"  first/unkeyed  replay/first"
