@@ -45,7 +45,7 @@ def test_a_required_key_that_is_missing_is_a_400_and_nothing_runs(charter, alice
     assert 0 == load(charter, doc_id).counter
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "café", "a\nb", "tab\there"])
+@pytest.mark.parametrize("key", ["", "x" * 256, "café", "a\nb", "tab\there", "del\x7f", "nul\x00"])
 def test_malformed_keys_are_refused_and_nothing_is_stored(charter, alice, key):
     doc_id = create_doc(charter, alice)
     with pytest.raises(IdempotencyKeyInvalid):

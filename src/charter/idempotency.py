@@ -196,7 +196,7 @@ def validate_key(key: str | None) -> str | None:
         return None
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid("An Idempotency-Key is 1 to 255 printable ASCII characters.")
-    if not all(" " <= ch <= "~" for ch in key):
+    if not (key.isascii() and key.isprintable()):  # printable ASCII: " " to "~"
         raise IdempotencyKeyInvalid(
             "An Idempotency-Key may only contain printable ASCII characters (no control "
             "characters, no non-ASCII)."
