@@ -25,7 +25,7 @@ from charter.testing import FrozenClock
 
 from . import app as test_app
 from .conftest import AUDIT_KEYS
-from .test_gate import create_doc, load
+from .test_gate import audit_rows, create_doc, load
 
 
 def idem_rows(charter: Charter) -> list[dict]:
@@ -77,6 +77,23 @@ def test_a_retry_with_the_same_key_replays_without_running_again(charter, alice)
             .order_by(audit_table.c.id)
         ).all()
     assert [(False, "ok"), (True, "ok")] == [tuple(r) for r in replays]
+
+
+def test_the_stored_outcome_says_what_the_calls_audit_entry_says(charter, alice):
+    """On PostgreSQL the outcome shares the entry's parameters; on SQLite it is written apart."""
+    doc_id = create_doc(charter, alice)
+    outcome = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="pay-1")
+    [stored] = idem_rows(charter)
+    [entry] = [r for r in audit_rows(charter) if r["idempotency_key"] == "pay-1"]
+    assert ("acme", "alice", "pay-1") == (stored["tenant"], stored["subject"], stored["key"])
+    assert (entry["resource_id"], entry["outcome"]) == (stored["resource_id"], stored["outcome"])
+    assert (str(doc_id), "ok") == (stored["resource_id"], stored["outcome"])
+    assert _utc(entry["at"]) == _utc(stored["completed_at"])
+    assert (outcome.status, outcome.body) == (stored["response_status"], stored["response_body"])
+
+
+def _utc(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def test_the_same_key_with_other_input_is_refused_and_the_record_kept(charter, alice):
