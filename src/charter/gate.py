@@ -295,8 +295,7 @@ class Charter(Registry, Claims):
                 claimed = fp is not None
                 if resume is not None:
                     record = self._load(session, spec, ctx.actor, target) if spec.target else None
-                elif claimed and spec.target is not None and self._lock_rows:
-                    assert fp is not None
+                elif fp is not None and spec.target is not None and self._lock_rows:
                     record = self._claim_and_load(session, spec, ctx, target, fp)
                 else:
                     if fp is not None:
