@@ -438,23 +438,26 @@ def completion_statement(*, with_audit: bool = False, beside_audit: bool = False
 
 def release_statement(scope: Scope) -> Any:
     """Forget a finished multi-phase request's input (it may hold secrets) and lease."""
-    t = idempotency_table
-    tenant, subject, key = scope
     return (
-        update(t)
-        .where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
+        update(idempotency_table)
+        .where(_claim_of(scope))
         .values(request_input=None, locked_until=None)
     )
 
 
 def claim_id_statement(scope: Scope) -> Any:
     """The id of a claim, which names it in derived keys (multi-phase requests only)."""
+    return select(idempotency_table.c.id).where(_claim_of(scope))
+
+
+def _claim_of(scope: Scope) -> Any:
     t = idempotency_table
     tenant, subject, key = scope
-    return select(t.c.id).where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
+    return and_(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
 
 
 def _same_scope() -> Any:
+    """Join condition: an outcome and the claim it completes."""
     t, o = idempotency_table, outcome_table
     return and_(o.c.tenant == t.c.tenant, o.c.subject == t.c.subject, o.c.key == t.c.key)
 
