@@ -20,14 +20,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from sqlalchemy import Select, bindparam, insert, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .actions import ActionSpec
 from .actor import Actor
-from .audit import AuditEntry, audit_table
+from .audit import ENTRY_INSERT, AuditEntry
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError
@@ -236,7 +236,7 @@ class Claims(Operations):
         rows = lease.seal([entry])
         try:
             with translate_errors(), self._autocommit.connect() as conn:
-                conn.execute(insert(audit_table).inline(), rows[0])
+                conn.execute(ENTRY_INSERT, rows[0])
         except BaseException:
             lease.abandon()  # the INSERT's fate may be unknown: never reuse the stream
             raise
