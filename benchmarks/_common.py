@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -75,3 +78,36 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def interleave(
+    ops: Mapping[str, Callable[[int], None]],
+    orders: Sequence[Sequence[str]],
+    rounds: int,
+    per_round: int,
+    next_ids: Callable[[int], list[int]],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run the paths interleaved op by op; return per-op seconds and per-round means.
+
+    Each step runs every path once, in ``orders[step % len(orders)]``, so all paths
+    share every moment of the run: a VM whose speed drifts mid-run moves their
+    medians alike (block-wise, a block that met a slow spell decided the figure;
+    see benchmarks/RESULTS.md). The per-round means serve as a drift check.
+    """
+    clock = time.perf_counter
+    per_op: dict[str, list[float]] = {side: [] for side in ops}
+    means: dict[str, list[float]] = {side: [] for side in ops}
+    step = 0
+    for _ in range(rounds):
+        this_round: dict[str, list[float]] = {side: [] for side in ops}
+        for _ in range(per_round):
+            order = orders[step % len(orders)]
+            for side, item_id in zip(order, next_ids(len(order)), strict=True):
+                t = clock()
+                ops[side](item_id)
+                this_round[side].append(clock() - t)
+            step += 1
+        for side, times in this_round.items():
+            per_op[side].extend(times)
+            means[side].append(statistics.fmean(times))
+    return per_op, means

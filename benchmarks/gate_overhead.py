@@ -222,12 +222,7 @@ class PairResult:
 
 
 def measure_pair(charter: Charter, rounds: int, per_round: int, warmup: int) -> PairResult:
-    """(a) and (b) interleaved op by op, the first of each pair alternating.
-
-    Op-by-op interleaving gives both sides the same moments of the run, so a VM
-    whose speed drifts mid-run moves both medians alike (block-wise, a block that
-    met a slow spell decided the figure; see benchmarks/RESULTS.md).
-    """
+    """(a) and (b) interleaved op by op, the first of each pair alternating."""
     actor = Actor.make("bench-user", TENANT, roles=["member"])
     a, b = gate_op(charter, actor), baseline_op(charter, TENANT)
     cursor = 0
@@ -240,22 +235,9 @@ def measure_pair(charter: Charter, rounds: int, per_round: int, warmup: int) -> 
 
     timed_block(a, next_ids(warmup))
     timed_block(b, next_ids(warmup))
-    clock = time.perf_counter
-    per_op: dict[str, list[float]] = {"a": [], "b": []}
-    means: dict[str, list[float]] = {"a": [], "b": []}
-    pair = 0
-    for _ in range(rounds):
-        this_round: dict[str, list[float]] = {"a": [], "b": []}
-        for _ in range(per_round):
-            order = (("a", a), ("b", b)) if pair % 2 == 0 else (("b", b), ("a", a))
-            for (side, op), item_id in zip(order, next_ids(2), strict=True):
-                t = clock()
-                op(item_id)
-                this_round[side].append(clock() - t)
-            pair += 1
-        for side, times in this_round.items():
-            per_op[side].extend(times)
-            means[side].append(statistics.fmean(times))
+    per_op, means = _common.interleave(
+        {"a": a, "b": b}, [("a", "b"), ("b", "a")], rounds, per_round, next_ids
+    )
     return PairResult(
         gate_us=statistics.median(per_op["a"]) * 1e6,
         baseline_us=statistics.median(per_op["b"]) * 1e6,

@@ -251,12 +251,7 @@ ORDERS = [
 def measure_single(
     charter: Charter, rounds: int, per_round: int, warmup: int, prefix: str
 ) -> SingleResult:
-    """Per-op interleaving: each triple runs the three paths once, in a rotating order.
-
-    Interleaving op by op (not in blocks) makes the three paths share every moment
-    of the run, so a machine that slows down or speeds up mid-run (a shared VM)
-    moves all three medians alike instead of whichever block it hit.
-    """
+    """Per-op interleaving: each triple runs the three paths once, in a rotating order."""
     pool = KeyPool(prefix)
     ops = make_ops(charter, pool)
     cursor = 0
@@ -271,21 +266,7 @@ def measure_single(
     # Warm-up: pools, statement caches; leaves a stock of used keys for the replays.
     for side in (UNKEYED, KEYED, KEYED, REPLAY):
         timed_block(ops[side], next_ids(warmup), scratch)
-    per_op: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
-    means: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
-    clock = time.perf_counter
-    triple = 0
-    for _ in range(rounds):
-        this_round: dict[str, list[float]] = {s: [] for s in (UNKEYED, KEYED, REPLAY)}
-        for _ in range(per_round):
-            for side, item_id in zip(ORDERS[triple % len(ORDERS)], next_ids(3), strict=True):
-                t = clock()
-                ops[side](item_id)
-                this_round[side].append(clock() - t)
-            triple += 1
-        for side, times in this_round.items():
-            per_op[side].extend(times)
-            means[side].append(statistics.fmean(times))
+    per_op, means = _common.interleave(ops, ORDERS, rounds, per_round, next_ids)
     return SingleResult(per_op, means)
 
 
