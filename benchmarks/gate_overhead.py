@@ -418,7 +418,7 @@ def profile_gate(charter: Charter, calls: int, top: int = 28) -> str:
 def micro_costs(charter: Charter, n: int = 5000) -> dict[str, float]:
     """Pure-Python pieces of the gate, timed in isolation (us per call)."""
     from charter.audit import digest_input
-    from charter.gate import _request_id
+    from charter.resources import request_id_or_new
 
     spec = charter.spec("bench.bump")
     actor = Actor.make("bench-user", TENANT, roles=["member"])
@@ -443,7 +443,7 @@ def micro_costs(charter: Charter, n: int = 5000) -> dict[str, float]:
     assert resource is not None
     cases: dict[str, Callable[[], Any]] = {
         "spec.validate(None)": lambda: spec.validate(None),
-        "_request_id(None) (uuid4)": lambda: _request_id(None),
+        "request_id_or_new(None) (uuid4)": lambda: request_id_or_new(None),
         "digest_input(NoInput())": lambda: digest_input(data),
         "AuditTrail.seal (as_row+canonical json+HMAC)": lambda: trail.seal(stream, entry),
         "build select(...).where(..).with_for_update()": lambda: (
