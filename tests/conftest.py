@@ -58,7 +58,7 @@ def require_postgres() -> str:
     return PG_URL
 
 
-_CHARTER_TABLES = ("charter_audit", "charter_audit_checkpoints")
+_CHARTER_TABLES = ("charter_audit", "charter_audit_checkpoints", "charter_audit_links")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +26,9 @@ class Pay(BaseModel):
 def build(url: str, provider_url: str, *, crash: str | None = None, **options: Any) -> Charter:
     charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS, **options))
     client = PaymentClient(provider_url, timeout=5)
+    # The client's keep-alive socket closes with the charter that uses it, not at
+    # whatever moment the garbage collector reaches it (an unclosed-socket warning).
+    weakref.finalize(charter, client.close)
 
     @charter.action("doc.pay", on=Doc, input=Pay, allow=is_member, idempotency="required")
     def pay(ctx: ActionContext, doc: Doc, data: Pay) -> dict[str, Any]:

@@ -272,9 +272,9 @@ def _crashing_worker(url: str, doc_id: int, point: str) -> None:
     charter = test_app.build(Charter(database_url=url, audit_keys=AUDIT_KEYS))
     actor = Actor.make("alice", "acme", roles={"member"})
     if point == "before_commit":
-        event.listen(charter._sessions, "before_commit", lambda s: os._exit(17))
+        event.listen(charter.runtime.sessions, "before_commit", lambda s: os._exit(17))
     else:
-        event.listen(charter._sessions, "after_commit", lambda s: os._exit(17))
+        event.listen(charter.runtime.sessions, "after_commit", lambda s: os._exit(17))
     charter.execute(actor, "doc.charge", {"amount": "5"}, target=doc_id, key="crash")
     os._exit(0)  # pragma: no cover - the listener exits first
 
@@ -328,7 +328,7 @@ def test_a_duplicate_that_waits_too_long_gets_409_with_retry_after(pg, alice, pg
     impatient = test_app.build(
         Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS, lock_timeout=td(milliseconds=200))
     )
-    holder = pg._sessions()
+    holder = pg.runtime.sessions()
     try:
         holder.execute(
             claim_statement(

@@ -31,7 +31,7 @@ def demo(database_url: str) -> Charter:
 
 def seed(charter: Charter, count: int = 60) -> None:
     rng = random.Random(7)
-    with charter._sessions() as session:
+    with charter.runtime.sessions() as session:
         for i in range(count):
             session.add(
                 Invoice(
@@ -178,7 +178,7 @@ def test_an_evaluation_error_fails_closed_and_is_audited(database_url):
     def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict:
         return {"id": invoice.id}
 
-    with charter._sessions() as session:
+    with charter.runtime.sessions() as session:
         session.add(
             Invoice(
                 tenant_id="acme",

@@ -7,7 +7,7 @@ action, from every channel, through :meth:`Charter.execute`.
 
 from .actions import ActionSpec, NoInput
 from .actor import Actor, ActorKind, Channel
-from .audit_verify import AuditProblem, VerificationReport
+from .audit import AuditProblem, VerificationReport
 from .context import ActionContext
 from .decision import Decision, DecisionKind
 from .errors import (

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigurationError, InvalidInput
-from .idempotency import IdempotencyMode
+from .idempotency.keys import IdempotencyMode
 from .resources import ResourceSpec
 
-__all__ = ["ActionSpec", "Handler", "NoInput"]
+__all__ = ["ActionSpec", "Handler", "Locks", "NoInput"]
 
 Handler = Callable[..., Any]
+#: The further records an action acts on, located from its validated input:
+#: ``locks=lambda data: [(Card, data.to)]``. Each is a declared resource's model and an id.
+Locks = Callable[[Any], "Sequence[tuple[type[Any], Any]]"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
@@ -33,7 +36,10 @@ class ActionSpec:
     ``target`` says how the record is located: ``"argument"`` (the ``target=``
     argument of :meth:`Charter.execute`, e.g. the URL's id), the name of an
     input field holding the id, or ``None`` for actions that create a record or
-    act on no record.
+    act on no record. ``by`` names the column the target is found by: the
+    primary key (``None``) or a column unique within the tenant (a promo code,
+    an external reference). ``locks`` locates the further records the action
+    acts on (see :data:`Locks`).
     """
 
     name: str
@@ -50,6 +56,8 @@ class ActionSpec:
     listable: bool
     status: int
     idempotency: IdempotencyMode = IdempotencyMode.NONE
+    by: str | None = None
+    locks: Locks | None = None
 
     @property
     def mutates(self) -> bool:
@@ -73,6 +81,8 @@ class ActionSpec:
         listable: bool,
         status: int | None,
         idempotency: IdempotencyMode = IdempotencyMode.NONE,
+        by: str | None = None,
+        locks: Locks | None = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -106,6 +116,12 @@ class ActionSpec:
             raise ConfigurationError(
                 f"action {name}: a sensitive read changes nothing; it takes no idempotency key"
             )
+        if by is not None:
+            if resource is None or target is None:
+                raise ConfigurationError(f"action {name}: by= needs a target on a resource")
+            resource.check_unique(by, f"action {name}")
+        if locks is not None and not callable(locks):
+            raise ConfigurationError(f"action {name}: locks= must be a function of the input")
         if scope is not None and not scope:
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         return cls(
@@ -123,6 +139,8 @@ class ActionSpec:
             listable=listable,
             status=status or (201 if creates else 200),
             idempotency=idempotency,
+            by=by,
+            locks=locks,
         )
 
     def validate(self, data: Any) -> BaseModel:

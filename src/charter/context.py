@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from sqlalchemy.orm import Session
 
-    from .recovery import StepRunner
+    from .idempotency.recovery import StepRunner
 
 T = TypeVar("T")
+M = TypeVar("M")
 
 __all__ = ["ActionContext"]
 
@@ -26,7 +27,9 @@ class ActionContext:
     """What is known about one call of one action.
 
     Rules read it as ``C`` (``C.now``, ``C.channel``, ``C.input.amount``);
-    handlers use ``session`` for their change and ``actor`` for who acts.
+    handlers use ``session`` for their change, ``actor`` for who acts,
+    ``locked`` for the further records the action declared (``locks=``, in the
+    declared order) and :meth:`lock` for records known only inside the handler.
     ``session`` is ``None`` when a policy is evaluated outside the gate (for
     example by :meth:`Charter.allowed_actions`).
     """
@@ -42,15 +45,30 @@ class ActionContext:
     idempotency_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     steps: StepRunner | Callable[[], StepRunner] | None = None
+    locked: tuple[Any, ...] = ()
+    locker: Callable[[type[Any], Any], Any] | None = None
 
     @property
     def idempotency_scope(self) -> tuple[str, str, str]:
         """(tenant, subject, key): where a keyed call's record lives (see charter.idempotency)."""
-        assert self.idempotency_key is not None, "only keyed calls have a scope"
+        if self.idempotency_key is None:
+            raise ConfigurationError("only keyed calls have an idempotency scope")
         return (self.actor.tenant_id, self.actor.subject.id, self.idempotency_key)
 
+    def lock(self, model: type[M], id: Any) -> M | None:
+        """Load and lock one more record of a declared resource, in the actor's tenant.
+
+        ``None`` if there is no such record in the tenant. Records locked here
+        come after the declared ones (``locks=``), so declare what you can: the
+        declared records are locked in one deterministic order, which is what
+        keeps two opposite calls from deadlocking.
+        """
+        if self.locker is None:
+            raise ConfigurationError("ctx.lock() works inside the gate's transaction only")
+        return self.locker(model, id)  # type: ignore[no-any-return]
+
     def external(self, name: str, call: Callable[[str], T]) -> T:
-        """Call an outside service as a recovered step (see :mod:`charter.recovery`).
+        """Call an outside service as a recovered step (see :mod:`charter.idempotency.recovery`).
 
         ``call`` receives an idempotency key derived from this request, stable
         across retries: pass it to the outside service so it can deduplicate.

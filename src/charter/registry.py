@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from .actions import ActionSpec, Handler
+from .actions import ActionSpec, Handler, Locks
 from .actor import Actor
 from .context import ActionContext
-from .decision import Decision, DecisionKind
+from .decision import Decision
 from .errors import ConfigurationError, UnknownAction
-from .idempotency import IdempotencyMode
+from .idempotency.keys import IdempotencyMode
 from .policy import ActionPolicy, PermissionMatrix, PolicySet, Rule, permission_matrix
 from .resources import ResourceSpec
 
 __all__ = ["Registry"]
 
-log = logging.getLogger("charter")
 
 F = TypeVar("F", bound=Handler)
 
 
 class Registry:
-    """Resources and actions by name; every declaration is validated when it is made."""
+    """Resources and actions by name; every declaration is validated when it is made.
 
-    def __init__(self) -> None:
+    ``on_action`` is called with each action's spec and compiled policy once it
+    is declared (the gate assembles the action's pipeline then).
+    """
+
+    def __init__(self, on_action: Callable[[ActionSpec, ActionPolicy], None]) -> None:
+        self._on_action = on_action
         self._resources: dict[type[Any], ResourceSpec] = {}
         self._resource_names: dict[str, ResourceSpec] = {}
         self._actions: dict[str, ActionSpec] = {}
@@ -78,12 +81,16 @@ class Registry:
         listable: bool = False,
         status: int | None = None,
         idempotency: IdempotencyMode | str = IdempotencyMode.NONE,
+        by: str | None = None,
+        locks: Locks | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
         The handler is called as ``handler(ctx, record, data)`` where ``record``
         is the locked target (``None`` for creations and record-less actions)
-        and ``data`` the validated input model.
+        and ``data`` the validated input model. ``by`` locates the target by a
+        column unique within the tenant instead of the primary key; ``locks``
+        names the further records the action acts on (``ctx.locked``).
         """
 
         def register(handler: F) -> F:
@@ -102,6 +109,8 @@ class Registry:
                 listable=listable,
                 status=status,
                 idempotency=IdempotencyMode(idempotency),
+                by=by,
+                locks=locks,
             )
             return handler
 
@@ -123,6 +132,7 @@ class Registry:
                 )
         spec = ActionSpec.declare(name, handler, resource=resource, **options)
         self._compile_policy(spec)
+        self._on_action(spec, self._policies[spec.name])
         self._actions[name] = spec
         return spec
 
@@ -166,6 +176,11 @@ class Registry:
     def resources(self) -> Mapping[str, ResourceSpec]:
         return dict(self._resource_names)
 
+    @property
+    def by_model(self) -> Mapping[type[Any], ResourceSpec]:
+        """Declared resources by mapped class (live: later declarations appear)."""
+        return self._resources
+
     def spec(self, action: str) -> ActionSpec:
         try:
             return self._actions[action]
@@ -173,13 +188,6 @@ class Registry:
             raise UnknownAction(f"there is no action named {action!r}") from None
 
     # -- policy --------------------------------------------------------------------
-
-    def decide(self, spec: ActionSpec, actor: Actor, record: Any, ctx: ActionContext) -> Decision:
-        """Decide ``spec`` for ``actor`` on ``record`` as it is now; fails closed on errors."""
-        decision = self._policies[spec.name].decide(actor, record, ctx)
-        if decision.kind is DecisionKind.ERROR:
-            log.error("policy of %s failed closed: %s", spec.name, decision.reason)
-        return decision
 
     def allowed_actions(
         self, actor: Actor, record: Any, ctx: ActionContext | None = None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
@@ -96,6 +97,50 @@ class ResourceSpec:
     def columns(self) -> frozenset[str]:
         mapper: Mapper[Any] = sa_inspect(self.model)
         return frozenset(mapper.columns.keys())
+
+    def check_unique(self, name: str, where: str) -> None:
+        """Refuse, at declaration, a lookup column that is not unique within the tenant.
+
+        Unique means a unique constraint or index on the column alone or on
+        (tenant, column): with anything less, a lookup could find two records.
+        """
+        mapper: Mapper[Any] = sa_inspect(self.model)
+        if name not in mapper.columns:
+            raise ConfigurationError(f"{where}: {name!r} is not a column of {self.model.__name__}")
+        column = mapper.columns[name]
+        wanted = [{column.name}]
+        if self.tenant is not None:
+            wanted.append({column.name, mapper.columns[self.tenant].name})
+        table: Any = mapper.local_table
+        unique_sets = [
+            {c.name for c in constraint.columns}
+            for constraint in table.constraints
+            if isinstance(constraint, UniqueConstraint | PrimaryKeyConstraint)
+        ]
+        unique_sets += [{c.name for c in index.columns} for index in table.indexes if index.unique]
+        if column.unique:
+            unique_sets.append({column.name})
+        if not any(s in wanted for s in unique_sets):
+            raise ConfigurationError(
+                f"{where}: {self.model.__name__}.{name} must be unique within the tenant "
+                f"(declare UniqueConstraint({self.tenant!r}, {name!r}) or unique=True) "
+                "to locate records by it"
+            )
+
+    def coerce(self, name: str | None, value: Any) -> Any:
+        """A locator value as the column's Python type, or None if it cannot be one."""
+        if name is None:
+            return coerce_id(self, value)
+        try:
+            python_type = sa_inspect(self.model).columns[name].type.python_type
+        except NotImplementedError:
+            return value
+        if isinstance(value, python_type):
+            return value
+        try:
+            return python_type(value)
+        except (TypeError, ValueError):
+            return None
 
     def column(self, name: str) -> Any:
         """The mapped attribute (``Invoice.amount``) for a column name."""

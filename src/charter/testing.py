@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from .actor import Actor, ActorKind
 from .audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail
 from .policy import assert_filter_agrees, assert_matrix_snapshot, filter_disagreements
@@ -56,9 +54,6 @@ class FrozenClock:
 
 
 class _NullLease(AuditLease):
-    def write(self, session: Session, entries: Iterable[AuditEntry]) -> None:
-        return None
-
     def seal(self, entries: Iterable[AuditEntry]) -> list[dict[str, Any]]:
         return []  # no rows: every write path of the gate writes nothing
 
@@ -70,7 +65,7 @@ class NullAuditTrail(AuditTrail):
         super().__init__(AuditKeyring({"null": "null-audit-key-not-used"}))
 
     def lease(self) -> AuditLease:
-        return _NullLease(self, super().lease().stream)
+        return _NullLease(self, super().lease().stream, seals=False)
 
 
 def make_actor(

@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..actor import Actor, Channel
+from ..data import DEFAULT_PAGE, MAX_PAGE
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
 from ..gate import Charter, Outcome
-from ..operations import DEFAULT_PAGE, MAX_PAGE
 from .webhooks import WebhookReceiver
 
 __all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]

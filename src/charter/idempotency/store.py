@@ -1,47 +1,20 @@
-"""Idempotency keys: the same request runs once, however often and however concurrently it arrives.
+"""Where idempotency records live: the claim and outcome tables, their statements, a replay cache.
 
-Semantics follow draft-ietf-httpapi-idempotency-key-header and Stripe's behaviour:
-
-* a key is 1-255 printable ASCII characters, scoped to (tenant, subject, key):
-  another user's identical key is an unrelated request, and rotating an access
-  token does not change the scope;
-* the **fingerprint** is the action, the target and the canonical form of the
-  *validated* input; the same key with another fingerprint is refused (422)
-  and the stored record is left alone;
-* the same key and fingerprint after completion replays the stored outcome
-  (status and body, or the stored domain error) without running anything;
-* only outcomes of a handler that ran are stored (success and domain errors).
-  Validation errors, denials, rate limiting and infrastructure failures store
-  nothing: the claim rolls back with the transaction and a corrected retry runs.
-
-Why it holds under concurrency: the claim is an ``INSERT`` on the unique
-(tenant, subject, key) index, *inside the effect's transaction* and before the
-handler runs. On PostgreSQL a concurrent duplicate's insert waits on the
-uncommitted index entry until the first transaction ends (bounded by
-``lock_timeout``, after which it answers 409 ``idempotency_key_in_progress``
-with ``Retry-After``); if the first committed, the duplicate's insert fails
-with a unique violation, its transaction (which ran nothing) rolls back and it
-replays; if the first rolled back, the duplicate's insert goes through and it
-runs. On SQLite writers are serialized by ``BEGIN IMMEDIATE``, with the same
-outcome. Because the effect, the audit entry and the stored outcome commit
-together, a crash at any point leaves either nothing (a retry runs once) or
-everything (a retry replays).
+The semantics (what a key is, what its scope and fingerprint are) are in
+:mod:`charter.idempotency.keys`; the gate's use of these statements is in
+:mod:`charter.idempotency.claims`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from enum import Enum, StrEnum
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -68,72 +41,29 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 from sqlalchemy.types import JSON
 
-from .errors import CharterError, Conflict, InvalidInput
-from .storage import metadata
+from ..audit.entry import audit_table
+from ..errors import CharterError
+from ..storage import metadata
+from .keys import MAX_KEY_LENGTH
 
 __all__ = [
-    "DEFAULT_RETENTION",
-    "IdempotencyKeyInProgress",
-    "IdempotencyKeyInvalid",
-    "IdempotencyKeyMissing",
-    "IdempotencyKeyReused",
-    "IdempotencyMode",
-    "ReplayedError",
-    "fingerprint",
+    "OutcomeCache",
+    "Scope",
+    "StoredOutcome",
+    "claim_id_statement",
+    "claim_insert",
+    "claim_statement",
+    "claim_values",
+    "completion_params",
+    "completion_statement",
     "idempotency_table",
-    "validate_key",
+    "lookup",
+    "not_completed",
+    "outcome_table",
+    "purge",
+    "release_statement",
+    "stored_error",
 ]
-
-DEFAULT_RETENTION = timedelta(hours=24)
-MAX_KEY_LENGTH = 255
-
-
-class IdempotencyMode(StrEnum):
-    REQUIRED = "required"
-    OPTIONAL = "optional"
-    NONE = "none"
-
-
-class IdempotencyKeyMissing(InvalidInput):
-    code = "idempotency_key_missing"
-    status = 400
-    title = "Idempotency-Key required"
-
-
-class IdempotencyKeyInvalid(InvalidInput):
-    code = "idempotency_key_invalid"
-    status = 400
-    title = "Invalid Idempotency-Key"
-
-
-class IdempotencyKeyReused(CharterError):
-    code = "idempotency_key_reused"
-    status = 422
-    title = "Idempotency-Key reused with a different request"
-
-
-class IdempotencyKeyInProgress(Conflict):
-    code = "idempotency_key_in_progress"
-    status = 409
-    title = "A request with this Idempotency-Key is in progress"
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 1, **attrs: Any) -> None:
-        super().__init__(message, **attrs)
-        self.headers["Retry-After"] = str(retry_after)
-
-
-class ReplayedError(CharterError):
-    """A stored domain error, replayed: same code, status and message as the original."""
-
-    replayed = True
-
-    def __init__(self, stored: dict[str, Any]) -> None:
-        super().__init__(str(stored.get("message", "")), **dict(stored.get("attrs") or {}))
-        self.code = str(stored.get("code", "domain_error"))  # type: ignore[misc]
-        self.status = int(stored.get("status", 409))  # type: ignore[misc]
-        self.title = str(stored.get("title", "The request cannot be carried out"))  # type: ignore[misc]
-        self.headers["Idempotent-Replayed"] = "true"
-
 
 idempotency_table = Table(
     "charter_idempotency",
@@ -188,47 +118,6 @@ outcome_table = Table(
 
 #: The scope of a key: (tenant, subject, key).
 Scope = tuple[str, str, str]
-
-
-def validate_key(key: str | None) -> str | None:
-    """Return the key if well-formed (1-255 printable ASCII), ``None`` if absent; else raise."""
-    if key is None:
-        return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise IdempotencyKeyInvalid("An Idempotency-Key is 1 to 255 printable ASCII characters.")
-    if not (key.isascii() and key.isprintable()):  # printable ASCII: " " to "~"
-        raise IdempotencyKeyInvalid(
-            "An Idempotency-Key may only contain printable ASCII characters (no control "
-            "characters, no non-ASCII)."
-        )
-    return key
-
-
-def fingerprint(action: str, target: Any, data: BaseModel) -> str:
-    """Hash of what makes a request *this* request: action, target, canonical validated input."""
-    canonical = json.dumps(
-        [action, None if target is None else str(target), _canonical(data.model_dump())],
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _canonical(value: Any) -> Any:
-    """Equal values, equal forms: ``Decimal("5")`` and ``Decimal("5.00")`` are one request."""
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_canonical(v) for v in value]
-        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f") if value.is_finite() else str(value)
-    if isinstance(value, datetime):
-        return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
-    if isinstance(value, Enum):
-        return _canonical(value.value)
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,8 +315,6 @@ def completion_statement(*, with_audit: bool = False, beside_audit: bool = False
         }
     )  # fmt: skip
     if with_audit:
-        from .audit import audit_table
-
         audited = [c for c in audit_table.c if c.name != "id"]
         entry = insert(audit_table).values(
             {c.name: bindparam(f"a_{c.name}", type_=c.type) for c in audited}

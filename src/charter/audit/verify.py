@@ -1,6 +1,6 @@
 """Verifying the audit trail, and the signed checkpoints that guard stream tails.
 
-See :mod:`charter.audit` for the chain design. Verification reads every entry
+See :mod:`charter.audit.trail` for the chain design. Verification reads every entry
 once, recomputes its MAC and its links, and classifies what it finds:
 
 * ``modified`` — an original entry whose content (or hash) was changed: its MAC
@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from .audit import AuditKeyring, audit_table, canonical_message, checkpoint_table
+from .entry import audit_table, canonical_message, checkpoint_table
+from .trail import AuditKeyring
 
 __all__ = ["AuditProblem", "VerificationReport", "checkpoint", "verify"]
 

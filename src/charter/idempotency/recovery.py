@@ -37,18 +37,14 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic_core import to_jsonable_python
 from sqlalchemy import or_, update
-from sqlalchemy.orm import Session
 
-from .actor import Actor
-from .errors import ConfigurationError
-from .idempotency import idempotency_table, not_completed
-
-if TYPE_CHECKING:
-    from .operations import Operations
+from ..actor import Actor
+from ..errors import ConfigurationError
+from .store import idempotency_table, not_completed
 
 __all__ = ["StepRunner", "actor_from_snapshot", "actor_snapshot", "takeover_statement"]
 
@@ -111,9 +107,10 @@ class StepRunner:
 
     def __init__(
         self,
-        charter: Operations,
-        session: Session,
         *,
+        clock: Callable[[], datetime],
+        lease: timedelta,
+        commit_phase: Callable[[Any, Any], None],
         claim_id: int,
         recovery: dict[str, Any] | None,
         request: dict[str, Any],
@@ -121,8 +118,9 @@ class StepRunner:
         relock: Callable[[], None],
         audit: Callable[[str], Any],
     ) -> None:
-        self.charter = charter
-        self.session = session
+        self.clock = clock
+        self.lease = lease
+        self.commit_phase = commit_phase  # (statement, audit entry or None): commits a phase
         self.claim_id = claim_id
         self.recovery: dict[str, Any] = dict(recovery or {})
         self.recovery.setdefault("steps", {})
@@ -140,9 +138,9 @@ class StepRunner:
         if recorded is not None and recorded.get("status") == "done":
             return recorded["result"]  # type: ignore[no-any-return]
         steps[name] = {"status": "started"}
-        now = self.charter.clock()
+        now = self.clock()
         # Recovery point: the local phase so far, the audit entry and "step started".
-        self._save(locked_until=now + self.charter.recovery_lease, entry=self.audit(f"step:{name}"))
+        self._save(locked_until=now + self.lease, entry=self.audit(f"step:{name}"))
         try:
             result = call(derived_key(self.claim_id, name))
         except BaseException:
@@ -150,7 +148,7 @@ class StepRunner:
             self._save(locked_until=None, entry=None)
             raise
         steps[name] = {"status": "done", "result": to_jsonable_python(result)}
-        self._save(locked_until=self.charter.clock() + self.charter.recovery_lease, entry=None)
+        self._save(locked_until=self.clock() + self.lease, entry=None)
         self.relock()
         return result
 
@@ -161,8 +159,7 @@ class StepRunner:
             "locked_until": locked_until,
             "phase": idempotency_table.c.phase + 1,
         }
-        self.charter._commit_phase(
-            self.session,
+        self.commit_phase(
             update(idempotency_table)
             .where(idempotency_table.c.id == self.claim_id)
             .values(**values),

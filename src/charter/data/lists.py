@@ -1,0 +1,63 @@
+"""Lists filtered by the same rules that decide: one page of the records an actor may act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..actions import ActionSpec
+from ..context import ActionContext
+from ..decision import Decision
+from ..errors import ConfigurationError, InvalidInput
+from ..pipeline.call import entry_for
+from ..pipeline.runtime import Runtime
+from ..pipeline.writes import Committer, finish
+from ..policy import ActionPolicy
+from ..resources import coerce_id
+
+__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "list_records"]
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 200  # server-enforced page cap: a caller cannot raise it
+
+
+def list_records(
+    runtime: Runtime,
+    committer: Committer,
+    spec: ActionSpec,
+    policy: ActionPolicy,
+    ctx: ActionContext,
+    *,
+    limit: int,
+    after: Any,
+) -> tuple[list[Any], Any]:
+    """One page of the records ``ctx.actor`` may ``spec``, in id order (keyset paging).
+
+    The page size is capped by the server at :data:`MAX_PAGE` whatever the
+    caller asks; the read is audited (one entry per page). Returns the rows and
+    the cursor of the next page (``None`` on the last page).
+    """
+    resource = spec.resource
+    if resource is None or not spec.listable:
+        raise ConfigurationError(f"{spec.name} is not declared listable=True")
+    limit = max(1, min(int(limit), MAX_PAGE))
+    key = None
+    if after is not None:
+        key = coerce_id(resource, after)
+        if key is None:
+            raise InvalidInput("the page cursor is invalid")
+    # Built once per (actor shape, has cursor): values are parameters (ActionPolicy doc).
+    stmt, params = policy.page_statement(ctx.actor, ctx, limit=limit + 1, after=key)
+    lease = runtime.audit_trail.lease()
+    try:
+        with runtime.write_session() as session:
+            rows = list(session.execute(stmt, params).scalars())
+            page, more = rows[:limit], len(rows) > limit
+            entry = entry_for(
+                spec, ctx, None, None, Decision.allow("filter"), "ok", None,
+                detail={"listed": len(page), "after": None if after is None else str(after)[:64]},
+            )  # fmt: skip
+            committer.write(session, lease, [entry], None)
+            finish(session, lease)
+    finally:
+        lease.rolled_back()
+    return page, (resource.identity(page[-1]) if more and page else None)

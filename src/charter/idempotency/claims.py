@@ -1,0 +1,243 @@
+"""The gate's side of exactly-once: claiming a key, answering duplicates, storing refusals.
+
+The semantics (scope, fingerprint, what is stored) are in
+:mod:`charter.idempotency.keys`, the tables in :mod:`charter.idempotency.store`;
+the stages that use these are assembled by :mod:`charter.pipeline.build`:
+
+* on PostgreSQL the claim rides on the locked ``SELECT`` of the target
+  (a data-modifying CTE) and the stored outcome on the audit ``INSERT``, so a
+  keyed call costs the same round trips as an unkeyed one;
+* a replay that this process has seen is answered from :class:`OutcomeCache`
+  with one autocommit audit ``INSERT``; others read the claim once;
+* an abandoned multi-phase request is taken over (see :mod:`.recovery`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, bindparam, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from ..decision import Decision
+from ..errors import CharterError
+from ..outcome import Outcome
+from ..resources import ResourceSpec
+from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
+from .recovery import takeover_statement
+from .store import (
+    StoredOutcome,
+    claim_insert,
+    claim_statement,
+    claim_values,
+    completion_params,
+    completion_statement,
+    lookup,
+    stored_error,
+)
+
+if TYPE_CHECKING:
+    from ..pipeline.call import Call
+    from ..pipeline.runtime import Runtime
+    from ..pipeline.writes import Committer
+
+__all__ = [
+    "CLAIM",
+    "ClaimTaken",
+    "answer_duplicate",
+    "claim_and_load_statement",
+    "claim_params",
+    "claiming",
+    "remember",
+    "replay_stored",
+    "store_refusal",
+]
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
+UNIQUE_VIOLATION = "23505"
+
+#: The claim: a plain INSERT on the unique (tenant, subject, key) index.
+CLAIM = claim_insert()
+
+
+class ClaimTaken(Exception):
+    """Another request holds (or held) this key: the runner rolls back and answers it."""
+
+
+def claim_params(runtime: Runtime, call: Call) -> dict[str, Any]:
+    """The claim INSERT's parameters (``c_<column>``)."""
+    ctx = call.ctx
+    return {
+        "c_tenant": ctx.actor.tenant_id,
+        "c_subject": ctx.actor.subject.id,
+        "c_key": ctx.idempotency_key,
+        "c_fingerprint": call.fingerprint,
+        "c_action": ctx.action,
+        "c_created_at": ctx.now,
+        "c_expires_at": ctx.now + runtime.idempotency_retention,
+    }
+
+
+def claim_and_load_statement(resource: ResourceSpec, by: str | None) -> Select[Any]:
+    """PostgreSQL: ``WITH claim AS (INSERT ...) SELECT record ... FOR UPDATE OF record``.
+
+    The statement succeeds only if the INSERT did, so success *is* the claim,
+    and a taken key is a unique violation (:class:`ClaimTaken`). When the record
+    is not found the claim's fate does not matter: the refusal rolls back.
+    """
+    claim = claim_insert().cte("charter_claim")
+    # Parameter names must not match a column of the INSERT (SQLAlchemy would add it).
+    stmt = select(resource.model).where(resource.column(by or resource.id) == bindparam("t_id"))
+    if resource.tenant is not None:  # the record's tenant is the claim's: one parameter
+        stmt = stmt.where(resource.column(resource.tenant) == bindparam("c_tenant"))
+    return stmt.with_for_update(of=resource.model).add_cte(claim)
+
+
+@contextmanager
+def claiming() -> Iterator[None]:
+    """Around a claim: a taken key is :class:`ClaimTaken`; a wait past ``lock_timeout`` is 409."""
+    try:
+        yield
+    except IntegrityError as exc:
+        orig = exc.orig
+        if (
+            getattr(orig, "sqlstate", None) == UNIQUE_VIOLATION
+            or getattr(orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_UNIQUE"
+        ):
+            raise ClaimTaken from exc
+        raise
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise IdempotencyKeyInProgress(
+                "A request with this Idempotency-Key is still running; retry shortly.",
+                retry_after=1,
+            ) from exc
+        raise
+
+
+def answer_duplicate(runtime: Runtime, committer: Committer, call: Call) -> Outcome | None:
+    """Answer a call whose key was taken: a replay, a 409 or 422, or ``None`` to run again.
+
+    ``None`` when the holder rolled back (claim again) or when this call has
+    just taken an abandoned multi-phase request over (``call.resume`` is set).
+    """
+    actor, key = call.ctx.actor, call.ctx.idempotency_key
+    assert key is not None  # only keyed calls claim
+    with runtime.write_session() as session:
+        row = lookup(session, actor.tenant_id, actor.subject.id, key)
+        if row is None:
+            return None
+        done = row.completed_at is not None
+        if not done and row.fingerprint == call.fingerprint:
+            if row.recovery is not None:
+                taken = session.execute(
+                    takeover_statement(int(row.id), runtime.clock(), runtime.recovery_lease)
+                )
+                session.commit()
+                if getattr(taken, "rowcount", 0) == 1:
+                    call.resume = row
+                    return None
+            raise IdempotencyKeyInProgress(
+                "A request with this Idempotency-Key is still in progress; retry shortly."
+            )
+    stored = StoredOutcome.from_row(row) if done else None
+    if stored is not None:
+        runtime.outcomes.put(call.ctx.idempotency_scope, stored)
+    return replay_stored(committer, call, stored, row.fingerprint, row.action)
+
+
+def replay_stored(
+    committer: Committer,
+    call: Call,
+    stored: StoredOutcome | None,
+    stored_fingerprint: str,
+    stored_action: str,
+) -> Outcome:
+    """Replay a stored outcome (audited as a replay), or refuse another request's key (422)."""
+    if stored_fingerprint != call.fingerprint or stored is None:
+        refusal = IdempotencyKeyReused(
+            "This Idempotency-Key was already used for a different request "
+            f"({stored_action}); use a new key for a new request."
+        )
+        committer.alone(call.entry(refusal.code))
+        raise refusal
+    entry = call.entry(stored.outcome, decision=Decision.allow("replay"))
+    entry.resource_id = stored.resource_id
+    entry.replayed = True
+    committer.alone(entry)
+    if stored.error:
+        raise ReplayedError(dict(stored.error))
+    return Outcome(
+        action=call.spec.name,
+        status=stored.status,
+        body=stored.body,
+        request_id=call.ctx.request_id,
+        resource_id=stored.resource_id,
+        replayed=True,
+    )
+
+
+def remember(
+    runtime: Runtime,
+    call: Call,
+    *,
+    status: int,
+    body: Any,
+    error: dict[str, Any] | None,
+    outcome: str,
+    resource_id: str | None,
+) -> None:
+    """Keep a just-committed outcome for replays (it expires with its record)."""
+    if call.fingerprint is None:
+        return
+    created = call.ctx.now if call.resume is None else _aware(call.resume.created_at)
+    runtime.outcomes.put(
+        call.ctx.idempotency_scope,
+        StoredOutcome(
+            call.fingerprint, call.spec.name, status, body, error, outcome, resource_id,
+            created + runtime.idempotency_retention,
+        ),
+    )  # fmt: skip
+
+
+def outcome_of(call: Call, error: CharterError | None, resource_id: str | None) -> dict[str, Any]:
+    """The stored outcome's parameters for a call that succeeded (``error=None``) or refused."""
+    return completion_params(
+        call.ctx.idempotency_scope,
+        status=call.spec.status if error is None else error.status,
+        body=call.body if error is None else None,
+        error=None if error is None else stored_error(error),
+        outcome="ok" if error is None else error.code,
+        resource_id=resource_id,
+        now=call.ctx.now,
+    )
+
+
+def store_refusal(
+    runtime: Runtime, session: Session, call: Call, error: CharterError, resource_id: str | None
+) -> None:
+    """Store a handler's refusal as the key's outcome, after its effect was rolled back.
+
+    The claim rolled back with the effect, so it is taken again here; a
+    duplicate that claimed the key in between keeps its own outcome.
+    """
+    ctx = call.ctx
+    assert ctx.idempotency_key is not None  # keyed calls only
+    assert call.fingerprint is not None
+    values = claim_values(
+        tenant=ctx.actor.tenant_id, subject=ctx.actor.subject.id, key=ctx.idempotency_key,
+        fp=call.fingerprint, action=ctx.action, now=ctx.now,
+        retention=runtime.idempotency_retention,
+    )  # fmt: skip
+    claimed = session.execute(claim_statement(runtime.engine.dialect.name, values))
+    if claimed.scalar_one_or_none() is None:
+        return
+    session.execute(completion_statement(), outcome_of(call, error, resource_id))
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

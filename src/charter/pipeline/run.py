@@ -1,0 +1,132 @@
+"""The heart of the gate: run one call through its pipeline.
+
+Three layers, each one concern (like httpx's ``send`` → ``_send_handling_auth``
+→ ``_send_single_request``):
+
+* :func:`run` — the prepare stages, then the transaction, retried when a key's
+  claim is taken (answer the duplicate) or the database reports a deadlock or
+  serialization failure (bounded; then 409 ``conflict`` with ``Retry-After``),
+  and the audit of a refusal in its own transaction;
+* :func:`transact` — one transaction: a session bound to the actor's tenant,
+  an audit stream leased for it, every transaction stage in order;
+* the stages themselves (:mod:`charter.pipeline.stages`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.exc import DBAPIError
+
+from ..errors import Conflict, DomainError, Forbidden
+from ..idempotency.claims import ClaimTaken, answer_duplicate, store_refusal
+from ..idempotency.keys import IdempotencyKeyInProgress
+from ..outcome import Outcome
+from ..storage import translate_errors
+from .build import Pipeline
+from .call import Call, Refusal
+from .tenancy import TenantGuard
+from .writes import finish
+
+__all__ = ["run"]
+
+CLAIM_ATTEMPTS = 3
+#: PostgreSQL SQLSTATEs of a transaction that lost a race and may simply run again.
+RETRYABLE = {"40P01": "deadlock", "40001": "serialization failure"}
+
+
+class _Contention(Exception):
+    """The database aborted the transaction to break a deadlock or a serialization conflict."""
+
+
+def run(pipeline: Pipeline, call: Call) -> Outcome:
+    """Run ``call`` through ``pipeline``: see the module docstring."""
+    for stage in pipeline.prepare:
+        stage.run(call)
+        if call.outcome is not None:  # answered without a transaction (a replay)
+            return call.outcome
+    claims = conflicts = 0
+    while True:
+        try:
+            return transact(pipeline, call)
+        except Refusal as refusal:
+            audit_refusal(pipeline, call, refusal)
+            raise refusal.error from None
+        except ClaimTaken:
+            claims += 1
+            outcome = answer_duplicate(pipeline.runtime, pipeline.committer, call)
+            if outcome is not None:
+                return outcome
+            if claims >= CLAIM_ATTEMPTS:  # the holder keeps rolling back: let the client retry
+                raise IdempotencyKeyInProgress(
+                    "Another request with this Idempotency-Key keeps starting; retry shortly."
+                ) from None
+        except _Contention as exc:
+            conflicts += 1
+            if conflicts > pipeline.runtime.conflict_retries or call.phases:
+                error = Conflict(
+                    f"{call.spec.name} kept colliding with concurrent changes ({exc}); "
+                    "nothing was changed. Retry shortly."
+                )
+                error.headers["Retry-After"] = "1"
+                raise error from exc
+            time.sleep(random.uniform(0, 0.005 * 2**conflicts))  # noqa: S311 - jitter, not a secret
+        call.restart()
+
+
+def transact(pipeline: Pipeline, call: Call) -> Outcome:
+    """One transaction of ``call``: every transaction stage, the last one commits."""
+    runtime = pipeline.runtime
+    call.lease = lease = runtime.audit_trail.lease()
+    try:
+        with translate_errors(), _contention(), runtime.sessions() as session:
+            TenantGuard.begin(session, call.ctx.actor)
+            call.session = call.ctx.session = session
+            try:
+                for stage in pipeline.transaction:
+                    stage.run(call)
+            except Forbidden as exc:  # the tenant guard, at a flush after the handler
+                raise Refusal(exc, exc.decision, call.record) from exc
+    finally:
+        lease.rolled_back()
+    return call.result()
+
+
+def audit_refusal(pipeline: Pipeline, call: Call, refusal: Refusal) -> None:
+    """Audit a refusal on its own: the call's transaction rolled back, its entry must not."""
+    decision, error, resource = refusal.decision, refusal.error, call.spec.resource
+    detail: dict[str, object] = {"message": error.message}
+    if decision is not None and not decision.allowed:
+        detail.update(kind=str(decision.kind), explanation=decision.reason)
+        if decision.failed:
+            detail["failed"] = list(decision.failed)
+    call.touched = []  # a refused call changed nothing
+    call.state_before = resource.state_of(refusal.record) if resource else None
+    entry = call.entry(error.code, decision=decision, record=refusal.record, detail=detail)
+    if not (call.keyed and isinstance(error, DomainError)):
+        pipeline.committer.alone(entry)
+        return
+    # The handler ran and wrote before refusing, so its effect was rolled back with
+    # the claim; store the refusal now as the key's outcome, with its entry.
+    lease = pipeline.runtime.audit_trail.lease()
+    try:
+        with pipeline.runtime.write_session() as session:
+            store_refusal(pipeline.runtime, session, call, error, entry.resource_id)
+            pipeline.committer.write(session, lease, [entry], None)
+            finish(session, lease)
+    finally:
+        lease.rolled_back()
+
+
+@contextmanager
+def _contention() -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as exc:
+        what = RETRYABLE.get(str(getattr(exc.orig, "sqlstate", "")))
+        if what is None:
+            raise
+        raise _Contention(what) from exc

@@ -1,0 +1,62 @@
+"""What every stage of every pipeline shares: the engine, sessions, clock, audit trail, caches.
+
+One :class:`Runtime` per :class:`~charter.Charter`. Stages are built over it
+once, when an action is declared, so a call passes nothing around but its
+:class:`~charter.pipeline.call.Call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..audit.trail import AuditTrail
+from ..idempotency.store import OutcomeCache
+from ..resources import ResourceSpec
+from ..storage import WRITE_OPTION, is_postgres, translate_errors
+from .tenancy import TenantGuard
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """The shared parts of the gate (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        clock: Callable[[], datetime],
+        audit_trail: AuditTrail,
+        resources: Mapping[type[Any], ResourceSpec],
+        idempotency_retention: timedelta,
+        recovery_lease: timedelta,
+        conflict_retries: int,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.audit_trail = audit_trail
+        self.idempotency_retention = idempotency_retention
+        self.recovery_lease = recovery_lease
+        self.conflict_retries = conflict_retries
+        #: PostgreSQL: row locks, and the statements that fold several writes into one.
+        self.postgres = is_postgres(engine)
+        self.sessions = sessionmaker(
+            engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
+        )
+        self.read_sessions = sessionmaker(engine, expire_on_commit=False)
+        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.outcomes = OutcomeCache()
+        self.tenancy = TenantGuard(resources)
+        self.tenancy.install(self.sessions)
+
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A write transaction (SQLite: ``BEGIN IMMEDIATE``), database errors translated."""
+        with translate_errors(), self.sessions() as session:
+            yield session

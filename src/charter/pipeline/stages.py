@@ -1,0 +1,569 @@
+"""The gate's stages: each a small function over one :class:`~charter.pipeline.call.Call`.
+
+Every stage here is built by a *factory* from an action's declaration, once,
+when the action is declared (:mod:`charter.pipeline.build`): the factory
+returns ``None`` when the action does not need the stage (no key, no target,
+no version column), and chooses the dialect's statement up front. So a call
+runs exactly the stages its action needs, in the order
+:func:`charter.Charter.pipeline_of` lists, and nothing is decided per call
+that could be decided at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from sqlalchemy import Select, bindparam, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ..actions import ActionSpec
+from ..actor import Actor
+from ..decision import Decision, DecisionKind
+from ..errors import (
+    CharterError,
+    ConfigurationError,
+    DomainError,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    ReasonRequired,
+)
+from ..idempotency import claims
+from ..idempotency.keys import IdempotencyKeyMissing, IdempotencyMode, fingerprint, validate_key
+from ..idempotency.recovery import StepRunner, actor_snapshot
+from ..idempotency.store import claim_id_statement, release_statement
+from ..policy import ActionPolicy
+from ..resources import ResourceSpec, request_id_or_new
+from .call import Call, Refusal, Stage, Touched
+from .runtime import Runtime
+from .tenancy import SCOPED, TenantGuard
+from .writes import Committer, finish
+
+__all__ = ["MAX_REASON", "Assembly", "HandlerFailed"]
+
+log = logging.getLogger("charter")
+
+MAX_REASON = 1000
+
+
+class HandlerFailed(CharterError):
+    """A handler crashed; its effect was rolled back. Details are in the server log only."""
+
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
+
+
+@dataclass(frozen=True, slots=True)
+class Assembly:
+    """What a stage factory builds from: the declaration and the shared runtime."""
+
+    spec: ActionSpec
+    runtime: Runtime
+    committer: Committer
+    policy: ActionPolicy
+
+    @property
+    def keyable(self) -> bool:
+        return self.spec.idempotency is not IdempotencyMode.NONE
+
+    @property
+    def lock_rows(self) -> bool:
+        return self.runtime.postgres and self.spec.mutates
+
+    def locate(self, call: Call) -> tuple[ResourceSpec, Any]:
+        resource = self.spec.resource
+        assert resource is not None  # a target implies a resource (ActionSpec.declare)
+        return resource, resource.coerce(self.spec.by, call.target)
+
+
+# -- before the transaction --------------------------------------------------------------
+
+
+def validate(a: Assembly) -> Stage:
+    spec = a.spec
+
+    def validate(call: Call) -> None:
+        """Check the key, the input (unknown fields refused), the reason; locate the target."""
+        ctx = call.ctx
+        ctx.idempotency_key = _check_key(spec, ctx.idempotency_key)
+        ctx.input = data = spec.validate(call.raw_input)
+        ctx.reason = _check_reason(spec, ctx.actor, ctx.reason)
+        ctx.request_id = request_id_or_new(ctx.request_id)
+        if spec.target not in (None, "argument"):
+            call.target = getattr(data, str(spec.target))
+        if spec.target is not None and call.target is None:
+            raise NotFound(f"{spec.name} needs a target record id")
+
+    return Stage("validate", validate, "prepare")
+
+
+def replay(a: Assembly) -> Stage | None:
+    if not a.keyable:
+        return None
+    outcomes, committer = a.runtime.outcomes, a.committer
+
+    def replay(call: Call) -> None:
+        """Fingerprint a keyed call; answer a key this process saw complete from memory."""
+        if call.ctx.idempotency_key is None:
+            return
+        call.fingerprint = fingerprint(call.spec.name, call.target, call.data)
+        stored = outcomes.get(call.ctx.idempotency_scope, call.ctx.now)
+        if stored is not None:
+            call.outcome = claims.replay_stored(
+                committer, call, stored, stored.fingerprint, stored.action
+            )
+
+    return Stage("replay", replay, "prepare")
+
+
+def _check_key(spec: ActionSpec, key: str | None) -> str | None:
+    key = validate_key(key)
+    if spec.idempotency is IdempotencyMode.NONE:
+        return None
+    if key is None and spec.idempotency is IdempotencyMode.REQUIRED:
+        raise IdempotencyKeyMissing(
+            f"{spec.name} requires an idempotency key (the Idempotency-Key header): "
+            "generate a unique one per operation and reuse it when you retry"
+        )
+    return key
+
+
+def _check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | None:
+    if reason is not None:
+        reason = reason.strip()
+        if len(reason) > MAX_REASON:
+            raise ReasonRequired(f"the reason is longer than {MAX_REASON} characters")
+        reason = reason or None
+    if reason is None and (spec.reason_required or actor.is_impersonating):
+        why = "when acting on behalf of someone" if actor.is_impersonating else ""
+        raise ReasonRequired(
+            f"{spec.name} requires a reason {why}".strip()
+            + ": say why you are doing it (it is recorded in the audit trail)"
+        )
+    return reason
+
+
+# -- inside the transaction -------------------------------------------------------------
+
+
+def claim(a: Assembly) -> Stage | None:
+    if not a.keyable or _claims_with_load(a):
+        return None
+    params = a.runtime
+
+    def claim(call: Call) -> None:
+        """Claim the idempotency key inside the effect's transaction (a unique INSERT)."""
+        if call.keyed and call.resume is None:
+            assert call.session is not None
+            with claims.claiming():
+                call.session.execute(claims.CLAIM, claims.claim_params(params, call))
+
+    return Stage("claim", claim)
+
+
+def _claims_with_load(a: Assembly) -> bool:
+    """PostgreSQL, a keyed target and nothing else to lock: one statement claims and loads."""
+    return a.runtime.postgres and a.spec.target is not None and a.spec.locks is None
+
+
+def load(a: Assembly) -> Stage | None:
+    spec = a.spec
+    if spec.target is None and spec.locks is None:
+        return None
+    statements = _Statements(a.lock_rows)
+    if a.keyable and _claims_with_load(a):
+        return _claim_and_load(a, statements)
+
+    def load(call: Call) -> None:
+        """Load the target and the declared records, tenant-scoped, locked in (table, id) order."""
+        session = _session(call)
+        wanted: list[tuple[ResourceSpec, str | None, Any]] = []
+        if spec.target is not None:
+            resource, key = a.locate(call)
+            wanted.append((resource, spec.by, key))
+        declared = [] if spec.locks is None else _declared_locks(a, call)
+        wanted.extend((resource, None, key) for resource, key in declared)
+        order = sorted(set(wanted), key=lambda w: (w[0].name, w[1] or "", repr(w[2])))
+        found = {w: statements.load(session, w[0], w[1], w[2], call.ctx.actor) for w in order}
+        if spec.target is not None:
+            call.record = found[wanted[0]]
+            if call.record is None:
+                raise _not_found(spec.resource, call.target)
+        for resource, key in declared:
+            record = found[(resource, None, key)]
+            if record is None:
+                raise _not_found(resource, key)
+            call.locked.append(record)
+        call.ctx.locked = tuple(call.locked)
+
+    return Stage("load", load)
+
+
+def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
+    spec, runtime = a.spec, a.runtime
+    resource = spec.resource
+    assert resource is not None
+    claim_load = claims.claim_and_load_statement(resource, spec.by)
+
+    def claim_and_load(call: Call) -> None:
+        """Claim the key and load the target locked, tenant-scoped, in one statement."""
+        session = _session(call)
+        _, key = a.locate(call)
+        if key is None:
+            record = None
+        elif call.keyed and call.resume is None:
+            params = claims.claim_params(runtime, call)
+            params["t_id"] = key
+            with claims.claiming():
+                record = session.execute(claim_load, params).scalar_one_or_none()
+        else:
+            record = statements.load(session, resource, spec.by, key, call.ctx.actor)
+        if record is None:
+            raise _not_found(resource, call.target)
+        call.record = record
+
+    return Stage("claim_and_load" if a.keyable else "load", claim_and_load)
+
+
+def _declared_locks(a: Assembly, call: Call) -> list[tuple[ResourceSpec, Any]]:
+    assert a.spec.locks is not None
+    located = []
+    for model, id in a.spec.locks(call.data):
+        resource = a.runtime.tenancy.resource_of_model(model)
+        if resource is None:
+            raise ConfigurationError(
+                f"{a.spec.name}: locks= names {getattr(model, '__name__', model)!r}, "
+                "which is not a declared resource"
+            )
+        key = resource.coerce(None, id)
+        if key is None:
+            raise _not_found(resource, id)
+        located.append((resource, key))
+    return located
+
+
+class _Statements:
+    """The tenant-scoped lookups of one pipeline, each built once."""
+
+    def __init__(self, lock: bool) -> None:
+        self.lock = lock
+        self._built: dict[tuple[str, str | None], Select[Any]] = {}
+
+    def load(
+        self, session: Session, resource: ResourceSpec, by: str | None, key: Any, actor: Actor
+    ) -> Any:
+        if key is None:
+            return None
+        stmt = self._built.get((resource.name, by))
+        if stmt is None:
+            stmt = select(resource.model).where(
+                resource.column(by or resource.id) == bindparam("id")
+            )
+            if resource.tenant is not None:
+                # Tenant isolation is part of the lookup itself: a record of another
+                # tenant is indistinguishable from a record that does not exist.
+                stmt = stmt.where(resource.column(resource.tenant) == bindparam("tenant"))
+            if self.lock:
+                stmt = stmt.with_for_update()
+            stmt = stmt.execution_options(**{SCOPED: True})
+            self._built[(resource.name, by)] = stmt
+        return session.execute(stmt, {"id": key, "tenant": actor.tenant_id}).scalar_one_or_none()
+
+
+def precondition(a: Assembly) -> Stage | None:
+    resource = a.spec.resource
+    if a.spec.target is None or resource is None or resource.version is None:
+        return None
+    column = resource.version
+
+    def precondition(call: Call) -> None:
+        """Check If-Match: the record must be at the version the caller last saw (412)."""
+        if call.expected_version is None or call.record is None:
+            return
+        current = getattr(call.record, column)
+        if current != call.expected_version:
+            raise PreconditionFailed(
+                f"the record is at version {current}, not {call.expected_version}: "
+                "reload it and retry"
+            )
+
+    return Stage("precondition", precondition)
+
+
+def decide(a: Assembly) -> Stage:
+    policy, resource = a.policy, a.spec.resource
+
+    def decide(call: Call) -> None:
+        """Decide the policy on the record as it is now (deny by default, explained)."""
+        if call.resume is not None:
+            # Authorized when the request first ran; it is the same request.
+            decision = Decision.allow("resume", "resumed after a recovery point")
+        else:
+            decision = policy.decide(call.ctx.actor, call.record, call.ctx)
+        if decision.kind is DecisionKind.ERROR:
+            log.error("policy of %s failed closed: %s", call.spec.name, decision.reason)
+        if not decision.allowed:
+            raise Refusal(
+                Forbidden(decision.public_reason, decision=decision), decision, call.record
+            )
+        call.decision = decision
+        call.state_before = resource.state_of(call.record) if resource else None
+
+    return Stage("decide", decide)
+
+
+def handler(a: Assembly) -> Stage:
+    spec, runtime, committer = a.spec, a.runtime, a.committer
+    statements = _Statements(runtime.postgres)
+
+    def handler(call: Call) -> None:
+        """Run the handler in the gate's session; a DomainError is an outcome, a crash a 500."""
+        session, ctx = _session(call), call.ctx
+        ctx.locker = lambda model, id: _lock_more(runtime, statements, call, model, id)
+        if call.keyed:  # built on the first ctx.external() only: most actions have no step
+            ctx.steps = lambda: _step_runner(runtime, committer, call)
+        TenantGuard.clear_written(session)
+        try:
+            call.body = spec.handler(ctx, call.record, call.data)
+        except DomainError as exc:
+            if not call.keyed or TenantGuard.wrote(session):
+                raise Refusal(exc, call.decision, call.record) from exc
+            _store_domain_error(runtime, committer, call, exc)
+            raise
+        except Forbidden as exc:  # e.g. the tenant guard during the handler's flush
+            raise Refusal(exc, exc.decision, call.record) from exc
+        except (CharterError, SQLAlchemyError):
+            raise  # database errors are translated by the runner
+        except Exception as exc:
+            log.exception("handler of %s failed; rolled back", spec.name)
+            raise HandlerFailed(
+                "The action failed and nothing was changed.", request_id=ctx.request_id
+            ) from exc
+
+    return Stage("handler", handler)
+
+
+def _store_domain_error(
+    runtime: Runtime, committer: Committer, call: Call, exc: DomainError
+) -> None:
+    """Nothing reached the database: store the refusal as the key's outcome, under its claim."""
+    session = _session(call)
+    for obj in list(session.new):  # drop the handler's pending changes
+        session.expunge(obj)
+    session.expire_all()
+    entry = call.entry(
+        exc.code, decision=call.decision, record=call.record, detail={"message": exc.message}
+    )
+    call.writes.entries = [entry]
+    call.writes.outcome = claims.outcome_of(call, exc, entry.resource_id)
+    committer.commit(call)
+    claims.remember(
+        runtime, call, status=exc.status, body=None, error=call.writes.outcome["u_error"],
+        outcome=exc.code, resource_id=entry.resource_id,
+    )  # fmt: skip
+
+
+def _lock_more(
+    runtime: Runtime, statements: _Statements, call: Call, model: type[Any], id: Any
+) -> Any:
+    resource = runtime.tenancy.resource_of_model(model)
+    if resource is None:
+        raise ConfigurationError(
+            f"ctx.lock(): {getattr(model, '__name__', model)!r} is not a declared resource"
+        )
+    record = statements.load(
+        _session(call), resource, None, resource.coerce(None, id), call.ctx.actor
+    )
+    if record is not None and record not in call.locked:
+        call.locked.append(record)
+    return record
+
+
+def _step_runner(runtime: Runtime, committer: Committer, call: Call) -> StepRunner:
+    session, ctx = _session(call), call.ctx
+    if call.resume is not None:
+        claim_id = int(call.resume.id)
+    else:  # claimed by this transaction, which is the only one that can see it yet
+        claim_id = session.execute(claim_id_statement(ctx.idempotency_scope)).scalar_one()
+    record, decision = call.record, call.decision
+
+    def relock() -> None:
+        if record is not None and runtime.postgres:
+            session.refresh(record, with_for_update=True)
+
+    def commit_phase(statement: Any, entry: Any) -> None:
+        lease = runtime.audit_trail.lease()
+        try:
+            session.execute(statement)
+            session.flush()
+            committer.write(session, lease, [entry] if entry is not None else [], None)
+            finish(session, lease)
+            call.phases += 1
+        finally:
+            lease.rolled_back()
+
+    return StepRunner(
+        clock=runtime.clock,
+        lease=runtime.recovery_lease,
+        commit_phase=commit_phase,
+        claim_id=claim_id,
+        recovery=None if call.resume is None else call.resume.recovery,
+        request={
+            "actor": actor_snapshot(ctx.actor),
+            "target": None if call.target is None else str(call.target),
+            "channel": str(ctx.channel),
+            "reason": ctx.reason,
+        },
+        request_input=json.dumps(call.data.model_dump(mode="json")),
+        relock=relock,
+        audit=lambda outcome: call.entry(outcome, decision=decision, record=record),
+    )
+
+
+def track(a: Assembly) -> Stage:
+    spec, tenancy = a.spec, a.runtime.tenancy
+
+    def track(call: Call) -> None:
+        """Bump the version of every record the call changed; list them for the audit entry."""
+        session = _session(call)
+        if spec.creates:
+            call.record = _adopt_created(session, spec, tenancy)
+        elif any(tenancy.resource_of(obj) for obj in session.new):
+            session.flush()  # new records get their ids (and pass the tenant guard)
+        record = call.record
+        if record is not None and spec.mutates:
+            call.version = _bump(spec.resource, record, created=spec.creates)
+        elif record is not None and spec.resource is not None and spec.resource.version:
+            call.version = int(getattr(record, spec.resource.version))
+        for obj, before in tenancy.changed(session).items():
+            if obj is not record:
+                call.touched.append(_touched(tenancy, session, obj, before, bump=True))
+        for obj in TenantGuard.created(session):
+            if obj is not record:
+                call.touched.append(_touched(tenancy, session, obj, None, bump=False))
+        body = call.body
+        if body is record and record is not None and spec.resource is not None:
+            session.flush()
+            body = spec.resource.render(record)
+        call.body = (
+            body.model_dump(mode="json")
+            if isinstance(body, BaseModel)
+            else (to_jsonable_python(body))
+        )
+
+    return Stage("track", track)
+
+
+def _touched(
+    tenancy: TenantGuard, session: Session, obj: Any, before: str | None, *, bump: bool
+) -> Touched:
+    resource = tenancy.resource_of(obj)
+    assert resource is not None  # tracked objects are of declared resources
+    deleted = obj in session.deleted
+    if bump and not deleted:
+        _bump(resource, obj, created=False)
+    return Touched(
+        resource.name,
+        resource.identity(obj),
+        before,
+        None if deleted else resource.state_of(obj),
+        deleted=deleted,
+    )
+
+
+def _bump(resource: ResourceSpec | None, record: Any, *, created: bool) -> int | None:
+    """Every change moves the record to a new version (the HTTP ETag)."""
+    if resource is None or resource.version is None:
+        return None
+    current = getattr(record, resource.version)
+    if created:
+        if current is None:
+            setattr(record, resource.version, 1)
+        return int(getattr(record, resource.version))
+    current = (current or 0) + 1
+    setattr(record, resource.version, current)
+    return int(current)
+
+
+def _adopt_created(session: Session, spec: ActionSpec, tenancy: TenantGuard) -> Any:
+    resource = spec.resource
+    assert resource is not None
+    session.flush()  # runs the tenant guard, which records every new object
+    created = [o for o in TenantGuard.created(session) if isinstance(o, resource.model)]
+    if len(created) != 1:
+        raise HandlerFailed(
+            f"{spec.name} must add exactly one {resource.model.__name__} to ctx.session"
+        )
+    return created[0]
+
+
+def seal(a: Assembly) -> Stage:
+    keyable = a.keyable
+
+    def seal(call: Call) -> None:
+        """Build the call's audit entry (every record it changed) and its stored outcome."""
+        entry = call.entry("ok", decision=call.decision, record=call.record)
+        call.writes.entries.append(entry)
+        if keyable and call.keyed:
+            call.writes.outcome = claims.outcome_of(call, None, entry.resource_id)
+            if call.resume is not None or isinstance(call.ctx.steps, StepRunner):
+                # Multi-phase: drop the stored input (it may hold secrets) and the lease.
+                call.writes.before.append(release_statement(call.ctx.idempotency_scope))
+
+    return Stage("seal", seal)
+
+
+def commit(a: Assembly) -> Stage:
+    runtime, committer = a.runtime, a.committer
+
+    def commit(call: Call) -> None:
+        """Commit effect, audit entry and stored outcome together (PostgreSQL: one statement)."""
+        committer.commit(call)
+        if call.keyed:
+            entry = call.writes.entries[0]
+            claims.remember(
+                runtime, call, status=call.spec.status, body=call.body, error=None,
+                outcome="ok", resource_id=entry.resource_id,
+            )  # fmt: skip
+
+    return Stage("commit", commit)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _session(call: Call) -> Session:
+    session = call.session
+    assert session is not None  # transaction stages run inside the runner's session
+    return session
+
+
+def _not_found(resource: ResourceSpec | None, target: Any) -> Refusal:
+    return Refusal(
+        NotFound(f"{resource.name if resource else 'record'} {target} was not found"),
+        Decision.deny(DecisionKind.NOT_FOUND, reason="no such record in tenant"),
+        None,
+    )
+
+
+#: The factories of the stages above, by name, in pipeline order (see build.DEFAULT_STAGES).
+FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
+    ("validate", validate),
+    ("replay", replay),
+    ("claim", claim),
+    ("load", load),
+    ("precondition", precondition),
+    ("decide", decide),
+    ("handler", handler),
+    ("track", track),
+    ("seal", seal),
+    ("commit", commit),
+)

@@ -1,0 +1,167 @@
+"""Tenant isolation inside the gate's session: reads confined, writes guarded, changes tracked.
+
+The gate's own lookups carry ``tenant = :actor_tenant`` in their SQL. What a
+handler does in ``ctx.session`` is confined the standard SQLAlchemy way
+(``with_loader_criteria`` added in a ``do_orm_execute`` hook): every ORM
+``select``, ``session.get``, relationship load and ORM bulk ``update()`` /
+``delete()`` of a declared resource gets the actor's tenant as criteria, so
+another tenant's record is simply not found. The flush guard then refuses what
+could still slip through (a record merged or added from elsewhere): creating a
+record in another tenant, moving one, updating or deleting one.
+
+Hand-written Core statements and ``text()`` run on the session's connection
+are outside this guarantee: SQLAlchemy has no ORM entity to attach criteria
+to. The README says so.
+
+The guard also tracks which declared records a call changed, so that each one
+gets its version bump and is named in the call's audit entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
+
+from ..actor import Actor
+from ..decision import Decision, DecisionKind
+from ..errors import Forbidden
+from ..resources import ResourceSpec
+
+__all__ = ["SCOPED", "TenantGuard", "tenant_violation"]
+
+#: Execution option of a statement that already carries the tenant in its SQL (the gate's own).
+SCOPED = "charter_tenant_scoped"
+
+_ACTOR = "charter.actor"
+_WROTE = "charter.wrote"
+_CREATED = "charter.created"
+_CHANGED = "charter.changed"
+
+
+class TenantGuard:
+    """Confines a gate session to its actor's tenant (see the module docstring)."""
+
+    def __init__(self, resources: Mapping[type[Any], ResourceSpec]) -> None:
+        self._resources = resources  # the registry's live mapping: resources declared later count
+
+    def install(self, sessions: sessionmaker[Session]) -> None:
+        event.listen(sessions, "before_flush", self._before_flush)
+        event.listen(sessions, "after_flush", _mark_written)
+        event.listen(sessions, "do_orm_execute", self._confine)
+
+    @staticmethod
+    def begin(session: Session, actor: Actor) -> None:
+        """Bind ``session`` to ``actor``: from now on it sees and writes only that tenant."""
+        session.info[_ACTOR] = actor
+        session.info[_CREATED] = []
+        session.info[_CHANGED] = {}
+        session.info[_WROTE] = False
+
+    @staticmethod
+    def wrote(session: Session) -> bool:
+        """Whether anything reached the database since :meth:`begin` or :meth:`clear_written`."""
+        return bool(session.info.get(_WROTE))
+
+    @staticmethod
+    def clear_written(session: Session) -> None:
+        session.info[_WROTE] = False
+
+    @staticmethod
+    def created(session: Session) -> list[Any]:
+        return list(session.info.get(_CREATED, ()))
+
+    def changed(self, session: Session) -> dict[Any, str | None]:
+        """Every declared record changed so far (flushed or not), with its state before."""
+        self._track(session)
+        return dict(session.info.get(_CHANGED, {}))
+
+    def resource_of(self, obj: Any) -> ResourceSpec | None:
+        return self._resources.get(type(obj))
+
+    def resource_of_model(self, model: type[Any]) -> ResourceSpec | None:
+        return self._resources.get(model)
+
+    def _confine(self, state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            state.session.info[_WROTE] = True
+        actor: Actor | None = state.session.info.get(_ACTOR)
+        if actor is None or state.execution_options.get(SCOPED) or state.is_column_load:
+            return
+        if not (state.is_select or state.is_update or state.is_delete):
+            return
+        options = [
+            with_loader_criteria(
+                spec.model, spec.column(spec.tenant) == actor.tenant_id, include_aliases=True
+            )
+            for spec in self._resources.values()
+            if spec.tenant is not None
+        ]
+        if options:
+            state.statement = state.statement.options(*options)
+
+    def _before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
+        """New records join the actor's tenant; none may be created in, moved to, changed in
+        or deleted from another."""
+        actor: Actor | None = session.info.get(_ACTOR)
+        if actor is None:
+            return
+        tenant = actor.tenant_id
+        for obj in session.new:
+            resource = self.resource_of(obj)
+            if resource is None or resource.tenant is None:
+                continue
+            owner = getattr(obj, resource.tenant)
+            if owner is None:
+                setattr(obj, resource.tenant, tenant)
+            elif owner != tenant:
+                raise tenant_violation(f"a new {resource.name} record names tenant {owner!r}")
+            if obj not in session.info[_CREATED]:
+                session.info[_CREATED].append(obj)
+        for obj in (*session.dirty, *session.deleted):
+            resource = self.resource_of(obj)
+            if resource is None or resource.tenant is None:
+                continue
+            history = sa_inspect(obj).attrs[resource.tenant].history
+            if history.has_changes():
+                raise tenant_violation(f"a {resource.name} record cannot change tenant")
+            if getattr(obj, resource.tenant) != tenant:
+                verb = "deleted" if obj in session.deleted else "changed"
+                raise tenant_violation(f"another tenant's {resource.name} record cannot be {verb}")
+        self._track(session)
+
+    def _track(self, session: Session) -> None:
+        changed: dict[Any, str | None] = session.info.setdefault(_CHANGED, {})
+        for obj in (*session.dirty, *session.deleted):
+            if obj in changed:
+                continue
+            resource = self.resource_of(obj)
+            if resource is None:
+                continue
+            if obj in session.deleted or session.is_modified(obj, include_collections=False):
+                changed[obj] = _state_before(resource, obj)
+
+
+def _state_before(resource: ResourceSpec, obj: Any) -> str | None:
+    """The record's state as it was loaded (before this unflushed change)."""
+    if resource.state is None:
+        return None
+    history = sa_inspect(obj).attrs[resource.state].history
+    if history.deleted:
+        value = history.deleted[0]
+        return None if value is None else str(getattr(value, "value", value))
+    return resource.state_of(obj)
+
+
+def _mark_written(session: Session, _context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+def tenant_violation(reason: str) -> Forbidden:
+    return Forbidden(
+        "You cannot create, move, change or delete records across tenants.",
+        decision=Decision.deny(DecisionKind.DENIED_BY_RULE, rule="tenant", reason=reason),
+    )
