@@ -1,0 +1,382 @@
+"""The gate as a pipeline: its stages, its statements, and every record a call touches."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Numeric, String, UniqueConstraint, event, func, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from charter import A, Actor, Charter, ConfigurationError, Conflict, Forbidden, NotFound, R
+from charter.audit import audit_table
+from charter.context import ActionContext
+
+from . import app as test_app
+from .conftest import AUDIT_KEYS
+from .test_gate import create_doc
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Card(Base):
+    __tablename__ = "test_cards"
+    __table_args__ = (UniqueConstraint("tenant_id", "code"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(32))
+    label: Mapped[str] = mapped_column(String(32), default="")
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    balance: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    version: Mapped[int] = mapped_column(default=1)
+
+
+class Transfer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: int
+    amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+
+
+class Reach(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    other: int
+
+
+class Redeem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(max_length=32)
+
+
+MEMBER = A.has_role("member")
+
+
+def build(url: str, **options: Any) -> Charter:
+    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS, **options)
+    test_app.build(charter)
+    charter.resource(Card, tenant="tenant_id", state="state", version="version")
+
+    @charter.action(
+        "card.transfer", on=Card, input=Transfer, allow=MEMBER & (R.state == "active"),
+        locks=lambda data: [(Card, data.to)], idempotency="optional",
+    )  # fmt: skip
+    def transfer(ctx: ActionContext, card: Card, data: Transfer) -> dict[str, Any]:
+        (to,) = ctx.locked
+        card.balance -= data.amount
+        to.balance += data.amount
+        return {"from": str(card.balance), "to": str(to.balance)}
+
+    @charter.action("card.redeem", on=Card, input=Redeem, target="code", by="code", allow=MEMBER)
+    def redeem(ctx: ActionContext, card: Card, data: Redeem) -> dict[str, Any]:
+        card.state = "redeemed"
+        return {"id": card.id}
+
+    @charter.action("card.peek_other", on=Card, input=Reach, allow=MEMBER)
+    def peek_other(ctx: ActionContext, card: Card, data: Reach) -> dict[str, Any]:
+        assert ctx.session is not None
+        other = ctx.session.get(Card, data.other)
+        return {"found": other is not None}
+
+    @charter.action("card.drain_other", on=Card, input=Reach, allow=MEMBER)
+    def drain_other(ctx: ActionContext, card: Card, data: Reach) -> dict[str, Any]:
+        assert ctx.session is not None
+        result = ctx.session.execute(update(Card).where(Card.id == data.other).values(balance=0))
+        return {"rows": result.rowcount}  # type: ignore[attr-defined]
+
+    @charter.action("card.adopt_other", on=Card, input=Reach, allow=MEMBER)
+    def adopt_other(ctx: ActionContext, card: Card, data: Reach) -> dict[str, Any]:
+        # A record of another tenant that reached the session from elsewhere.
+        with charter.session() as outside:
+            other = outside.get(Card, data.other)
+        assert ctx.session is not None
+        assert other is not None
+        ctx.session.add(other)
+        other.balance = Decimal(0)
+        return {}
+
+    @charter.action("card.delete_other", on=Card, input=Reach, allow=MEMBER)
+    def delete_other(ctx: ActionContext, card: Card, data: Reach) -> dict[str, Any]:
+        with charter.session() as outside:
+            other = outside.get(Card, data.other)
+        assert ctx.session is not None
+        assert other is not None
+        ctx.session.add(other)
+        ctx.session.delete(other)
+        return {}
+
+    @charter.action("card.touch_later", on=Card, input=Reach, allow=MEMBER)
+    def touch_later(ctx: ActionContext, card: Card, data: Reach) -> dict[str, Any]:
+        other = ctx.lock(Card, data.other)
+        assert other is not None
+        other.label = "touched"
+        card.label = "touched too"
+        return {}
+
+    Base.metadata.create_all(charter.engine)
+    return charter
+
+
+@pytest.fixture
+def cards(database_url: str) -> Any:
+    charter = build(database_url)
+    yield charter
+    charter.engine.dispose()
+
+
+def add_card(charter: Charter, tenant: str, code: str, balance: str = "100") -> int:
+    with charter.runtime.sessions() as session:
+        card = Card(tenant_id=tenant, code=code, balance=Decimal(balance))
+        session.add(card)
+        session.commit()
+        return card.id
+
+
+def card(charter: Charter, id: int) -> Card:
+    with charter.session() as session:
+        found = session.get(Card, id)
+        assert found is not None
+        return found
+
+
+ALICE = Actor.make("alice", "acme", roles={"member"})
+
+
+# -- named stages, assembled once --------------------------------------------------------
+
+
+def test_pipeline_of_lists_the_stages_each_kind_of_action_runs(cards):
+    pg = cards.runtime.postgres
+    names = {action: cards.pipeline_of(action).names for action in cards.actions}
+    load_keyed = ("claim_and_load",) if pg else ("claim", "load")
+    tail = ("precondition", "decide", "handler", "track", "seal", "commit")
+    assert ("validate", "load", *tail) == names["doc.rename"]  # no key: no claim, no replay
+    assert ("validate", "replay", *load_keyed, *tail) == names["doc.charge"]
+    # A creation has no target to load or compare; a sensitive read is not keyed.
+    assert ("validate", "decide", "handler", "track", "seal", "commit") == names["doc.create"]
+    assert ("validate", "load", *tail) == names["doc.read"]
+    # Declared locks: the claim cannot ride on a one-record load.
+    assert ("validate", "replay", "claim", "load", *tail) == names["card.transfer"]
+    assert all(stage.summary for stage in cards.pipeline_of("card.transfer"))
+
+
+def test_a_stage_plugs_in_by_name_and_runs_in_its_place(database_url):
+    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+    seen: list[str] = []
+
+    def stamp(assembly: Any) -> Any:
+        from charter.pipeline import Stage
+
+        def stamp(call: Any) -> None:
+            """Note which record the decision will see."""
+            seen.append(f"{call.spec.name}:{getattr(call.record, 'id', None)}")
+
+        return Stage("stamp", stamp)
+
+    charter.add_stage("stamp", stamp, before="decide")
+    test_app.build(charter)
+    assert "stamp" == charter.pipeline_of("doc.rename").names[3]
+    doc_id = create_doc(charter, ALICE)
+    charter.execute(ALICE, "doc.rename", {"title": "x"}, target=doc_id)
+    assert ["doc.create:None", f"doc.rename:{doc_id}"] == seen
+    with pytest.raises(ConfigurationError, match="before declaring actions"):
+        charter.add_stage("late", stamp, after="decide")
+    charter.engine.dispose()
+
+
+# -- statements per call -------------------------------------------------------------------
+
+
+def count_statements(charter: Charter, call: Any) -> int:
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(charter.engine, "before_cursor_execute", seen)
+    try:
+        call()
+    finally:
+        event.remove(charter.engine, "before_cursor_execute", seen)
+    return len(statements)
+
+
+def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards):
+    doc_id = create_doc(cards, ALICE)
+    plain = count_statements(
+        cards, lambda: cards.execute(ALICE, "doc.rename", {"title": "x"}, target=doc_id)
+    )
+    keyed = count_statements(
+        cards, lambda: cards.execute(ALICE, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
+    )
+    replayed = count_statements(
+        cards, lambda: cards.execute(ALICE, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
+    )
+    cold = build(cards.engine.url.render_as_string(hide_password=False))  # another worker
+    replayed_cold = count_statements(
+        cold, lambda: cold.execute(ALICE, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
+    )
+    cold.engine.dispose()
+    if cards.runtime.postgres:
+        # SELECT ... FOR UPDATE; UPDATE carrying the audit INSERT (and the outcome) as CTEs.
+        # The claim rides on the SELECT. A warm replay: one autocommit INSERT; a cold one
+        # first fails its claim (the key is taken), then reads the stored outcome.
+        assert (2, 2, 1, 3) == (plain, keyed, replayed, replayed_cold)
+    else:
+        # BEGIN IMMEDIATE; SELECT; UPDATE; INSERT entry (+ claim INSERT and outcome INSERT).
+        # A warm replay: BEGIN IMMEDIATE and the entry; a cold one first fails its claim
+        # (BEGIN IMMEDIATE, INSERT), then reads the stored outcome (BEGIN, SELECT).
+        assert (4, 6, 2, 6) == (plain, keyed, replayed, replayed_cold)
+
+
+# -- every record a call touches ---------------------------------------------------------
+
+
+def test_declared_locks_reach_the_handler_and_every_changed_record_is_bumped_and_audited(cards):
+    a, b = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
+    outcome = cards.execute(ALICE, "card.transfer", {"to": b, "amount": "30"}, target=a)
+    assert {"from": "70.00", "to": "130.00"} == outcome.body
+    assert (2, 2) == (card(cards, a).version, card(cards, b).version)
+    entry = cards.history("test_cards", b)[-1]
+    assert (str(a), "card.transfer") == (entry["resource_id"], entry["action"])
+    assert [{"type": "test_cards", "id": str(b), "before": "active", "after": "active"}] == (
+        entry["detail"]["touched"]
+    )
+    assert cards.verify_audit().ok
+
+
+def test_a_declared_lock_of_another_tenant_is_not_found_and_nothing_moves(cards):
+    a, foreign = add_card(cards, "acme", "A"), add_card(cards, "globex", "G")
+    with pytest.raises(NotFound):
+        cards.execute(ALICE, "card.transfer", {"to": foreign, "amount": "30"}, target=a)
+    assert (Decimal("100"), Decimal("100")) == (
+        card(cards, a).balance,
+        card(cards, foreign).balance,
+    )
+
+
+def test_records_locked_inside_the_handler_are_bumped_and_audited_too(cards):
+    a, b = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
+    cards.execute(ALICE, "card.touch_later", {"other": b}, target=a)
+    assert ("touched", 2) == (card(cards, b).label, card(cards, b).version)
+    assert ["card.touch_later"] == [e["action"] for e in cards.history("test_cards", b)]
+
+
+def test_a_target_is_located_by_a_column_unique_within_the_tenant(cards):
+    add_card(cards, "globex", "SUMMER")
+    mine = add_card(cards, "acme", "SUMMER")
+    assert {"id": mine} == cards.execute(ALICE, "card.redeem", {"code": "SUMMER"}).body
+    with pytest.raises(NotFound):
+        cards.execute(ALICE, "card.redeem", {"code": "WINTER"})
+
+
+def test_locating_by_a_column_that_is_not_unique_is_refused_at_declaration(cards):
+    with pytest.raises(ConfigurationError, match="must be unique within the tenant"):
+        cards.action("card.by_label", on=Card, target="argument", by="label", allow=MEMBER)(
+            lambda ctx, card, data: None
+        )
+
+
+@pytest.mark.parametrize("action", ["card.peek_other", "card.drain_other"])
+def test_another_tenants_record_is_invisible_to_orm_reads_and_bulk_writes_in_a_handler(
+    cards, action
+):
+    mine, foreign = add_card(cards, "acme", "A"), add_card(cards, "globex", "G")
+    body = cards.execute(ALICE, action, {"other": foreign}, target=mine).body
+    assert body in ({"found": False}, {"rows": 0})
+    assert Decimal("100") == card(cards, foreign).balance
+
+
+@pytest.mark.parametrize("action", ["card.adopt_other", "card.delete_other"])
+def test_the_flush_guard_refuses_changing_or_deleting_another_tenants_record(cards, action):
+    mine, foreign = add_card(cards, "acme", "A"), add_card(cards, "globex", "G")
+    with pytest.raises(Forbidden) as refused:
+        cards.execute(ALICE, action, {"other": foreign}, target=mine)
+    assert "tenant" == refused.value.decision.rule
+    assert Decimal("100") == card(cards, foreign).balance
+    denial = cards.history("test_cards", mine)[-1]
+    assert ("deny", "forbidden") == (denial["decision"], denial["outcome"])
+
+
+# -- under concurrency (PostgreSQL) ----------------------------------------------------------
+
+
+def deadlocks(charter: Charter) -> int:
+    with charter.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            ).scalar_one()
+        )
+
+
+@pytest.mark.postgres
+def test_forty_concurrent_opposite_transfers_neither_deadlock_nor_fail(pg_schema):
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    charter = build(pg_schema)
+    a, b = add_card(charter, "acme", "A", "1000"), add_card(charter, "acme", "B", "1000")
+    before = deadlocks(charter)
+    start = threading.Barrier(8)
+
+    def transfer(i: int) -> int:
+        if i < 8:
+            start.wait()
+        source, to = (a, b) if i % 2 else (b, a)
+        outcome = charter.execute(ALICE, "card.transfer", {"to": to, "amount": "1"}, target=source)
+        return outcome.status
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(transfer, range(40)))
+    assert [200] * 40 == statuses
+    assert before == deadlocks(charter)
+    assert Decimal("2000") == card(charter, a).balance + card(charter, b).balance
+    assert (41, 41) == (card(charter, a).version, card(charter, b).version)  # both, every time
+    charter.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("retries", "statuses"), [(3, [200, 200]), (0, [200, 409])])
+def test_a_deadlock_is_retried_inside_the_gate_then_answered_409(pg_schema, retries, statuses):
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    charter = build(pg_schema, conflict_retries=retries)
+    a, b = add_card(charter, "acme", "A"), add_card(charter, "acme", "B")
+    both_locked = threading.Barrier(2, timeout=10)
+    first_attempt = {a: True, b: True}
+
+    @charter.action("card.cross", on=Card, input=Reach, allow=MEMBER)
+    def cross(ctx: ActionContext, mine: Card, data: Reach) -> dict[str, Any]:
+        if first_attempt[mine.id]:  # lock in opposite orders, once: a real deadlock
+            first_attempt[mine.id] = False
+            both_locked.wait()
+        ctx.lock(Card, data.other)
+        mine.label = "crossed"
+        return {}
+
+    def run(source: int, other: int) -> Any:
+        try:
+            return charter.execute(ALICE, "card.cross", {"other": other}, target=source).status
+        except Conflict as exc:
+            return (exc.status, exc.code, exc.headers.get("Retry-After"))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = sorted(pool.map(run, (a, b), (b, a)), key=str)
+    expected = [200, 200] if retries else [(409, "conflict", "1"), 200]
+    assert sorted(expected, key=str) == results
+    assert statuses == sorted(r if isinstance(r, int) else r[0] for r in results)
+    charter.engine.dispose()
+
+
+def test_every_allowed_call_is_audited_with_its_touched_records_counted(cards):
+    a, b = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
+    cards.execute(ALICE, "card.transfer", {"to": b, "amount": "1"}, target=a)
+    with cards.engine.connect() as conn:
+        assert 1 == conn.execute(select(func.count()).select_from(audit_table)).scalar_one()
