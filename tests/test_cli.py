@@ -63,3 +63,27 @@ def test_production_without_secrets_refuses_to_run(monkeypatch):
     monkeypatch.delenv("CHARTER_TOKEN_SECRET", raising=False)
     result = runner.invoke(app, ["audit", "verify"])
     assert 2 == result.exit_code
+
+
+def test_pipeline_lists_an_actions_stages_in_order():
+    result = runner.invoke(app, ["pipeline", "invoice.approve"])
+    assert 0 == result.exit_code
+    names = [line.split()[1] for line in result.output.splitlines()[1:]]
+    assert "validate" == names[0]
+    assert names.index("decide") < names.index("handler") < names.index("commit")
+    assert 1 == runner.invoke(app, ["pipeline", "invoice.nothing"]).exit_code
+
+
+def test_an_app_is_found_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "shop_service.py").write_text(
+        "from charter import Charter\n"
+        "from charter.demo.service import build_charter\n"
+        "charter = build_charter(Charter(database_url='sqlite://', development=True))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        "sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))]
+    )
+    result = runner.invoke(app, ["pipeline", "invoice.pay", "--app", "shop_service:charter"])
+    assert 0 == result.exit_code
+    assert "handler" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -202,6 +203,9 @@ def _load_app(spec: str) -> Charter:
     import importlib
 
     module_name, _, attribute = spec.partition(":")
+    # Find the module from the working directory, as uvicorn does (``--app service:charter``).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         target = getattr(importlib.import_module(module_name), attribute or "charter")
     except (ImportError, AttributeError) as exc:
@@ -243,6 +247,25 @@ def policy_matrix(
         err.print("[red]error:[/red] --format is markdown, csv or json")
         raise typer.Exit(2)
     typer.echo(renderers[fmt](), nl=False)
+
+
+@app.command("pipeline")
+def pipeline(
+    action: Annotated[str, typer.Argument(help="The action, e.g. invoice.approve.")],
+    app_spec: Annotated[
+        str, typer.Option("--app", help="module:attribute of your Charter.")
+    ] = "charter.demo.service:reference_charter",
+) -> None:
+    """List the stages ACTION runs, in order: what happens when it is executed."""
+    charter = _load_app(app_spec)
+    try:
+        stages = charter.pipeline_of(action)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{action} ({charter.engine.dialect.name}):")
+    for number, stage in enumerate(stages, 1):
+        where = "" if stage.phase == "transaction" else "  (before the transaction)"
+        typer.echo(f"{number:>3}. {stage.name:<15} {stage.summary}{where}")
 
 
 @idem_app.command("purge")
