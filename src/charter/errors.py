@@ -7,20 +7,37 @@ adapter should answer with, and ``attrs`` carries structured, non-secret
 details. Foreign exceptions (SQLAlchemy, drivers, Pydantic) are translated at
 the boundary with ``raise ... from exc`` and never reach a caller raw.
 
-Hierarchy::
+Hierarchy — every public error, and the module that defines it (``errors``
+unless named); ``tests/test_layout.py`` checks that this drawing is complete::
 
     CharterError                          500 charter_error
     ├── ConfigurationError                500 configuration_error   (at start-up)
     ├── Unauthenticated                   401 unauthenticated
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
-    │   └── PayloadTooLarge               413 payload_too_large
+    │   ├── PayloadTooLarge               413 payload_too_large
+    │   │   └── WebhookPayloadTooLarge    413 payload_too_large     webhooks
+    │   ├── IdempotencyKeyMissing         400 idempotency_key_missing   idempotency.keys
+    │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
+    │   └── MalformedBody                 400 malformed_body        integrations.fastapi
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)
     ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
-    ├── Conflict                          409 conflict
+    ├── Conflict                          409 conflict              (also: a deadlock that persists)
+    │   └── IdempotencyKeyInProgress      409 idempotency_key_in_progress   idempotency.keys
+    ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys
+    ├── ReplayedError                     (the stored error's code and status)  idempotency.keys
     ├── DomainError                       409 domain_error          (handlers raise subclasses)
+    ├── HandlerFailed                     500 internal_error        (a handler crashed; rolled back)
+    ├── WebhookError                      400 webhook_error         webhooks
+    │   ├── WebhookHeadersMissing         400 webhook_headers_missing
+    │   ├── WebhookMalformed              400 webhook_malformed
+    │   ├── WebhookTimestampStale         401 webhook_timestamp_stale
+    │   ├── WebhookSignatureInvalid       401 webhook_signature_invalid
+    │   └── WebhookReplayed               409 webhook_replayed
+    ├── PaymentProviderError              502 payment_provider_error    demo.payment_client
+    │   └── PaymentProviderUnavailable    503 payment_provider_unavailable
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
     ├── StorageError                      500 storage_error
     └── AuditIntegrityError               500 audit_integrity_error
@@ -38,6 +55,7 @@ __all__ = [
     "Conflict",
     "DomainError",
     "Forbidden",
+    "HandlerFailed",
     "InvalidInput",
     "NotFound",
     "PayloadTooLarge",
@@ -168,6 +186,14 @@ class Conflict(CharterError):
     code = "conflict"
     status = 409
     title = "Conflict"
+
+
+class HandlerFailed(CharterError):
+    """A handler crashed; its effect was rolled back. Details are in the server log only."""
+
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
 
 
 class DomainError(CharterError):

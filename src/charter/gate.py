@@ -26,12 +26,12 @@ from .actor import Actor, Channel
 from .audit import AuditKeyring, AuditTrail, VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision
-from .errors import CharterError, ConfigurationError
+from .errors import CharterError, ConfigurationError, HandlerFailed
 from .idempotency.keys import DEFAULT_RETENTION, IdempotencyMode
 from .idempotency.recovery import DEFAULT_LEASE, actor_from_snapshot
 from .idempotency.store import idempotency_table, not_completed, purge
 from .outcome import Outcome
-from .pipeline import Call, HandlerFailed, Pipeline, PipelineBuilder, StageFactory
+from .pipeline import Call, Pipeline, PipelineBuilder, StageFactory
 from .pipeline.run import run
 from .pipeline.runtime import Runtime
 from .policy import ActionPolicy, PermissionMatrix, Rule

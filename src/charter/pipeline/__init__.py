@@ -12,12 +12,11 @@
 
 from .build import Pipeline, PipelineBuilder, StageFactory
 from .call import Call, Refusal, Stage, Touched, Writes
-from .stages import Assembly, HandlerFailed
+from .stages import Assembly
 
 __all__ = [
     "Assembly",
     "Call",
-    "HandlerFailed",
     "Pipeline",
     "PipelineBuilder",
     "Refusal",

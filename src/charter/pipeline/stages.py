@@ -31,6 +31,7 @@ from ..errors import (
     ConfigurationError,
     DomainError,
     Forbidden,
+    HandlerFailed,
     NotFound,
     PreconditionFailed,
     ReasonRequired,
@@ -46,19 +47,11 @@ from .runtime import Runtime
 from .tenancy import SCOPED, TenantGuard
 from .writes import Committer, finish
 
-__all__ = ["MAX_REASON", "Assembly", "HandlerFailed"]
+__all__ = ["FACTORIES", "MAX_REASON", "Assembly"]
 
 log = logging.getLogger("charter")
 
 MAX_REASON = 1000
-
-
-class HandlerFailed(CharterError):
-    """A handler crashed; its effect was rolled back. Details are in the server log only."""
-
-    code = "internal_error"
-    status = 500
-    title = "Internal error"
 
 
 @dataclass(frozen=True, slots=True)
