@@ -5,7 +5,8 @@ The semantics (scope, fingerprint, what is stored) are in
 the stages that use these are assembled by :mod:`charter.pipeline.build`:
 
 * on PostgreSQL the claim rides on the locked ``SELECT`` of the target
-  (a data-modifying CTE) and the stored outcome on the audit ``INSERT``, so a
+  (a data-modifying CTE, :class:`charter.pipeline.loading.Loader`) and the
+  stored outcome on the audit ``INSERT``, so a
   keyed call costs the same round trips as an unkeyed one;
 * a replay that this process has seen is answered from :class:`OutcomeCache`
   with one autocommit audit ``INSERT``; others read the claim once;
@@ -19,14 +20,12 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, bindparam, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from ..decision import Decision
 from ..errors import CharterError
 from ..outcome import Outcome
-from ..resources import ResourceSpec
 from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
 from .recovery import takeover_statement
 from .store import (
@@ -49,7 +48,6 @@ __all__ = [
     "CLAIM",
     "ClaimTaken",
     "answer_duplicate",
-    "claim_and_load_statement",
     "claim_params",
     "claiming",
     "remember",
@@ -80,21 +78,6 @@ def claim_params(runtime: Runtime, call: Call) -> dict[str, Any]:
         "c_created_at": ctx.now,
         "c_expires_at": ctx.now + runtime.idempotency_retention,
     }
-
-
-def claim_and_load_statement(resource: ResourceSpec, by: str | None) -> Select[Any]:
-    """PostgreSQL: ``WITH claim AS (INSERT ...) SELECT record ... FOR UPDATE OF record``.
-
-    The statement succeeds only if the INSERT did, so success *is* the claim,
-    and a taken key is a unique violation (:class:`ClaimTaken`). When the record
-    is not found the claim's fate does not matter: the refusal rolls back.
-    """
-    claim = claim_insert().cte("charter_claim")
-    # Parameter names must not match a column of the INSERT (SQLAlchemy would add it).
-    stmt = select(resource.model).where(resource.column(by or resource.id) == bindparam("t_id"))
-    if resource.tenant is not None:  # the record's tenant is the claim's: one parameter
-        stmt = stmt.where(resource.column(resource.tenant) == bindparam("c_tenant"))
-    return stmt.with_for_update(of=resource.model).add_cte(claim)
 
 
 @contextmanager

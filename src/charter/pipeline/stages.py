@@ -19,7 +19,6 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Select, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -43,8 +42,9 @@ from ..idempotency.store import claim_id_statement, release_statement
 from ..policy import ActionPolicy
 from ..resources import ResourceSpec, request_id_or_new
 from .call import Call, Refusal, Stage, Touched
+from .loading import Loader
 from .runtime import Runtime
-from .tenancy import SCOPED, TenantGuard
+from .tenancy import TenantGuard
 from .writes import Committer, finish
 
 __all__ = ["FACTORIES", "MAX_REASON", "Assembly"]
@@ -204,7 +204,7 @@ def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
     spec, runtime = a.spec, a.runtime
     resource = spec.resource
     assert resource is not None
-    claim_load = claims.claim_and_load_statement(resource, spec.by)
+    claim_load = Loader(resource, by=spec.by, lock=True, claim=True)
 
     def claim_and_load(call: Call) -> None:
         """Claim the key and load the target locked, tenant-scoped, in one statement."""
@@ -216,7 +216,7 @@ def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
             params = claims.claim_params(runtime, call)
             params["t_id"] = key
             with claims.claiming():
-                record = session.execute(claim_load, params).scalar_one_or_none()
+                record = claim_load.load(session, params)
         else:
             record = statements.load(session, resource, spec.by, key, call.ctx.actor)
         if record is None:
@@ -244,31 +244,21 @@ def _declared_locks(a: Assembly, call: Call) -> list[tuple[ResourceSpec, Any]]:
 
 
 class _Statements:
-    """The tenant-scoped lookups of one pipeline, each built once."""
+    """The tenant-scoped lookups of one pipeline, each built once (see :class:`Loader`)."""
 
     def __init__(self, lock: bool) -> None:
         self.lock = lock
-        self._built: dict[tuple[str, str | None], Select[Any]] = {}
+        self._built: dict[tuple[str, str | None], Loader] = {}
 
     def load(
         self, session: Session, resource: ResourceSpec, by: str | None, key: Any, actor: Actor
     ) -> Any:
         if key is None:
             return None
-        stmt = self._built.get((resource.name, by))
-        if stmt is None:
-            stmt = select(resource.model).where(
-                resource.column(by or resource.id) == bindparam("id")
-            )
-            if resource.tenant is not None:
-                # Tenant isolation is part of the lookup itself: a record of another
-                # tenant is indistinguishable from a record that does not exist.
-                stmt = stmt.where(resource.column(resource.tenant) == bindparam("tenant"))
-            if self.lock:
-                stmt = stmt.with_for_update()
-            stmt = stmt.execution_options(**{SCOPED: True})
-            self._built[(resource.name, by)] = stmt
-        return session.execute(stmt, {"id": key, "tenant": actor.tenant_id}).scalar_one_or_none()
+        loader = self._built.get((resource.name, by))
+        if loader is None:
+            loader = self._built[(resource.name, by)] = Loader(resource, by=by, lock=self.lock)
+        return loader.load(session, {"t_id": key, "c_tenant": actor.tenant_id})
 
 
 def precondition(a: Assembly) -> Stage | None:
