@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from ..decision import Decision
 from ..errors import CharterError
 from ..outcome import Outcome
+from ..storage import translate_errors
 from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
 from .recovery import takeover_statement
 from .store import (
@@ -108,29 +109,39 @@ def answer_duplicate(runtime: Runtime, committer: Committer, call: Call) -> Outc
     ``None`` when the holder rolled back (claim again) or when this call has
     just taken an abandoned multi-phase request over (``call.resume`` is set).
     """
-    actor, key = call.ctx.actor, call.ctx.idempotency_key
-    assert key is not None  # only keyed calls claim
-    with runtime.write_session() as session:
-        row = lookup(session, actor.tenant_id, actor.subject.id, key)
-        if row is None:
+    row = _claim_of_call(runtime, call)
+    if row is None:
+        return None
+    done = row.completed_at is not None
+    if not done and row.fingerprint == call.fingerprint:
+        if row.recovery is not None and _take_over(runtime, int(row.id)):
+            call.resume = row
             return None
-        done = row.completed_at is not None
-        if not done and row.fingerprint == call.fingerprint:
-            if row.recovery is not None:
-                taken = session.execute(
-                    takeover_statement(int(row.id), runtime.clock(), runtime.recovery_lease)
-                )
-                session.commit()
-                if getattr(taken, "rowcount", 0) == 1:
-                    call.resume = row
-                    return None
-            raise IdempotencyKeyInProgress(
-                "A request with this Idempotency-Key is still in progress; retry shortly."
-            )
+        raise IdempotencyKeyInProgress(
+            "A request with this Idempotency-Key is still in progress; retry shortly."
+        )
     stored = StoredOutcome.from_row(row) if done else None
     if stored is not None:
         runtime.outcomes.put(call.ctx.idempotency_scope, stored)
     return replay_stored(committer, call, stored, row.fingerprint, row.action)
+
+
+def _claim_of_call(runtime: Runtime, call: Call) -> Any:
+    """The key's claim and outcome; on PostgreSQL one autocommit SELECT (no BEGIN/ROLLBACK)."""
+    tenant, subject, key = call.ctx.idempotency_scope
+    engine = runtime.autocommit if runtime.postgres else runtime.engine
+    with translate_errors(), engine.connect() as connection:
+        return lookup(connection, tenant, subject, key)
+
+
+def _take_over(runtime: Runtime, claim_id: int) -> bool:
+    """Take an abandoned multi-phase request over: one conditional UPDATE, one winner."""
+    with runtime.write_session() as session:
+        taken = session.execute(
+            takeover_statement(claim_id, runtime.clock(), runtime.recovery_lease)
+        )
+        session.commit()
+    return getattr(taken, "rowcount", 0) == 1
 
 
 def replay_stored(

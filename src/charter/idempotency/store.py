@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 from sqlalchemy.types import JSON
 
@@ -354,7 +354,7 @@ def not_completed() -> Any:
     return ~exists().where(_same_scope())
 
 
-def lookup(session: Session, tenant: str, subject: str, key: str) -> Row[Any] | None:
+def lookup(session: Session | Connection, tenant: str, subject: str, key: str) -> Row[Any] | None:
     """The claim and, if completed, its outcome (``completed_at`` is None until then)."""
     t, o = idempotency_table, outcome_table
     stmt = (
