@@ -380,3 +380,19 @@ def test_every_allowed_call_is_audited_with_its_touched_records_counted(cards):
     cards.execute(ALICE, "card.transfer", {"to": b, "amount": "1"}, target=a)
     with cards.engine.connect() as conn:
         assert 1 == conn.execute(select(func.count()).select_from(audit_table)).scalar_one()
+
+
+def test_verify_reports_a_deleted_or_forged_link_between_a_touched_record_and_its_entry(cards):
+    from charter.audit import link_table
+
+    a, b = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
+    cards.execute(ALICE, "card.transfer", {"to": b, "amount": "1"}, target=a)
+    with cards.engine.begin() as conn:
+        (link,) = conn.execute(select(link_table)).all()
+        conn.execute(link_table.delete())
+        conn.execute(link_table.insert(), {**link._mapping, "resource_id": str(a)})
+    problems = [(p.kind, p.detail) for p in cards.verify_audit().problems]
+    assert [
+        ("link", f"the link from test_cards {b} to this entry is missing"),
+        ("link", f"a link from test_cards {a} names an entry that does not list it"),
+    ] == problems

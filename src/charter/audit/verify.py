@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from .entry import audit_table, canonical_message, checkpoint_table
+from .entry import audit_table, canonical_message, checkpoint_table, link_table
 from .trail import AuditKeyring
 
 __all__ = ["AuditProblem", "VerificationReport", "checkpoint", "verify"]
@@ -40,7 +40,7 @@ _MAX_POSITION_TRIES = 5000
 
 @dataclass(frozen=True, slots=True)
 class AuditProblem:
-    kind: str  # modified | inserted | deleted | reordered | checkpoint
+    kind: str  # modified | inserted | deleted | reordered | checkpoint | link
     stream: str | None
     seq: int | None
     entry_id: int | None
@@ -279,6 +279,39 @@ def _ranges(values: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _verify_links(
+    session: Session, by_stream: Mapping[str, list[dict[str, Any]]], report: VerificationReport
+) -> None:
+    """The link index must say exactly what the entries' MAC-covered ``touched`` lists say.
+
+    A deleted link would hide an entry from a touched record's history; a forged
+    one would attach an entry to a record it never touched.
+    """
+    expected: dict[tuple[str, int, str, str], int] = {}
+    for stream, rows in by_stream.items():
+        for row in rows:
+            for touched in (row.get("detail") or {}).get("touched") or ():
+                expected[(stream, int(row["seq"]), touched["type"], touched["id"])] = row["id"]
+    found = {
+        (r.stream, int(r.seq), r.resource_type, r.resource_id)
+        for r in session.execute(select(link_table))
+    }
+    for key in sorted(set(expected) - found):
+        report.problems.append(
+            AuditProblem(
+                "link", key[0], key[1], expected[key],
+                f"the link from {key[2]} {key[3]} to this entry is missing",
+            )
+        )  # fmt: skip
+    for key in sorted(found - set(expected)):
+        report.problems.append(
+            AuditProblem(
+                "link", key[0], key[1], None,
+                f"a link from {key[2]} {key[3]} names an entry that does not list it",
+            )
+        )  # fmt: skip
+
+
 def verify(session: Session, keyring: AuditKeyring) -> VerificationReport:
     """Check every entry and checkpoint; report each problem with its location."""
     report = VerificationReport()
@@ -290,6 +323,7 @@ def verify(session: Session, keyring: AuditKeyring) -> VerificationReport:
     report.streams = len(by_stream)
     for stream, rows in by_stream.items():
         _verify_stream(stream, rows, keyring, checkpointed.get(stream), report)
+    _verify_links(session, by_stream, report)
     for stream, (seq, _digest) in checkpointed.items():
         if stream not in by_stream:
             report.problems.append(
