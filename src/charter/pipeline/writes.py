@@ -55,7 +55,7 @@ class Committer:
         assert lease is not None
         for statement in writes.before:
             session.execute(statement)
-        if not (self.runtime.postgres and self._fold(call, session, lease)):
+        if not self._fold(call, session, lease):
             session.flush()
             self.write(session, lease, writes.entries, writes.outcome)
         finish(session, lease)
@@ -100,7 +100,11 @@ class Committer:
             lease.rolled_back()
 
     def _fold(self, call: Call, session: Session, lease: AuditLease) -> bool:
-        """The plain PostgreSQL case: the record's UPDATE carries the other writes."""
+        """The plain case: the record's UPDATE in Core, no unit of work.
+
+        On PostgreSQL the UPDATE carries the other writes as CTEs (one statement);
+        SQLite has no data-modifying CTEs, so they follow it, each one INSERT.
+        """
         record, resource, writes = call.record, call.spec.resource, call.writes
         if (
             record is None
@@ -115,20 +119,21 @@ class Committer:
             return False
         state = sa_inspect(record)
         changed = tuple(sorted(state.committed_state))
-        audited = len(writes.entries) if lease.seals else 0
-        key = (resource.name, changed, audited, writes.outcome is not None)
+        postgres = self.runtime.postgres
+        audited = len(writes.entries) if lease.seals and postgres else 0
+        outcome = writes.outcome is not None and postgres
+        key = (resource.name, changed, audited, outcome)
         statement = self._folds.get(key)
         if statement is None:
-            statement = _folded_update(resource, changed, audited, writes.outcome is not None)
-            self._folds[key] = statement
+            statement = self._folds[key] = _folded_update(resource, changed, audited, outcome)
         if statement is False:
             return False
-        rows = lease.seal(writes.entries)
+        rows = lease.seal(writes.entries) if postgres else []
         params: dict[str, Any] = _a(rows[0]) if rows else {}
         params.update({f"r_{name}": getattr(record, name) for name in changed})
         params["r_pk"] = getattr(record, resource.id)
-        if writes.outcome is not None:
-            params.update(writes.outcome)
+        if outcome:
+            params.update(writes.outcome or {})
         # On the connection, not the session: a session execute would autoflush the
         # very change this statement carries.
         result = session.connection().execute(statement, params)
@@ -136,6 +141,8 @@ class Committer:
             raise StorageError("The record changed under its lock; nothing was written.")
         for name in changed:  # the row now holds these values: the ORM has nothing to flush
             set_committed_value(record, name, getattr(record, name))
+        if not postgres:
+            self.write(session, lease, writes.entries, writes.outcome)
         return True
 
 
