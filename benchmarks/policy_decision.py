@@ -3,10 +3,26 @@
 The rule: an approver of the invoice's tenant may approve a submitted invoice
 whose amount is within their approval limit, unless they created it. Every
 engine is first checked against the same truth table (exit 1 on mismatch),
-then timed with ``timeit`` (best of several repeats, per call in µs). Each
-engine gets the application's own objects and does what an application must
-do per request (casbin: role links held by the enforcer, request objects
+then timed with ``timeit`` (best of several repeats, per call in µs; the
+engines take turns repeat by repeat, so a drifting machine slows them alike).
+Each engine gets the application's own objects and does what an application
+must do per request (casbin: role links held by the enforcer, request objects
 built per call; cedarpy: policies parsed once, entities built per request).
+
+Charter is timed twice: ``is_allowed`` (the boolean) and ``decide`` (the
+explained :class:`~charter.decision.Decision`, the path ``Charter.execute``
+takes), allowed and denied. Two floors:
+
+- ``plain_floor``: the same logic as a plain function over plain objects (slotted
+  dataclasses, a ``Decimal`` limit attribute), the least any Python check costs;
+- ``floor``: the same function over Charter's ``Actor`` (subject resolution,
+  attributes mapping) and the ORM ``Invoice`` (instrumented attributes), i.e.
+  what the objects an application already holds cost to read.
+
+``charter_plain_objects`` runs Charter's ``is_allowed`` over plain objects too,
+which separates the engine's own cost from the cost of reading the objects.
+
+No target: the figures are printed as measured.
 
 Usage: ``python benchmarks/policy_decision.py [--quick]``. The last line is JSON.
 """
@@ -62,6 +78,55 @@ def charter_engine() -> Any:
         name="approvers-approve",
     )
     return policy.compile(resource=spec, action="invoice.approve", listable=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PlainActor:
+    id: str
+    tenant: str
+    roles: frozenset[str]
+    approval_limit: Decimal
+
+
+@dataclass(slots=True)
+class PlainInvoice:
+    id: int
+    tenant_id: str
+    state: str
+    amount: Decimal
+    created_by: str
+
+
+def plain_floor(actor: PlainActor, invoice: PlainInvoice) -> bool:
+    """The rule as a developer would write it over their own plain objects."""
+    return (
+        invoice.tenant_id == actor.tenant
+        and "approver" in actor.roles
+        and invoice.state == "submitted"
+        and invoice.amount <= actor.approval_limit
+        and invoice.created_by != actor.id
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlainCharterActor:
+    """The fields Charter's generated check reads, on a plain object (no Actor)."""
+
+    id: str
+    tenant: str
+    roles: frozenset[str]
+    attributes: dict[str, Any]
+    on_behalf_of: None = None
+
+
+def plain(actor: Actor, invoice: Invoice) -> tuple[PlainActor, PlainInvoice]:
+    subject = actor.subject
+    return (
+        PlainActor(subject.id, subject.tenant, subject.roles, subject.attributes["approval_limit"]),
+        PlainInvoice(
+            invoice.id, invoice.tenant_id, invoice.state, invoice.amount, invoice.created_by
+        ),
+    )
 
 
 def floor(actor: Actor, invoice: Invoice, ctx: object = None) -> bool:
@@ -218,6 +283,17 @@ def best_us(fn: Any, number: int, repeat: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
 
 
+def best_us_interleaved(fns: dict[str, tuple[Any, int]], repeat: int) -> dict[str, float]:
+    """Best per-call µs of each ``(fn, number)``; every repeat runs all of them, order rotating."""
+    names = list(fns)
+    best = {name: float("inf") for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, number = fns[name]
+            best[name] = min(best[name], timeit.timeit(fn, number=number) / number * 1e6)
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller loops (< 60 s)")
@@ -233,6 +309,7 @@ def main() -> int:
         "pycasbin": casbin_engine([c.actor for c in table]),
         "cedarpy": cedar_engine(),
     }
+    engines["plain_floor"] = lambda a, i: plain_floor(*plain(a, i))
     for name, engine in engines.items():
         got = [bool(engine(c.actor, c.invoice)) for c in table]
         expected = [c.expected for c in table]
@@ -243,22 +320,45 @@ def main() -> int:
     hot = table[0]  # the allowed case: every condition is evaluated
     deny = table[2]  # a denial (decide explains it on the slow path)
     actor, invoice = hot.actor, hot.invoice
-    timings = {
-        "floor": best_us(lambda: floor(actor, invoice), number, repeat),
-        "charter": best_us(lambda: ap.is_allowed(actor, invoice, None), number, repeat),
-        "charter_decide": best_us(lambda: ap.decide(actor, invoice, None), number, repeat),
-        "charter_decide_denied": best_us(
-            lambda: ap.decide(deny.actor, deny.invoice, None), max(number // 10, 100), repeat
-        ),
-    }
+    plain_actor, plain_invoice = plain(actor, invoice)
+    charter_plain_actor = PlainCharterActor(
+        actor.id, actor.tenant, actor.roles, dict(actor.attributes)
+    )
+    if not ap.is_allowed(charter_plain_actor, plain_invoice, None):
+        print("charter over plain objects disagrees", file=sys.stderr)
+        return 1
     casbin_decide, cedar_decide = engines["pycasbin"], engines["cedarpy"]
     slow = max(number // 20, 100)
-    timings["pycasbin"] = best_us(lambda: casbin_decide(actor, invoice), slow, repeat)
-    timings["cedarpy"] = best_us(lambda: cedar_decide(actor, invoice), slow, repeat)
+    timings = best_us_interleaved(
+        {
+            "plain_floor": (lambda: plain_floor(plain_actor, plain_invoice), number),
+            "floor": (lambda: floor(actor, invoice), number),
+            "charter": (lambda: ap.is_allowed(actor, invoice, None), number),
+            "charter_plain_objects": (
+                lambda: ap.is_allowed(charter_plain_actor, plain_invoice, None),
+                number,
+            ),
+            "charter_decide": (lambda: ap.decide(actor, invoice, None), number),
+            "charter_decide_denied": (
+                lambda: ap.decide(deny.actor, deny.invoice, None),
+                max(number // 10, 100),
+            ),
+            "pycasbin": (lambda: casbin_decide(actor, invoice), slow),
+            "cedarpy": (lambda: cedar_decide(actor, invoice), slow),
+        },
+        repeat,
+    )
 
-    print(f"{'engine':<24}{'µs/decision':>12}{'x floor':>10}")
+    base = timings["plain_floor"]
+    print(f"{'engine':<24}{'µs/decision':>12}{'x plain floor':>15}{'x floor':>10}")
     for name, us in timings.items():
-        print(f"{name:<24}{us:>12.3f}{us / timings['floor']:>10.2f}")
+        print(f"{name:<24}{us:>12.3f}{us / base:>15.2f}{us / timings['floor']:>10.2f}")
+    print(
+        "plain_floor: plain function, plain dataclasses; floor: the same function over "
+        "Charter's Actor and the ORM Invoice; charter: is_allowed; charter_plain_objects: "
+        "is_allowed over plain objects; charter_decide: decide (what execute calls), "
+        "allowed / denied with its explanation"
+    )
     result = {
         "charter_us": round(timings["charter"], 4),
         "charter_decide_us": round(timings["charter_decide"], 4),
@@ -267,6 +367,11 @@ def main() -> int:
         "pycasbin_us": round(timings["pycasbin"], 4),
         "cedarpy_us": round(timings["cedarpy"], 4),
         "ratio_to_floor": round(timings["charter"] / timings["floor"], 3),
+        "plain_floor_us": round(base, 4),
+        "is_allowed_ratio_to_plain_floor": round(timings["charter"] / base, 3),
+        "decide_ratio_to_plain_floor": round(timings["charter_decide"] / base, 3),
+        "decide_ratio_to_floor": round(timings["charter_decide"] / timings["floor"], 3),
+        "charter_plain_objects_us": round(timings["charter_plain_objects"], 4),
     }
     print(json.dumps(result))
     return 0

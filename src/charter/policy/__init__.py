@@ -2,8 +2,10 @@
 
 One rule tree serves four uses: decide for one record (:meth:`ActionPolicy.is_allowed`
 and its explained twin :meth:`ActionPolicy.decide`), filter a query
-(:meth:`ActionPolicy.where`), tell what is safe next (:func:`allowed_actions`) and
-enumerate a permission matrix for review (:func:`permission_matrix`).
+(:meth:`ActionPolicy.where`; :meth:`ActionPolicy.bound_where` and
+:meth:`ActionPolicy.page_statement` build the clause once per actor shape), tell
+what is safe next (:func:`allowed_actions`) and enumerate a permission matrix for
+review (:func:`permission_matrix`).
 
 See :mod:`charter.policy.expr` for the expression language,
 :mod:`charter.policy.pyeval` for why rules are compiled to Python source and
@@ -11,7 +13,7 @@ See :mod:`charter.policy.expr` for the expression language,
 """
 
 from .agreement import assert_filter_agrees, filter_disagreements
-from .engine import ActionPolicy, PolicySet, Rule, allowed_actions
+from .engine import ActionPolicy, BoundFilter, BoundStatement, PolicySet, Rule, allowed_actions
 from .expr import ALWAYS, NEVER, A, C, Condition, Expr, R, Value
 from .matrix import PermissionMatrix, assert_matrix_snapshot, permission_matrix
 
@@ -20,6 +22,8 @@ __all__ = [
     "NEVER",
     "A",
     "ActionPolicy",
+    "BoundFilter",
+    "BoundStatement",
     "C",
     "Condition",
     "Expr",

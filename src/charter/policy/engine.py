@@ -23,11 +23,13 @@ The compiled expression of an action is always::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy import Select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -54,9 +56,40 @@ from .expr import (
     as_condition,
 )
 from .pyeval import compile_check, describe_leaf, evaluate, failures, first_error
-from .sql import category_of_column, compile_where, relation, table_column, unfilterable_reason
+from .sql import (
+    FilterPlan,
+    Shape,
+    ShapeCache,
+    category_of_column,
+    relation,
+    table_column,
+    unfilterable_reason,
+)
 
-__all__ = ["ActionPolicy", "PolicySet", "Rule", "allowed_actions"]
+__all__ = ["ActionPolicy", "BoundFilter", "BoundStatement", "PolicySet", "Rule", "allowed_actions"]
+
+#: Shapes kept per action (each cache: bound clauses, page statements). A shape is
+#: a combination of the actor facts the rules test (roles, None values, ...), so
+#: an application has a handful per action; the bound only guards against a rule
+#: whose shape varies with every actor.
+SHAPE_CACHE_SIZE: Final = 256
+_POLICY_NUMBERS = itertools.count(1)
+T = TypeVar("T")
+
+
+class BoundFilter(NamedTuple):
+    """A WHERE clause with named parameters, and this actor's values for them."""
+
+    where: ColumnElement[bool]
+    params: dict[str, Any]
+
+
+class BoundStatement(NamedTuple):
+    """A complete statement with named parameters, and the values to execute it with."""
+
+    statement: Select[Any]
+    params: dict[str, Any]
+
 
 Effect = Literal["allow", "deny"]
 PredicateFn = Callable[[Any, Any, Any], object]
@@ -196,6 +229,35 @@ class ActionPolicy:
 
     :meth:`decide` explains, :meth:`is_allowed` is its fast boolean twin,
     :meth:`where` / :meth:`apply` filter a query with the same rules.
+
+    **Filtering on a hot path.** :meth:`where` builds the clause on every call
+    (~150 µs of SQLAlchemy construction for a four-condition rule) and embeds the
+    actor's values as anonymous literals, so its result can be combined with
+    anything. :meth:`bound_where` and :meth:`page_statement` build the clause
+    once per *shape* of the actor and context and keep it (bounded, thread-safe
+    LRU of :data:`SHAPE_CACHE_SIZE` shapes per action); the values travel as
+    named parameters, passed at execution::
+
+        where, params = policy.bound_where(actor, ctx)
+        rows = session.execute(select(Invoice).where(where), params)
+
+        stmt, params = policy.page_statement(actor, ctx, limit=51, after=last_id)
+        rows = session.execute(stmt, params).scalars()
+
+    The shape (:meth:`filter_shape`) is what the actor and context change in the
+    clause's *structure*, one entry per actor- or context-dependent part of the
+    rules, in order: for a condition on the actor or context only
+    (``A.has_role("approver")``, ``~A.impersonating``, the scope gate) its
+    value, ``True``/``False``/``"raises"``; for an actor or context value
+    compared with a column (``R.tenant_id == A.tenant``, ``R.amount <=
+    A.approval_limit``) whether reading it raises, is ``None``, is of a type
+    that never equals the column's, or else how it binds (as the column, or
+    the SQL type of its literal); for a column ``in_()`` an actor or context
+    collection, whether it raises, holds ``None``, and how its matching
+    options bind. The values themselves (tenant, id, limit, the options) are
+    never part of it. The compiler decides the clause's structure from the
+    shape alone, so the bound clause selects, for every actor of that shape,
+    exactly the rows :meth:`where` selects (the property tests check both).
     """
 
     def __init__(
@@ -225,8 +287,6 @@ class ActionPolicy:
             self.gates.append(("impersonation", Not(Truthy(A.impersonating))))
         if scope is not None:
             self.gates.append(("scope", HasScope(scope)))
-        self._filterable: str | None = None
-        self._whole: Condition = self.condition
         self._validate()
         self._is_allowed, self._which, self.source = compile_check(
             [g for _, g in self.gates],
@@ -234,6 +294,15 @@ class ActionPolicy:
             [r.condition for r in self.allows],
             name=action,
         )
+        # Decisions are immutable: the allowed ones are built once, not per call.
+        self._allowed = tuple(
+            Decision.allow(rule.name, f"{action} allowed by rule {rule.name}")
+            for rule in self.allows
+        )
+        self._prefix = f"charter_f{next(_POLICY_NUMBERS)}_"  # this action's parameter names
+        self._plan: FilterPlan | None = None
+        self._clauses: ShapeCache[Shape, ColumnElement[bool]] = ShapeCache(SHAPE_CACHE_SIZE)
+        self._pages: ShapeCache[tuple[bool, Shape], Select[Any]] = ShapeCache(SHAPE_CACHE_SIZE)
 
     # -- declaration-time validation ---------------------------------------------------
 
@@ -345,8 +414,7 @@ class ActionPolicy:
         except Exception as exc:
             return self._error(exc, actor, record, ctx)
         if index >= 0:
-            rule = self.allows[index]
-            return Decision.allow(rule.name, f"{self.action} allowed by rule {rule.name}")
+            return self._allowed[index]
         return self._explain(actor, record, ctx)
 
     def _error(self, exc: Exception, actor: Any, record: Any, ctx: Any) -> Decision:
@@ -440,25 +508,111 @@ class ActionPolicy:
         return And(parts)
 
     def where(self, actor: Any, ctx: Any = None) -> ColumnElement[bool]:
-        """A WHERE clause selecting exactly the records :meth:`is_allowed` allows."""
-        if self.resource is None or self.creates:
-            raise ConfigurationError(f"action {self.action} has no records to filter")
-        if self._filterable is None:  # checked once, on first use
-            self._filterable = unfilterable_reason(self.condition, self.resource) or ""
-            self._whole = self.condition
-        if self._filterable:
-            raise ConfigurationError(
-                f"action {self.action} cannot filter a query: {self._filterable}"
-            )
-        return compile_where(self._whole, self.resource, actor, ctx)
+        """A WHERE clause selecting exactly the records :meth:`is_allowed` allows.
+
+        Built on every call, with the values as anonymous literals: safe to
+        combine with any statement (even twice in one, for two actors). On a hot
+        path, :meth:`bound_where` returns the same clause built once per shape.
+        """
+        plan = self._filter_plan()
+        shape, values = plan.resolve(actor, ctx)
+        return plan.build(shape, values)
 
     def apply(self, stmt: Select[Any], actor: Any, ctx: Any = None) -> Select[Any]:
         """``stmt`` with :meth:`where` added (tenant isolation included)."""
         return stmt.where(self.where(actor, ctx))
 
+    def filter_shape(self, actor: Any, ctx: Any = None) -> Shape:
+        """What ``actor`` and ``ctx`` change in the filter's structure (see the class doc)."""
+        return self._filter_plan().resolve(actor, ctx)[0]
+
+    def bound_where(self, actor: Any, ctx: Any = None) -> BoundFilter:
+        """:meth:`where` built once per shape: ``(where, params)``, params passed at execution.
+
+        ``where`` holds no actor or context value: they are the named parameters
+        in ``params`` (``charter_f<n>_<i>``, unique to this action). It selects
+        exactly the rows :meth:`where` selects. A statement may hold it once (two
+        bound filters of the same action in one statement would share their
+        parameter names: use :meth:`where` there).
+        """
+        plan = self._filter_plan()
+        shape, values = plan.resolve(actor, ctx)
+        return BoundFilter(self._bound_clause(plan, shape, values), plan.params(shape, values))
+
+    def page_statement(
+        self, actor: Any, ctx: Any = None, *, limit: int, after: Any = None
+    ) -> BoundStatement:
+        """One page of the records ``actor`` may act on, in id order: ``(statement, params)``.
+
+        ``SELECT <model> WHERE [<id> > :after AND] <filter> ORDER BY <id> LIMIT
+        :limit``, built once per (shape, whether ``after`` is given) and reused
+        as is, so that SQLAlchemy's statement cache key is computed once too.
+        ``limit`` is the number of rows to fetch (a caller that wants to know
+        whether a next page exists asks for one more than it shows); ``after``
+        is the last id of the previous page, already of the id's Python type,
+        or ``None`` for the first page.
+        """
+        plan = self._filter_plan()
+        shape, values = plan.resolve(actor, ctx)
+        has_after = after is not None
+
+        def build() -> Select[Any]:
+            spec = plan.spec
+            id_column = spec.column(spec.id)
+            stmt = sa.select(spec.model).order_by(id_column)
+            stmt = stmt.limit(sa.bindparam(f"{self._prefix}limit", type_=sa.Integer()))
+            if has_after:
+                stmt = stmt.where(id_column > sa.bindparam(f"{self._prefix}after"))
+            return stmt.where(self._bound_clause(plan, shape, values))
+
+        stmt = _cached(self._pages, (has_after, shape), build)
+        params = plan.params(shape, values)
+        params[f"{self._prefix}limit"] = limit
+        if has_after:
+            params[f"{self._prefix}after"] = after
+        return BoundStatement(stmt, params)
+
+    def filter_cache_info(self) -> dict[str, int]:
+        """Sizes and hit counts of the shape caches (for tests and operators)."""
+        return {
+            "clauses": len(self._clauses),
+            "clause_hits": self._clauses.hits,
+            "clause_misses": self._clauses.misses,
+            "pages": len(self._pages),
+            "page_hits": self._pages.hits,
+            "page_misses": self._pages.misses,
+        }
+
+    def _filter_plan(self) -> FilterPlan:
+        plan = self._plan
+        if plan is None:  # checked and planned once, on first use
+            if self.resource is None or self.creates:
+                raise ConfigurationError(f"action {self.action} has no records to filter")
+            whole = self.condition
+            reason = unfilterable_reason(whole, self.resource)
+            if reason:
+                raise ConfigurationError(f"action {self.action} cannot filter a query: {reason}")
+            plan = self._plan = FilterPlan(whole, self.resource, self._prefix)
+        return plan
+
+    def _bound_clause(
+        self, plan: FilterPlan, shape: Shape, values: list[Any]
+    ) -> ColumnElement[bool]:
+        return _cached(self._clauses, shape, lambda: plan.build(shape, values, named=True))
+
     def __repr__(self) -> str:
         resource = self.resource.name if self.resource is not None else None
         return f"<ActionPolicy {self.action} on {resource}: {len(self.rules)} rules>"
+
+
+def _cached(cache: ShapeCache[Any, T], key: Any, build: Callable[[], T]) -> T:
+    try:
+        value = cache.get(key)
+    except TypeError:  # an unhashable shape (an exotic literal type): built, not kept
+        return build()
+    if value is None:
+        value = cache.put(key, build())
+    return value
 
 
 def _any(conditions: Iterable[Condition]) -> Condition:

@@ -28,10 +28,23 @@ the usual ones, so common rules compile to the SQL one would write by hand
 (``tenant_id = :t AND state = :s AND amount <= :limit AND created_by != :id``),
 which keeps index use intact.
 
-**Values.** Actor and context parts are evaluated once, in Python, when the
-clause is built, and become bound parameters typed by the column they are
-compared with (``Decimal`` stays ``Decimal``, enums stay enum members).
-Actor-only conditions (``A.has_role("approver")``) fold to constants.
+**Values.** Actor and context parts are evaluated in Python and become bound
+parameters typed by the column they are compared with (``Decimal`` stays
+``Decimal``, enums stay enum members). Actor-only conditions
+(``A.has_role("approver")``) fold to constants.
+
+**Compiled once per shape.** Building a clause costs far more than running
+the rule (SQLAlchemy's operator and coercion machinery: ~150 µs for the
+four-condition approver rule). What the actor and context change in the
+*structure* of the clause is small and discrete: which actor-only conditions
+are true, false or raise, which values are ``None`` or of a type that never
+matches, how each value binds. :class:`FilterPlan` finds those parts once per
+rule tree; its :meth:`~FilterPlan.resolve` reads them per call into a hashable
+*shape* and a list of values. A clause built for a shape with named parameters
+serves every actor of that shape: :class:`~charter.policy.ActionPolicy` keeps
+them in a bounded, thread-safe :class:`ShapeCache` (``bound_where``,
+``page_statement``). ``where`` builds a fresh clause with anonymous literals
+from the same shape and values, so both paths share one compiler.
 
 What SQL cannot express exactly is refused with
 :class:`~charter.errors.ConfigurationError` rather than approximated: plain
@@ -44,16 +57,19 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final, Generic, NoReturn, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..errors import ConfigurationError
@@ -79,6 +95,8 @@ from .expr import (
 from .pyeval import evaluate, uses_record, value_of
 
 __all__ = [
+    "FilterPlan",
+    "ShapeCache",
     "category_of_column",
     "category_of_value",
     "compile_where",
@@ -257,21 +275,304 @@ def unfilterable_reason(node: Condition, spec: ResourceSpec) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
+# Plan: what of the SQL depends on the actor and the context
+# ---------------------------------------------------------------------------------------
+
+#: Slot outcomes (see :class:`FilterPlan`): what the SQL built for a slot depends on.
+RAISES: Final = "raises"  # evaluating the part raises in Python: the node is an error
+IS_NONE: Final = "none"  # the value is None: IS NULL / IS NOT NULL, or an error if ordered
+APART: Final = "apart"  # never equal to the column's values (another type): a constant
+AS_COLUMN: Final = "as-column"  # bound with the column's type
+EXPANDING: Final = "expanding"  # an in_() list bound as one expanding parameter
+
+try:  # the type SQLAlchemy gives a literal of this value (sa.literal(value).type), fast
+    from sqlalchemy.sql.sqltypes import _resolve_value_to_type as _literal_type
+except ImportError:  # pragma: no cover - a private helper; the public path is slower
+
+    def _literal_type(value: Any) -> TypeEngine[Any]:
+        return sa.literal(value).type
+
+
+def _is_column(node: Value) -> bool:
+    return isinstance(node, Ref) and node.root == "R"
+
+
+class _Operand:
+    """A column compared with values: how each value binds, or why it cannot."""
+
+    __slots__ = ("category", "column", "node", "python_type")
+
+    def __init__(self, node: Condition, column: Any) -> None:
+        self.node = node
+        self.column = column
+        self.category = category_of_column(column)
+        try:
+            self.python_type: type | None = column.type.python_type
+        except NotImplementedError:
+            self.python_type = None
+
+    def refuse(self, value: Any) -> NoReturn:
+        raise ConfigurationError(
+            f"{self.node.text()}: cannot compare column {self.column.key} with "
+            f"{type(value).__name__} {value!r} in SQL with Python's semantics"
+        )
+
+    def bind_kind(self, value: Any) -> Any:
+        """``AS_COLUMN`` when :func:`_bind` types the value as the column, else the literal's type.
+
+        Two values with the same kind bind alike: the literal's kind is the cache key
+        SQLAlchemy itself gives the type (``Integer`` and ``BigInteger`` differ by size).
+        """
+        python_type = self.python_type
+        if python_type is not None and isinstance(value, python_type):
+            return AS_COLUMN
+        return ("literal", _literal_type(value)._static_cache_key)
+
+    def classify(self, value: Any) -> Any:
+        """``IS_NONE``, ``APART`` or the bind kind of a value compared with the column."""
+        if value is None:
+            return IS_NONE
+        rel = relation(self.category, value)
+        if rel == "same":
+            return self.bind_kind(value)
+        if rel == "disjoint":
+            return APART
+        self.refuse(value)
+
+    def classify_options(self, options: Iterable[Any]) -> tuple[Any, list[Any]]:
+        """``(("in", has_none, binds), kept)`` for ``column IN options``.
+
+        ``kept`` are the options that can equal a value of the column (None and
+        values of other types never match); ``binds`` is ``EXPANDING`` when they all
+        bind as the column (one list parameter, whatever its length), else the
+        tuple of their kinds.
+        """
+        has_none = False
+        kinds: list[Any] = []
+        kept: list[Any] = []
+        for option in options:
+            if option is None:
+                has_none = True
+                continue
+            rel = relation(self.category, option)
+            if rel == "ambiguous":
+                self.refuse(option)
+            if rel == "same":
+                kinds.append(self.bind_kind(option))
+                kept.append(option)
+        binds = EXPANDING if kinds and all(k == AS_COLUMN for k in kinds) else tuple(kinds)
+        return ("in", has_none, binds), kept
+
+
+class _Slot:
+    """One actor- or context-dependent part of the tree; ``read`` gives (outcome, value)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = ""
+
+    def read(self, actor: Any, ctx: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def bind(self, outcome: Any, value: Any, params: dict[str, Any]) -> None:
+        """Put the parameter values this slot's SQL needs into ``params``."""
+
+
+class _FoldSlot(_Slot):
+    """A condition on the actor and context only: evaluated in Python, a constant in SQL."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Condition) -> None:
+        super().__init__()
+        self.node = node
+
+    def read(self, actor: Any, ctx: Any) -> tuple[Any, Any]:
+        try:
+            return evaluate(self.node, actor, None, ctx), None  # a bool
+        except Exception:
+            return RAISES, None
+
+
+class _ValueSlot(_Slot):
+    """An actor or context value compared with a column."""
+
+    __slots__ = ("operand", "value")
+
+    def __init__(self, operand: _Operand, value: Value) -> None:
+        super().__init__()
+        self.operand = operand
+        self.value = value
+
+    def read(self, actor: Any, ctx: Any) -> tuple[Any, Any]:
+        try:
+            value = value_of(self.value, actor, None, ctx)
+        except Exception:
+            return RAISES, None
+        return self.operand.classify(value), value
+
+    def bind(self, outcome: Any, value: Any, params: dict[str, Any]) -> None:
+        if outcome == AS_COLUMN or isinstance(outcome, tuple):
+            params[self.name] = value
+
+
+class _OptionsSlot(_Slot):
+    """A column ``in_()`` a collection read from the actor or context."""
+
+    __slots__ = ("operand", "options")
+
+    def __init__(self, operand: _Operand, options: Value) -> None:
+        super().__init__()
+        self.operand = operand
+        self.options = options
+
+    def read(self, actor: Any, ctx: Any) -> tuple[Any, Any]:
+        try:
+            options = value_of(self.options, actor, None, ctx)
+        except Exception:
+            return RAISES, None
+        if isinstance(options, str | bytes | dict) or not hasattr(options, "__iter__"):
+            return RAISES, None  # in_collection() raises on these
+        return self.operand.classify_options(options)
+
+    def bind(self, outcome: Any, value: Any, params: dict[str, Any]) -> None:
+        if outcome == RAISES:
+            return
+        if outcome[2] == EXPANDING:
+            params[self.name] = value
+        else:
+            for j, option in enumerate(value):
+                params[f"{self.name}_{j}"] = option
+
+
+#: A shape: one outcome per slot, in the order of :attr:`FilterPlan.slots`.
+Shape = tuple[Any, ...]
+
+
+class FilterPlan:
+    """One condition's SQL, split into what the rule fixes and what the actor decides.
+
+    The tree is walked once, in the compiler's order, and every part whose SQL
+    depends on the actor or the context becomes a *slot*:
+
+    - a condition on the actor and context only (``A.has_role("approver")``,
+      ``A.limit > 100``): its outcome is its Python value, ``True``, ``False``
+      or ``RAISES``, and it folds to a constant;
+    - an actor or context value compared with a column (``R.amount <=
+      A.approval_limit``): ``RAISES``, ``IS_NONE`` (becomes ``IS NULL``),
+      ``APART`` (a value of another type: a constant) or the bind kind
+      (``AS_COLUMN``, or the literal's SQL type), then bound as a parameter;
+    - a column ``in_()`` an actor or context collection: ``RAISES`` (also for a
+      string or mapping), or whether ``None`` is among the options and the bind
+      kinds of the options that can match (``EXPANDING`` when they all bind as
+      the column: one list parameter, so the count does not matter).
+
+    :meth:`resolve` reads the slots for one actor and context and returns the
+    *shape* (the tuple of outcomes) and the values. The compiler
+    (:meth:`build`) looks only at the shape to decide the structure of the
+    clause; values only ever reach it as bound parameters. So every actor and
+    context with the same shape gets the same clause up to parameter values,
+    and a clause built with named parameters (``named=True``) can be reused for
+    all of them with :meth:`params`.
+    """
+
+    def __init__(self, node: Condition, spec: ResourceSpec, prefix: str = "charter_f_") -> None:
+        self.node = node
+        self.spec = spec
+        self.prefix = prefix
+        self.slots: list[_Slot] = []
+        self._index: dict[int, int] = {}  # id(node) -> slot; nodes are kept alive by the tree
+        self._walk(node)
+        self._readers = tuple(slot.read for slot in self.slots)
+
+    def column(self, ref: Value) -> Any:
+        return table_column(self.spec, ref.path[0])  # type: ignore[attr-defined]
+
+    def _add(self, node: Condition, slot: _Slot) -> None:
+        if id(node) not in self._index:  # a node used twice reads the same
+            slot.name = f"{self.prefix}{len(self.slots)}"
+            self._index[id(node)] = len(self.slots)
+            self.slots.append(slot)
+
+    def _walk(self, node: Condition) -> None:
+        if isinstance(node, And | Or):
+            for item in node.items:
+                self._walk(item)
+        elif isinstance(node, Not):
+            self._walk(node.item)
+        elif isinstance(node, Literal):
+            return
+        elif isinstance(node, HasRole | HasScope) or not uses_record(node):
+            self._add(node, _FoldSlot(node))
+        elif isinstance(node, Compare):
+            left, right = node.left, node.right
+            if _is_column(left) != _is_column(right):
+                column, other = (left, right) if _is_column(left) else (right, left)
+                if isinstance(other, Ref):
+                    self._add(node, _ValueSlot(_Operand(node, self.column(column)), other))
+        elif isinstance(node, In):
+            member, options = node.item, node.options
+            if _is_column(member) and isinstance(options, Ref) and not _is_column(options):
+                self._add(node, _OptionsSlot(_Operand(node, self.column(member)), options))
+
+    def resolve(self, actor: Any, ctx: Any) -> tuple[Shape, list[Any]]:
+        """``(shape, values)`` for this actor and context (raises what the compiler refuses)."""
+        outcomes: list[Any] = []
+        values: list[Any] = []
+        for read in self._readers:
+            outcome, value = read(actor, ctx)
+            outcomes.append(outcome)
+            values.append(value)
+        return tuple(outcomes), values
+
+    def params(self, shape: Shape, values: list[Any]) -> dict[str, Any]:
+        """The values of the named parameters of the clause built for ``shape``."""
+        params: dict[str, Any] = {}
+        for slot, outcome, value in zip(self.slots, shape, values, strict=True):
+            slot.bind(outcome, value, params)
+        return params
+
+    def build(self, shape: Shape, values: list[Any], *, named: bool = False) -> ColumnElement[bool]:
+        """The WHERE clause for ``shape``.
+
+        ``named=False``: values are anonymous literals, as in any other SQLAlchemy
+        expression (safe to combine with anything). ``named=True``: slot values are
+        named parameters (``<prefix><slot>``, ``..._<j>`` for the j-th option of a
+        list), to be passed at execution (:meth:`params`); the clause is the same
+        for every actor of the shape.
+        """
+        result = _Builder(self, shape, values, named).node(self.node).t
+        if result is True:
+            return sa.true()
+        if result is False:
+            return sa.false()
+        return result.build()
+
+
+# ---------------------------------------------------------------------------------------
 # Compiler
 # ---------------------------------------------------------------------------------------
 
 
-class _Compiler:
-    def __init__(self, spec: ResourceSpec, actor: Any, ctx: Any) -> None:
-        self.spec = spec
-        self.actor = actor
-        self.ctx = ctx
+class _Builder:
+    """Builds the clause of one shape; values only ever become bound parameters."""
 
-    def column(self, ref: Ref) -> Any:
-        return table_column(self.spec, ref.path[0])
+    def __init__(self, plan: FilterPlan, shape: Shape, values: list[Any], named: bool) -> None:
+        self.plan = plan
+        self.shape = shape
+        self.values = values
+        self.named = named
+
+    def column(self, ref: Value) -> Any:
+        return self.plan.column(ref)
 
     def nullable(self, column: Any) -> bool:
         return bool(getattr(column, "nullable", True))
+
+    def slot(self, node: Condition) -> tuple[_Slot, Any, Any]:
+        index = self.plan._index[id(node)]
+        return self.plan.slots[index], self.shape[index], self.values[index]
 
     def node(self, node: Condition) -> _Tri:
         if isinstance(node, And):
@@ -292,42 +593,46 @@ class _Compiler:
         if isinstance(node, Not):
             sub = self.node(node.item)
             return _Tri(sub.f, sub.t)
-        if isinstance(node, Literal | HasRole | HasScope) or not uses_record(node):
-            # Actor- and context-only: evaluate now, in Python, with Python's semantics.
-            try:
-                return _const(evaluate(node, self.actor, None, self.ctx))
-            except Exception:
-                return _ERROR
+        if isinstance(node, Literal):
+            return _const(node.value)
+        index = self.plan._index.get(id(node))
+        if index is not None and isinstance(self.plan.slots[index], _FoldSlot):
+            # Actor- and context-only: evaluated in Python, with Python's semantics.
+            outcome = self.shape[index]
+            return _ERROR if outcome == RAISES else _const(outcome)
         if isinstance(node, Compare):
             return self.compare(node)
         if isinstance(node, In):
             return self.in_(node)
         if isinstance(node, IsNone):
-            column = self.column(node.operand)  # type: ignore[arg-type]
+            column = self.column(node.operand)
             return _Tri(_leaf(lambda: column.is_(None)), _leaf(lambda: column.is_not(None)))
         if isinstance(node, Truthy):
-            column = self.column(node.operand)  # type: ignore[arg-type]
+            column = self.column(node.operand)
             return _Tri(_leaf(lambda: column.is_(True)), _leaf(lambda: column.is_not(True)))
         raise ConfigurationError(f"{node.text()} cannot be compiled to SQL")
 
-    def operand(self, node: Value) -> tuple[bool, Any]:
-        """``(True, column)`` for a record reference, ``(False, value)`` otherwise."""
-        if isinstance(node, Ref) and node.root == "R":
-            return True, self.column(node)
-        return False, value_of(node, self.actor, None, self.ctx)
+    def binder(self, slot: _Slot, column: Any, kind: Any, value: Any) -> Callable[[], Any]:
+        if not self.named:
+            return lambda: _bind(column, value)
+        type_ = _named_type(column, kind, value)
+        return lambda: sa.bindparam(slot.name, type_=type_, required=True)
 
     def compare(self, node: Compare) -> _Tri:
-        op = node.op
-        try:
-            left_is_col, left = self.operand(node.left)
-            right_is_col, right = self.operand(node.right)
-        except Exception:
-            return _ERROR
-        if not left_is_col:
+        op, left, right = node.op, node.left, node.right
+        if _is_column(left) and _is_column(right):
+            return self.column_pair(op, self.column(left), self.column(right))
+        if not _is_column(left):
             left, right, op = right, left, _FLIP[op]
-        if left_is_col and right_is_col:
-            return self.column_pair(op, left, right)
-        return self.column_value(op, left, right, node)
+        column = self.column(left)
+        if isinstance(right, Const):  # fixed by the rule (and checked at declaration)
+            value = right.value
+            kind = _Operand(node, column).classify(value)
+            return self.column_value(op, column, kind, lambda: _bind(column, value))
+        slot, kind, value = self.slot(node)
+        if kind == RAISES:
+            return _ERROR
+        return self.column_value(op, column, kind, self.binder(slot, column, kind, value))
 
     def column_pair(self, op: str, left: Any, right: Any) -> _Tri:
         nullable = self.nullable(left) or self.nullable(right)
@@ -342,9 +647,9 @@ class _Compiler:
             _leaf(lambda: _binary(op, left, right)), _leaf(lambda: _binary(OPS[op], left, right))
         )
 
-    def column_value(self, op: str, column: Any, value: Any, node: Compare) -> _Tri:
+    def column_value(self, op: str, column: Any, kind: Any, bind: Callable[[], Any]) -> _Tri:
         nullable = self.nullable(column)
-        if value is None:
+        if kind == IS_NONE:
             is_null = _leaf(lambda: column.is_(None))
             not_null = _leaf(lambda: column.is_not(None))
             if op == "==":
@@ -352,13 +657,7 @@ class _Compiler:
             if op == "!=":
                 return _Tri(not_null, is_null)
             return _ERROR  # None < anything raises in Python
-        rel = relation(category_of_column(column), value)
-        if rel == "ambiguous":
-            raise ConfigurationError(
-                f"{node.text()}: cannot compare column {column.key} with "
-                f"{type(value).__name__} {value!r} in SQL with Python's semantics"
-            )
-        if rel == "disjoint":
+        if kind == APART:
             # Python: == is False, != is True, ordering raises.
             if op == "==":
                 return _const(False)
@@ -366,53 +665,56 @@ class _Compiler:
                 return _const(True)
             return _ERROR
         if op in ("==", "!="):
-            eq = _leaf(lambda: column == _bind(column, value))
-            ne: SqlBool = _leaf(lambda: column != _bind(column, value))
+            eq = _leaf(lambda: column == bind())
+            ne: SqlBool = _leaf(lambda: column != bind())
             if nullable:
                 ne = _or(ne, _leaf(lambda: column.is_(None)))
             return _Tri(eq, ne) if op == "==" else _Tri(ne, eq)
         # Ordering: NULL makes both t and f unknown, i.e. the Python TypeError.
         return _Tri(
-            _leaf(lambda: _binary(op, column, _bind(column, value))),
-            _leaf(lambda: _binary(OPS[op], column, _bind(column, value))),
+            _leaf(lambda: _binary(op, column, bind())),
+            _leaf(lambda: _binary(OPS[op], column, bind())),
         )
 
     def in_(self, node: In) -> _Tri:
-        try:
-            is_col, column = self.operand(node.item)
-            _, options = self.operand(node.options)
-        except Exception:
-            return _ERROR
-        if not is_col:
+        if not _is_column(node.item) or _is_column(node.options):
             raise ConfigurationError(f"{node.text()} cannot be compiled to SQL")
-        if not isinstance(node.options, Const) and (
-            isinstance(options, str | bytes | dict) or not hasattr(options, "__iter__")
-        ):
-            return _ERROR  # in_collection() raises on these
-        category = category_of_column(column)
-        values = []
-        has_none = False
-        for option in options:
-            if option is None:
-                has_none = True
-                continue
-            rel = relation(category, option)
-            if rel == "ambiguous":
-                raise ConfigurationError(
-                    f"{node.text()}: cannot compare column {column.key} with "
-                    f"{type(option).__name__} {option!r} in SQL with Python's semantics"
-                )
-            if rel == "same":
-                values.append(option)
-        bound = [_bind(column, v) for v in values]
-        t: SqlBool = _leaf(lambda: column.in_(bound)) if values else False
-        f: SqlBool = _leaf(lambda: column.not_in(bound)) if values else True
+        column = self.column(node.item)
+        if isinstance(node.options, Const):  # fixed by the rule: anonymous literals
+            kind, kept = _Operand(node, column).classify_options(node.options.value)
+            bound: Any = [_bind(column, v) for v in kept]
+        else:
+            slot, kind, kept = self.slot(node)
+            if kind == RAISES:
+                return _ERROR
+            if not self.named:
+                bound = [_bind(column, v) for v in kept]
+            elif kind[2] == EXPANDING:
+                bound = sa.bindparam(slot.name, expanding=True, type_=column.type, required=True)
+            else:
+                bound = [
+                    sa.bindparam(f"{slot.name}_{j}", type_=_named_type(column, k, v), required=True)
+                    for j, (v, k) in enumerate(zip(kept, kind[2], strict=True))
+                ]
+        has_none = kind[1]
+        t: SqlBool = _leaf(lambda: column.in_(bound)) if kept else False
+        f: SqlBool = _leaf(lambda: column.not_in(bound)) if kept else True
         if has_none:
             t = _or(t, _leaf(lambda: column.is_(None)))
             f = _and(f, _leaf(lambda: column.is_not(None)))
         elif self.nullable(column):
             f = _or(f, _leaf(lambda: column.is_(None)))
         return _Tri(t, f)
+
+
+def _named_type(column: Any, kind: Any, value: Any) -> Any:
+    """The type :func:`_bind` gives ``value``, for a named parameter that holds no value.
+
+    A bound clause is shared by every actor of its shape, so its parameters carry
+    no value of the actor it was first built for: executed without its
+    parameters it fails instead of filtering for somebody else.
+    """
+    return column.type if kind == AS_COLUMN else _literal_type(value)
 
 
 def _bind(column: Any, value: Any) -> Any:
@@ -469,11 +771,56 @@ def _compile_pg(element: _CodePointOrder, compiler: Any, **kw: Any) -> str:
     return f'{compiler.process(element.column, **kw)} COLLATE "C"'
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class ShapeCache(Generic[K, V]):
+    """A bounded, thread-safe least-recently-used map (shape -> built SQL).
+
+    Building outside the lock is fine: two threads that miss the same key build
+    equal values and :meth:`put` keeps the first one.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> V:
+        """Store ``value`` unless another thread stored one first; return the stored one."""
+        with self._lock:
+            existing = self._data.get(key)
+            if existing is not None:
+                return existing
+            self._data[key] = value
+            if len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.hits = self.misses = 0
+
+
 def compile_where(node: Condition, spec: ResourceSpec, actor: Any, ctx: Any) -> ColumnElement[bool]:
     """The SQL predicate selecting exactly the rows for which ``node`` is True in Python."""
-    result = _Compiler(spec, actor, ctx).node(node).t
-    if result is True:
-        return sa.true()
-    if result is False:
-        return sa.false()
-    return result.build()
+    plan = FilterPlan(node, spec)
+    shape, values = plan.resolve(actor, ctx)
+    return plan.build(shape, values)
