@@ -25,9 +25,35 @@ from ..idempotency.store import claim_insert
 from ..resources import ResourceSpec
 from .tenancy import SCOPED
 
-__all__ = ["Loader"]
+__all__ = ["Adopter", "Loader"]
 
 _EAGER = {"joined", "selectin", "subquery", "immediate"}
+
+
+class Adopter:
+    """Turns Core rows of one plain mapper into persistent instances of a session."""
+
+    def __init__(self, model: type[Any]) -> None:
+        mapper: Any = sa_inspect(model)
+        self._mapper = mapper
+        self.plain = _plain(mapper)
+        props = list(mapper.column_attrs)
+        self._keys = [prop.key for prop in props]
+        #: The columns to select, in the order :meth:`adopt` reads them.
+        self.columns = [prop.columns[0] for prop in props]
+        self._pk_index = self._keys.index(mapper.primary_key[0].key) if self.plain else 0
+
+    def adopt(self, session: Session, row: Any) -> Any:
+        """The instance for ``row``: the session's own if it holds it, else a new persistent one."""
+        identity = self._mapper.identity_key_from_primary_key((row[self._pk_index],))
+        existing = session.identity_map.get(identity)
+        if existing is not None:  # already in this session: the same object, as the ORM does
+            return existing
+        record = self._mapper.class_manager.new_instance()
+        record.__dict__.update(zip(self._keys, row, strict=True))
+        make_transient_to_detached(record)  # as if freshly loaded: no history, key set
+        session.add(record)  # persistent, no SQL
+        return record
 
 
 class Loader:
@@ -43,16 +69,8 @@ class Loader:
         self, resource: ResourceSpec, *, by: str | None, lock: bool, claim: bool = False
     ) -> None:
         self.resource = resource
-        mapper: Any = sa_inspect(resource.model)
-        self._mapper = mapper
-        self._plain = _plain(mapper)
-        if self._plain:
-            self._keys = [prop.key for prop in mapper.column_attrs]
-            columns = [prop.columns[0] for prop in mapper.column_attrs]
-            stmt: Select[Any] = select(*columns)
-            self._pk_index = self._keys.index(resource.id)
-        else:
-            stmt = select(resource.model)
+        self._adopter = adopter = Adopter(resource.model)
+        stmt: Select[Any] = select(*adopter.columns) if adopter.plain else select(resource.model)
         # Parameter names must not match a column of the claim's INSERT (SQLAlchemy would add it).
         stmt = stmt.where(resource.column(by or resource.id) == bindparam("t_id"))
         if resource.tenant is not None:
@@ -60,27 +78,18 @@ class Loader:
             # tenant is indistinguishable from a record that does not exist.
             stmt = stmt.where(resource.column(resource.tenant) == bindparam("c_tenant"))
         if lock:
-            stmt = stmt.with_for_update(of=mapper.local_table if self._plain else resource.model)
+            table = sa_inspect(resource.model).local_table
+            stmt = stmt.with_for_update(of=table if adopter.plain else resource.model)
         if claim:
             stmt = stmt.add_cte(claim_insert().cte("charter_claim"))
         self.statement = stmt.execution_options(**{SCOPED: True})
 
     def load(self, session: Session, params: dict[str, Any]) -> Any:
         """The record, attached to ``session``, or ``None`` if the tenant has no such record."""
-        if not self._plain:
+        if not self._adopter.plain:
             return session.execute(self.statement, params).scalar_one_or_none()
         row = session.connection().execute(self.statement, params).first()
-        if row is None:
-            return None
-        identity = self._mapper.identity_key_from_primary_key((row[self._pk_index],))
-        existing = session.identity_map.get(identity)
-        if existing is not None:  # already in this session: the same object, as the ORM does
-            return existing
-        record = self._mapper.class_manager.new_instance()
-        record.__dict__.update(zip(self._keys, row, strict=True))
-        make_transient_to_detached(record)  # as if freshly loaded: no history, key set
-        session.add(record)  # persistent, no SQL
-        return record
+        return None if row is None else self._adopter.adopt(session, row)
 
 
 def _plain(mapper: Any) -> bool:
