@@ -113,6 +113,7 @@ def test_allowed_actions_lists_what_is_safe_next_with_reasons(demo):
         "invoice.submit": False,
         "invoice.approve": True,
         "invoice.get": False,
+        "invoice.find_by_charge": False,  # the same rule and scope as invoice.get
         "invoice.pay": False,
         "invoice.mark_paid": False,
     } == allowed

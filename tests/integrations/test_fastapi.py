@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from charter import Charter
 from charter.demo.app import create_app, demo_scopes
+from charter.demo.models import Invoice
 from charter.demo.service import DEMO_USERS
 from charter.errors import ConfigurationError
 from charter.settings import DEVELOPMENT_TOKEN_SECRET, Settings
@@ -284,3 +285,18 @@ def test_a_required_key_missing_over_http_is_400(client):
     invoice = create_invoice(client)
     response = client.post(f"/invoices/{invoice}/pay", headers=auth("carol"))
     assert (400, "idempotency_key_missing") == (response.status_code, response.json()["code"])
+
+
+def test_support_finds_an_invoice_by_the_providers_charge_id_within_its_tenant(client):
+    invoice = create_invoice(client)
+    charter: Charter = client.app_state.charter
+    with charter.engine.begin() as conn:
+        conn.execute(
+            Invoice.__table__.update().where(Invoice.id == invoice).values(charge_id="ch_42")
+        )
+    found = client.get("/charges/ch_42/invoice", headers=auth("bob"))
+    assert (200, invoice) == (found.status_code, found.json()["id"])
+    foreign = client.get("/charges/ch_42/invoice", headers=auth("gina"))
+    assert (404, "not_found") == (foreign.status_code, foreign.json()["code"])
+    assert 404 == client.get("/charges/ch_nope/invoice", headers=auth("bob")).status_code
+    assert "invoice.find_by_charge" == charter.history("invoices", invoice)[-1]["action"]

@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
     routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
+    routes.bind("GET", "/charges/{charge_id}/invoice", "invoice.find_by_charge", target="charge_id")
     routes.list("/invoices", "invoice.get", render=invoice_view)
     if settings.webhook_secrets:
         routes.webhook(

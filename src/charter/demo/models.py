@@ -26,7 +26,11 @@ class InvoiceState:
 class Invoice(Base):
     __tablename__ = "invoices"
     # The approval queue and lists filter by tenant and state (see the policy's SQL).
-    __table_args__ = (Index("ix_invoices_tenant_state", "tenant_id", "state"),)
+    __table_args__ = (
+        Index("ix_invoices_tenant_state", "tenant_id", "state"),
+        # A provider's charge id names at most one invoice per tenant (lookups by it).
+        Index("uq_invoices_tenant_charge", "tenant_id", "charge_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)

@@ -180,6 +180,18 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         return invoice_view(invoice)
 
     @charter.action(
+        "invoice.find_by_charge",
+        on=Invoice,
+        by="charge_id",
+        allow=CAN_READ,
+        sensitive_read=True,
+        scope="invoices:read",
+    )
+    def find_by_charge(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
+        """Find the invoice a provider's charge id belongs to (audited; support's lookup)."""
+        return invoice_view(invoice)
+
+    @charter.action(
         "invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write", idempotency="required"
     )
     def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
