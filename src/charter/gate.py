@@ -15,26 +15,25 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
 from sqlalchemy import Select, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import data
-from .actions import ActionSpec, Handler, Locks
+from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
 from .audit import AuditKeyring, AuditTrail, VerificationReport, checkpoint, verify
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, HandlerFailed
-from .idempotency.keys import DEFAULT_RETENTION, IdempotencyMode
+from .idempotency.keys import DEFAULT_RETENTION
 from .idempotency.recovery import DEFAULT_LEASE, actor_from_snapshot
 from .idempotency.store import idempotency_table, not_completed, purge
 from .outcome import Outcome
 from .pipeline import Call, Pipeline, PipelineBuilder, StageFactory
 from .pipeline.run import run
 from .pipeline.runtime import Runtime
-from .policy import ActionPolicy, PermissionMatrix, Rule
+from .policy import ActionPolicy, PermissionMatrix
 from .registry import Registry
 from .resources import ResourceSpec, request_id_or_new
 from .storage import make_engine, translate_errors
@@ -91,8 +90,15 @@ class Charter:
         self.audit_trail = audit_trail or AuditTrail(self.keyring)
         self.idempotency_retention = idempotency_retention
         self.recovery_lease = recovery_lease
-        self._registry = Registry(self._assemble)
-        self.policy = self._registry.policy
+        self._registry = registry = Registry(self._assemble)
+        self.policy = registry.policy
+        # Declarations are the registry's own methods (same signatures, same docs):
+        # resource(), action() (a decorator), register(), allow() and deny().
+        self.resource = registry.resource
+        self.action = registry.action
+        self.register = registry.register
+        self.allow = registry.allow
+        self.deny = registry.deny
         self.runtime = Runtime(
             engine=self.engine,
             clock=clock,
@@ -104,66 +110,6 @@ class Charter:
         )
         self._builder = PipelineBuilder(self.runtime)
         self._pipelines: dict[str, Pipeline] = {}
-
-    # -- declarations (see charter.registry) ---------------------------------------
-
-    def resource(
-        self,
-        model: type[Any],
-        *,
-        tenant: str | None,
-        state: str | None = None,
-        version: str | None = None,
-        name: str | None = None,
-        view: Callable[[Any], Any] | None = None,
-    ) -> ResourceSpec:
-        """Declare a mapped class as a resource; ``tenant=None`` must be explicit."""
-        return self._registry.resource(
-            model, tenant=tenant, state=state, version=version, name=name, view=view
-        )
-
-    def action(
-        self,
-        name: str,
-        *,
-        on: type[Any] | None = None,
-        input: type[BaseModel] | None = None,
-        allow: Any = None,
-        target: str | None = "argument",
-        by: str | None = None,
-        locks: Locks | None = None,
-        creates: bool = False,
-        reason_required: bool = False,
-        sensitive_read: bool = False,
-        scope: str | None = None,
-        impersonation: bool = True,
-        listable: bool = False,
-        status: int | None = None,
-        idempotency: IdempotencyMode | str = IdempotencyMode.NONE,
-    ) -> Callable[[F], F]:
-        """Declare an action; use as a decorator on its handler (see :meth:`Registry.action`)."""
-        return self._registry.action(
-            name, on=on, input=input, allow=allow, target=target, by=by, locks=locks,
-            creates=creates, reason_required=reason_required, sensitive_read=sensitive_read,
-            scope=scope, impersonation=impersonation, listable=listable, status=status,
-            idempotency=idempotency,
-        )  # fmt: skip
-
-    def register(
-        self, name: str, handler: Handler, *, on: type[Any] | None, **options: Any
-    ) -> ActionSpec:
-        """Register an action without the decorator (same options as :meth:`action`)."""
-        return self._registry.register(name, handler, on=on, **options)
-
-    def allow(self, pattern: str, condition: Any, *, name: str | None = None) -> Rule:
-        """Allow actions matching ``pattern`` (``invoice.*``) when ``condition`` holds."""
-        return self._registry.allow(pattern, condition, name=name)
-
-    def deny(
-        self, pattern: str, condition: Any, *, name: str | None = None, message: str | None = None
-    ) -> Rule:
-        """Deny actions matching ``pattern`` when ``condition`` holds; an explicit deny wins."""
-        return self._registry.deny(pattern, condition, name=name, message=message)
 
     def add_stage(
         self,
