@@ -13,7 +13,7 @@ from ..outcome import Outcome
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
-    from sqlalchemy.engine import Row
+    from sqlalchemy.engine import Connection, Row
     from sqlalchemy.orm import Session
 
     from ..actions import ActionSpec
@@ -76,6 +76,7 @@ class Call:
     fingerprint: str | None = None
     resume: Row[Any] | None = None
     session: Session | None = None
+    connection: Connection | None = None  # the session's, fetched once per transaction
     lease: AuditLease | None = None
     record: Any = None
     locked: list[Any] = field(default_factory=list)
@@ -100,7 +101,8 @@ class Call:
 
     def restart(self) -> None:
         """Forget the transaction's state before the runner tries the call again."""
-        self.session = self.lease = self.record = self.decision = self.body = None
+        self.session = self.connection = self.lease = None
+        self.record = self.decision = self.body = None
         self.state_before = self.version = None
         self.locked, self.touched, self.writes = [], [], Writes()
         self.ctx.session, self.ctx.steps, self.ctx.locked, self.ctx.locker = None, None, (), None

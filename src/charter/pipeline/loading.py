@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Connection, Select, bindparam, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -84,11 +84,16 @@ class Loader:
             stmt = stmt.add_cte(claim_insert().cte("charter_claim"))
         self.statement = stmt.execution_options(**{SCOPED: True})
 
-    def load(self, session: Session, params: dict[str, Any]) -> Any:
-        """The record, attached to ``session``, or ``None`` if the tenant has no such record."""
+    def load(
+        self, session: Session, params: dict[str, Any], connection: Connection | None = None
+    ) -> Any:
+        """The record, attached to ``session``, or ``None`` if the tenant has no such record.
+
+        ``connection``: the session's own, when the caller already holds it.
+        """
         if not self._adopter.plain:
             return session.execute(self.statement, params).scalar_one_or_none()
-        row = session.connection().execute(self.statement, params).first()
+        row = (connection or session.connection()).execute(self.statement, params).first()
         return None if row is None else self._adopter.adopt(session, row)
 
 

@@ -85,6 +85,7 @@ def transact(pipeline: Pipeline, call: Call) -> Outcome:
         with translate_errors(), _contention(), runtime.sessions() as session:
             TenantGuard.begin(session, call.ctx.actor)
             call.session = call.ctx.session = session
+            call.connection = session.connection()  # begins (SQLite: BEGIN IMMEDIATE)
             try:
                 for stage in pipeline.transaction:
                     stage.run(call)

@@ -177,7 +177,6 @@ def load(a: Assembly) -> Stage | None:
 
     def load(call: Call) -> None:
         """Load the target and the declared records, tenant-scoped, locked in (table, id) order."""
-        session = _session(call)
         wanted: list[tuple[ResourceSpec, str | None, Any]] = []
         if spec.target is not None:
             resource, key = a.locate(call)
@@ -185,7 +184,7 @@ def load(a: Assembly) -> Stage | None:
         declared = [] if spec.locks is None else _declared_locks(a, call)
         wanted.extend((resource, None, key) for resource, key in declared)
         order = sorted(set(wanted), key=lambda w: (w[0].name, w[1] or "", repr(w[2])))
-        found = {w: statements.load(session, w[0], w[1], w[2], call.ctx.actor) for w in order}
+        found = {w: statements.load(call, w[0], w[1], w[2]) for w in order}
         if spec.target is not None:
             call.record = found[wanted[0]]
             if call.record is None:
@@ -216,9 +215,9 @@ def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
             params = claims.claim_params(runtime, call)
             params["t_id"] = key
             with claims.claiming():
-                record = claim_load.load(session, params)
+                record = claim_load.load(session, params, call.connection)
         else:
-            record = statements.load(session, resource, spec.by, key, call.ctx.actor)
+            record = statements.load(call, resource, spec.by, key)
         if record is None:
             raise _not_found(resource, call.target)
         call.record = record
@@ -250,15 +249,14 @@ class _Statements:
         self.lock = lock
         self._built: dict[tuple[str, str | None], Loader] = {}
 
-    def load(
-        self, session: Session, resource: ResourceSpec, by: str | None, key: Any, actor: Actor
-    ) -> Any:
+    def load(self, call: Call, resource: ResourceSpec, by: str | None, key: Any) -> Any:
         if key is None:
             return None
         loader = self._built.get((resource.name, by))
         if loader is None:
             loader = self._built[(resource.name, by)] = Loader(resource, by=by, lock=self.lock)
-        return loader.load(session, {"t_id": key, "c_tenant": actor.tenant_id})
+        params = {"t_id": key, "c_tenant": call.ctx.actor.tenant_id}
+        return loader.load(_session(call), params, call.connection)
 
 
 def precondition(a: Assembly) -> Stage | None:
@@ -362,9 +360,7 @@ def _lock_more(
         raise ConfigurationError(
             f"ctx.lock(): {getattr(model, '__name__', model)!r} is not a declared resource"
         )
-    record = statements.load(
-        _session(call), resource, None, resource.coerce(None, id), call.ctx.actor
-    )
+    record = statements.load(call, resource, None, resource.coerce(None, id))
     if record is not None and record not in call.locked:
         call.locked.append(record)
     return record
@@ -390,6 +386,7 @@ def _step_runner(runtime: Runtime, committer: Committer, call: Call) -> StepRunn
             committer.write(session, lease, [entry] if entry is not None else [], None)
             finish(session, lease)
             call.phases += 1
+            call.connection = session.connection()  # the next phase's transaction
         finally:
             lease.rolled_back()
 

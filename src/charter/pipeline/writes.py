@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import Connection, bindparam, insert, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -57,7 +57,7 @@ class Committer:
             session.execute(statement)
         if not self._fold(call, session, lease):
             session.flush()
-            self.write(session, lease, writes.entries, writes.outcome)
+            self.write(session, lease, writes.entries, writes.outcome, call.connection)
         finish(session, lease)
 
     def write(
@@ -66,10 +66,14 @@ class Committer:
         lease: AuditLease,
         entries: Sequence[AuditEntry],
         outcome: dict[str, Any] | None,
+        connection: Connection | None = None,
     ) -> None:
-        """Seal and insert ``entries`` and the stored ``outcome`` in the session's transaction."""
+        """Seal and insert ``entries`` and the stored ``outcome`` in the session's transaction.
+
+        ``connection``: the session's own, when the caller already holds it.
+        """
         rows = lease.seal(entries)
-        connection = session.connection()
+        connection = connection or session.connection()
         if self.runtime.postgres and outcome is not None and len(rows) == 1:
             # One round trip: the outcome INSERT carries the entry's as a CTE.
             connection.execute(completion_statement(with_audit=True), {**outcome, **_a(rows[0])})
@@ -136,13 +140,17 @@ class Committer:
             params.update(writes.outcome or {})
         # On the connection, not the session: a session execute would autoflush the
         # very change this statement carries.
-        result = session.connection().execute(statement, params)
+        connection = call.connection or session.connection()
+        result = connection.execute(statement, params)
         if getattr(result, "rowcount", 1) != 1:
             raise StorageError("The record changed under its lock; nothing was written.")
         for name in changed:  # the row now holds these values: the ORM has nothing to flush
             set_committed_value(record, name, getattr(record, name))
+        # ... and nothing to look at: left in the session, the record stays flagged as
+        # modified and COMMIT would run a whole (empty) unit of work over it.
+        session.expunge(record)
         if not postgres:
-            self.write(session, lease, writes.entries, writes.outcome)
+            self.write(session, lease, writes.entries, writes.outcome, connection)
         return True
 
 
