@@ -1,36 +1,69 @@
-"""Gate overhead: the same handler through ``charter.execute`` vs. a hand-written transaction.
+"""Gate overhead: the README's quickstart action through the gate vs. the same work by hand.
 
-(a) ``charter.execute(actor, "bench.bump", target=id)``: validation, tenant-scoped
-    locked load, policy, handler, version bump, audit entry (one INSERT), commit.
-(b) the minimum a careful developer writes by hand, on the same engine::
+The action is the one the README's quickstart declares: ``invoice.approve`` on an
+``Invoice`` (tenant, state, amount, creator, version), input model ``Approve``
+(``extra="forbid"``, an optional note), the approver rule (approver role, state
+``submitted``, amount within ``A.approval_limit``, not the creator),
+``idempotency="optional"``, real audit keys (not the development key). It is
+called without a key, with the input ``{"note": "ok"}``, by an approver of the
+invoice's tenant. Every operation approves a fresh submitted invoice (so the
+rule passes), on every side alike.
 
-        with Session(write_engine) as s:
-            row = s.execute(select(Item).where(Item.id == id, Item.tenant_id == tenant)
-                            .with_for_update()).scalar_one()
-            handler(row)
-            s.commit()
+The sides (each op is one approval, on the same engine/database):
 
-    ``write_engine`` is Charter's own engine with the same write option the gate
-    uses (SQLite: ``BEGIN IMMEDIATE``, WAL, same pragmas; PostgreSQL: nothing).
+(gate) ``charter.execute(bob, "invoice.approve", {"note": "ok"}, target=id)``: the
+    default path a user gets: validation, tenant-scoped locked load, policy,
+    handler, version bump, sealed audit entry (HMAC-chained), commit. (On
+    PostgreSQL the record's UPDATE carries the audit INSERT as a CTE, so the gate
+    sends one statement fewer than (core); the round trips are printed.)
+(core) the fastest transaction a careful developer writes by hand: SQLAlchemy
+    Core, every statement built once at setup with bound parameters::
+
+        data = Approve.model_validate(payload)
+        with write_engine.begin() as conn:        # SQLite: BEGIN IMMEDIATE
+            row = conn.execute(SELECT_FOR_UPDATE, {"id": id, "tenant": tenant}).one_or_none()
+            <rule in Python: approver, submitted, amount <= limit, not the creator>
+            conn.execute(UPDATE_STATE_VERSION_PLUS_1, {...})   # state, version = version + 1
+            conn.execute(AUDIT_INSERT, entry)     # one row into charter_audit
+        # entry: every column the gate fills, the input's SHA-256, a request id, and
+        # hash = hmac.new(key, json.dumps(entry, sort_keys=True), sha256) chained to
+        # the previous entry by (stream, seq, prev_hash)
+
+    i.e. ``BEGIN; SELECT ... FOR UPDATE; UPDATE ... version + 1; INSERT audit;
+    COMMIT``: the same rows written as the gate (one record updated, one audit
+    row into the same table with the same indexes).
+(orm) the same transaction hand-written with the ORM: the locked ``select(Invoice)``
+    built once, attribute changes, ``session.add(<audit row mapped on
+    charter_audit>)`` with the same hand-made HMAC, ``commit()``.
+(old) the previous baseline, kept for continuity: ORM, the locked select rebuilt on
+    every call, the state change, commit; no rule, no version bump, no audit row.
+(floor) informational: the driver directly, no SQLAlchemy (psycopg on PostgreSQL,
+    the ``sqlite3`` module with Charter's pragmas and ``BEGIN IMMEDIATE`` on
+    SQLite), the same SQL statements and the same Python work as (core).
 
 Figures (targets from the issue):
 
-* ``ratio_pg``      median per-op time (a)/(b) on PostgreSQL, single thread  (<= 1.3)
-* ``ratio_sqlite``  the same on a SQLite file                                (<= 1.8)
-* ``concurrent_audit_ratio_pg``  8 threads on distinct records, PostgreSQL:
-  throughput with the audit trail on / with it off (a no-op trail)          (>= 0.8);
-  nine short runs per side, alternating, and the figure is the median of the
-  ratios of adjacent on/off runs (the ratio of the medians is printed too)
+* ``ratio_core_pg``     median per-op time gate / core, PostgreSQL        (<= 1.6)
+* ``ratio_core_sqlite`` the same on a SQLite file (WAL, Charter's pragmas) (<= 2.2)
+* ``ratio_orm_pg``, ``ratio_orm_sqlite``  gate / orm (informational)
+* ``ratio_pg``, ``ratio_sqlite``  gate / old: the figures reported until 2026-12-01
+  (then for a counter-bump action without input, rule or idempotency)
+* ``floor_us_pg`` (``floor_us_sqlite``)  median per-op time of the floor, in us
+* ``concurrent_audit_ratio_pg``  8 threads approving distinct invoices, PostgreSQL:
+  throughput of the gate with its audit trail / with ``charter.testing.NullAuditTrail``
+  (>= 0.8); nine short runs per side, alternating, and the figure is the median of
+  the ratios of adjacent on/off runs (the ratio of the medians is printed too).
+  The statements each side sends are printed: with the audit trail off the gate
+  should take the same statement path minus the audit INSERT.
 
-(a) and (b) run interleaved op by op after a warm-up (the first of each pair
-alternating); each figure is the median of all per-op times, so drift
-(autovacuum, WAL checkpoints, a shared VM's speed) hits both sides alike. (Until
-2026-11-22 the sides ran in alternating blocks of 100-500 ops, and the median of
-block means moved by +-0.1 between runs on this VM; see benchmarks/RESULTS.md.)
-The ratio of the medians of per-round means is printed alongside as a drift
-check. ``--quick`` measures the same figures
-with smaller sizes (under 60 s). ``--profile`` also prints cProfile summaries
-of the gate path on both databases. The last line of output is one JSON object.
+Method. After a warm-up, all sides run interleaved op by op: each step runs
+every side once, the order cycling through all permutations of the sides, so
+drift (autovacuum, checkpoints, a shared VM's speed) hits every side alike; each
+figure is the median of all per-op times. The ratio of the medians of per-round
+means is printed alongside as a drift check. ``--quick``: the same figures with
+smaller sizes (under 60 s). ``--profile``: cProfile of the gate and core paths,
+with each one's own time split by package. The last line of output is one JSON
+object.
 
 PostgreSQL: ``$CHARTER_PG_URL`` (default the test server) with the database
 name replaced by ``charter_bench``, created if missing, so the test database
@@ -41,229 +74,473 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
+import hmac
 import io
+import itertools
 import json
 import os
 import pstats
+import sqlite3
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import _common
-from pydantic import BaseModel
-from sqlalchemy import String, event, select, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+import psycopg
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import MetaData, Numeric, String, Table, bindparam, event, insert, select, text
+from sqlalchemy import update as sa_update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from charter import Actor, Charter
-from charter.audit import AuditEntry, AuditKeyring, AuditLease, AuditTrail, _Stream
-from charter.context import ActionContext
 from charter.migrate import upgrade
 from charter.storage import WRITE_OPTION
+from charter.testing import NullAuditTrail
 
-PG_URL = os.environ.get(
-    "CHARTER_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/charter_test"
-)
 BENCH_DB = "charter_bench"
 AUDIT_KEYS = {"k1": "bench-audit-key-0123456789"}
-TENANT = "t1"
-ROWS = 200  # rows rotated through by the single-thread measurement
+TENANT = "acme"
+ACTION = "invoice.approve"
+INPUT = {"note": "ok"}
 WORKERS = 8
-ROWS_PER_WORKER = 16
+SIDES = ("gate", "core", "orm", "old", "floor")
 
 
-# -- the benchmark's own application ----------------------------------------------------
+# -- the README's quickstart application ------------------------------------------------
 
 
 class Base(DeclarativeBase):
     pass
 
 
-class Item(Base):
-    __tablename__ = "bench_gate_items"
+class Invoice(Base):
+    __tablename__ = "bench_gate_invoices"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
-    counter: Mapped[int] = mapped_column(default=0)
-    state: Mapped[str] = mapped_column(String(32), default="open")
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    created_by: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(default=1)
 
 
-def bump(item: Item) -> dict[str, int]:
-    """The business effect, shared verbatim by (a) and (b)."""
-    item.counter += 1
-    return {"counter": item.counter}
-
-
-def is_member(actor: Any, record: Any, ctx: ActionContext) -> bool:
-    return "member" in actor.roles
-
-
-class NullLease(AuditLease):
-    """A lease that writes nothing: 'auditing off' for the concurrent comparison."""
-
-    def write(self, session: Session, entries: Any) -> None:
-        return None
-
-    def seal(self, entries: Any) -> list[dict[str, Any]]:
-        return []  # nothing to write, on any path
-
-    def committed(self) -> None:
-        return None
-
-    def rolled_back(self) -> None:
-        return None
-
-    def abandon(self) -> None:
-        return None
-
-
-class NullTrail(AuditTrail):
-    """An audit trail whose leases write nothing (the gate still builds the entry)."""
-
-    _stream = _Stream("null")
-
-    def lease(self) -> AuditLease:
-        return NullLease(self, self._stream)
+class Approve(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown fields are an error
+    note: str | None = None
 
 
 def build_charter(url: str, *, audited: bool = True) -> Charter:
-    trail = None if audited else NullTrail(AuditKeyring(AUDIT_KEYS))
-    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS, audit_trail=trail)
-    charter.resource(Item, tenant="tenant_id", state="state", version="version")
+    """The quickstart's Charter, with real audit keys (and optionally no audit trail)."""
+    charter = Charter(
+        database_url=url,
+        audit_keys=AUDIT_KEYS,
+        audit_trail=None if audited else NullAuditTrail(),
+    )
+    charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
 
-    @charter.action("bench.bump", on=Item, allow=is_member)
-    def bump_action(ctx: ActionContext, item: Item, data: BaseModel) -> dict[str, int]:
-        return bump(item)
+    @charter.action(
+        ACTION, on=Invoice, input=Approve, idempotency="optional", allow=_common.APPROVER_RULE
+    )
+    def approve(ctx: Any, invoice: Invoice, data: Approve) -> dict[str, Any]:
+        invoice.state = "approved"
+        return {"id": invoice.id, "state": invoice.state}
 
     return charter
 
 
+def bench_actor() -> Actor:
+    return Actor.make("bob", TENANT, roles={"approver"}, attributes={"approval_limit": 5000})
+
+
 def prepare_schema(engine: Engine, rows: int) -> None:
-    """Charter's tables by migration, ours by create_all; fresh rows, empty audit trail."""
+    """Charter's tables by migration, ours by create_all; ``rows`` submitted invoices."""
     upgrade(engine)
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
+    cols = "id, tenant_id, state, amount, created_by, version"
+    vals = f"'{TENANT}', 'submitted', 1200, 'alice', 1"
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM charter_audit"))
-        conn.execute(
-            Item.__table__.insert(),
-            [
-                {"id": i, "tenant_id": TENANT, "counter": 0, "state": "open", "version": 1}
-                for i in range(1, rows + 1)
-            ],
-        )
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    f"INSERT INTO {Invoice.__tablename__} ({cols}) "
+                    f"SELECT g, {vals} FROM generate_series(1, :n) AS g"
+                ),
+                {"n": rows},
+            )
+        else:
+            conn.execute(
+                text(
+                    f"WITH RECURSIVE g(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM g WHERE x < :n) "
+                    f"INSERT INTO {Invoice.__tablename__} ({cols}) SELECT x, {vals} FROM g"
+                ),
+                {"n": rows},
+            )
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE bench_gate_items"))
+            conn.execute(text(f"VACUUM ANALYZE {Invoice.__tablename__}"))
             conn.execute(text("VACUUM ANALYZE charter_audit"))
 
 
-def pg_bench_url() -> str | None:
-    return _common.pg_bench_url(BENCH_DB)
+# -- the hand-written sides -------------------------------------------------------------
 
 
-# -- the two paths ----------------------------------------------------------------------
+class Refused(Exception):
+    """The hand-written rule said no (never happens in the benchmark)."""
+
+
+def may_approve(actor: Actor, state: str, amount: Decimal, created_by: str) -> bool:
+    """The approver rule, hand-written (the tenant is in the WHERE clause)."""
+    return (
+        "approver" in actor.roles
+        and state == "submitted"
+        and amount <= actor.attributes["approval_limit"]
+        and created_by != actor.id
+    )
+
+
+class HandAudit:
+    """The audit row a careful developer writes by hand into ``charter_audit``.
+
+    Every column the gate fills; ``hash`` is an HMAC-SHA256 with a key kept outside
+    the database over the entry's canonical JSON (position and previous hash
+    included, so the table's ``(stream, seq)`` chain is honoured).
+    """
+
+    def __init__(self) -> None:
+        self.key_id, secret = next(iter(AUDIT_KEYS.items()))
+        self.key = secret.encode()
+        self.stream = uuid.uuid4().hex
+        self.seq = 0
+        self.head = ""
+
+    def entry(
+        self, actor: Actor, resource_id: int, before: str, after: str, data: BaseModel
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "stream": self.stream,
+            "seq": self.seq + 1,
+            "prev_hash": self.head,
+            "key_id": self.key_id,
+            "at": datetime.now(UTC),
+            "tenant": actor.tenant,
+            "subject": actor.id,
+            "subject_kind": "user",
+            "real_actor": None,
+            "scopes": sorted(actor.scopes),
+            "channel": "http",
+            "action": ACTION,
+            "resource_type": Invoice.__tablename__,
+            "resource_id": str(resource_id),
+            "reason": None,
+            "decision": "allow",
+            "rule": ACTION,
+            "outcome": "ok",
+            "request_id": os.urandom(16).hex(),
+            "idempotency_key": None,
+            "replayed": False,
+            "state_before": before,
+            "state_after": after,
+            "input_digest": hashlib.sha256(data.model_dump_json().encode()).hexdigest(),
+            "detail": None,
+        }
+        message = json.dumps(row, sort_keys=True, separators=(",", ":"), default=str).encode()
+        row["hash"] = hmac.new(self.key, message, hashlib.sha256).hexdigest()
+        return row
+
+    def committed(self, row: dict[str, Any]) -> None:
+        self.seq, self.head = row["seq"], row["hash"]
+
+
+def reflect_audit(engine: Engine) -> Table:
+    """``charter_audit`` as the database has it (created by charter.migrate)."""
+    return Table("charter_audit", MetaData(), autoload_with=engine)
+
+
+class Handwritten:
+    """Statements and mappings of the hand-written sides, built once per engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.write_engine = engine.execution_options(**{WRITE_OPTION: True})
+        t = Invoice.__table__
+        self.audit_table = reflect_audit(engine)
+        self.select_locked = (
+            select(t.c.id, t.c.state, t.c.amount, t.c.created_by, t.c.version)
+            .where(t.c.id == bindparam("id"), t.c.tenant_id == bindparam("tenant"))
+            .with_for_update()
+        )
+        self.update = (
+            sa_update(t)
+            .where(t.c.id == bindparam("b_id"))
+            .values(state=bindparam("b_state"), version=t.c.version + 1)
+        )
+        self.audit_insert = insert(self.audit_table).inline()
+        self.orm_select = (
+            select(Invoice)
+            .where(Invoice.id == bindparam("id"), Invoice.tenant_id == bindparam("tenant"))
+            .with_for_update()
+        )
+
+        class AuditBase(DeclarativeBase):  # its own registry: Base.metadata stays ours
+            pass
+
+        self.AuditRow: Any = type("AuditRow", (AuditBase,), {"__table__": self.audit_table})
+        self.sessions = sessionmaker(self.write_engine, expire_on_commit=False)
+
+
+def core_op(hw: Handwritten, actor: Actor) -> Callable[[int], None]:
+    audit = HandAudit()
+    select_locked, update, audit_insert = hw.select_locked, hw.update, hw.audit_insert
+    begin = hw.write_engine.begin
+    tenant = actor.tenant
+
+    def op(item_id: int) -> None:
+        data = Approve.model_validate(INPUT)
+        with begin() as conn:
+            row = conn.execute(select_locked, {"id": item_id, "tenant": tenant}).one_or_none()
+            if row is None or not may_approve(actor, row.state, row.amount, row.created_by):
+                raise Refused(item_id)
+            conn.execute(update, {"b_id": item_id, "b_state": "approved"})
+            entry = audit.entry(actor, item_id, row.state, "approved", data)
+            conn.execute(audit_insert, entry)
+        audit.committed(entry)
+
+    return op
+
+
+def orm_op(hw: Handwritten, actor: Actor) -> Callable[[int], None]:
+    audit = HandAudit()
+    sessions, stmt, AuditRow = hw.sessions, hw.orm_select, hw.AuditRow
+    tenant = actor.tenant
+
+    def op(item_id: int) -> None:
+        data = Approve.model_validate(INPUT)
+        with sessions() as s:
+            inv = s.execute(stmt, {"id": item_id, "tenant": tenant}).scalar_one_or_none()
+            if inv is None or not may_approve(actor, inv.state, inv.amount, inv.created_by):
+                raise Refused(item_id)
+            before = inv.state
+            inv.state = "approved"
+            inv.version += 1
+            entry = audit.entry(actor, item_id, before, inv.state, data)
+            s.add(AuditRow(**entry))
+            s.commit()
+        audit.committed(entry)
+
+    return op
+
+
+def old_op(hw: Handwritten, actor: Actor) -> Callable[[int], None]:
+    """The baseline of the figures reported until 2026-11-22 (ratio_pg, ratio_sqlite)."""
+    sessions = sessionmaker(hw.write_engine, expire_on_commit=False)
+    tenant = actor.tenant
+
+    def op(item_id: int) -> None:
+        with sessions() as s:
+            row = s.execute(
+                select(Invoice)
+                .where(Invoice.id == item_id, Invoice.tenant_id == tenant)
+                .with_for_update()
+            ).scalar_one()
+            row.state = "approved"
+            s.commit()
+
+    return op
+
+
+AUDIT_COLUMNS = (
+    "stream",
+    "seq",
+    "prev_hash",
+    "hash",
+    "key_id",
+    "at",
+    "tenant",
+    "subject",
+    "subject_kind",
+    "real_actor",
+    "scopes",
+    "channel",
+    "action",
+    "resource_type",
+    "resource_id",
+    "reason",
+    "decision",
+    "rule",
+    "outcome",
+    "request_id",
+    "idempotency_key",
+    "replayed",
+    "state_before",
+    "state_after",
+    "input_digest",
+    "detail",
+)
+T = Invoice.__tablename__
+PG_SELECT = (
+    f"SELECT id, state, amount, created_by, version FROM {T} "
+    "WHERE id = %(id)s AND tenant_id = %(tenant)s FOR UPDATE"
+)
+PG_UPDATE = f"UPDATE {T} SET state = %(state)s, version = version + 1 WHERE id = %(id)s"
+PG_AUDIT = (
+    f"INSERT INTO charter_audit ({', '.join(AUDIT_COLUMNS)}) VALUES ("
+    + ", ".join(f"%({c})s" for c in AUDIT_COLUMNS)
+    + ")"
+)
+SQ_SELECT = f"SELECT id, state, amount, created_by, version FROM {T} WHERE id = ? AND tenant_id = ?"
+SQ_UPDATE = f"UPDATE {T} SET state = ?, version = version + 1 WHERE id = ?"
+SQ_AUDIT = (
+    f"INSERT INTO charter_audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
+    f"({', '.join('?' for _ in AUDIT_COLUMNS)})"
+)
+
+
+def pg_floor_op(url: str, actor: Actor) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """psycopg directly: the same statements and Python work as (core), no SQLAlchemy."""
+    u = make_url(url)
+    conn = psycopg.connect(
+        host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database,
+        options="-c lock_timeout=10000",
+    )  # fmt: skip
+    audit = HandAudit()
+    tenant = actor.tenant
+    dumps = json.dumps
+
+    def op(item_id: int) -> None:
+        data = Approve.model_validate(INPUT)
+        with conn.transaction():
+            row = conn.execute(PG_SELECT, {"id": item_id, "tenant": tenant}).fetchone()
+            if row is None or not may_approve(actor, row[1], row[2], row[3]):
+                raise Refused(item_id)
+            conn.execute(PG_UPDATE, {"id": item_id, "state": "approved"})
+            entry = audit.entry(actor, item_id, row[1], "approved", data)
+            params = dict(entry, scopes=dumps(entry["scopes"]))
+            conn.execute(PG_AUDIT, params)
+        audit.committed(entry)
+
+    return op, conn.close
+
+
+def sqlite_floor_op(path: str, actor: Actor) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """The sqlite3 module directly, with Charter's pragmas and BEGIN IMMEDIATE."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    for pragma in (
+        "foreign_keys=ON",
+        "busy_timeout=30000",
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+    ):
+        conn.execute(f"PRAGMA {pragma}")
+    audit = HandAudit()
+    tenant = actor.tenant
+    dumps = json.dumps
+
+    def op(item_id: int) -> None:
+        data = Approve.model_validate(INPUT)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(SQ_SELECT, (item_id, tenant)).fetchone()
+            if row is None or not may_approve(actor, row[1], Decimal(row[2]), row[3]):
+                raise Refused(item_id)
+            conn.execute(SQ_UPDATE, ("approved", item_id))
+            entry = audit.entry(actor, item_id, row[1], "approved", data)
+            params = [entry[c] for c in AUDIT_COLUMNS]
+            params[AUDIT_COLUMNS.index("at")] = entry["at"].isoformat(" ")
+            params[AUDIT_COLUMNS.index("scopes")] = dumps(entry["scopes"])
+            conn.execute(SQ_AUDIT, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        audit.committed(entry)
+
+    return op, conn.close
 
 
 def gate_op(charter: Charter, actor: Actor) -> Callable[[int], None]:
     execute = charter.execute
 
     def op(item_id: int) -> None:
-        execute(actor, "bench.bump", target=item_id)
+        execute(actor, ACTION, INPUT, target=item_id)
 
     return op
 
 
-def baseline_op(charter: Charter, tenant: str) -> Callable[[int], None]:
-    write_engine = charter.engine.execution_options(**{WRITE_OPTION: True})
-    sessions = sessionmaker(write_engine, expire_on_commit=False)
+class Ids:
+    """Fresh invoice ids (each op approves a submitted invoice no one touched yet)."""
 
-    def op(item_id: int) -> None:
-        with sessions() as s:
-            row = s.execute(
-                select(Item).where(Item.id == item_id, Item.tenant_id == tenant).with_for_update()
-            ).scalar_one()
-            bump(row)
-            s.commit()
+    def __init__(self, first: int, last: int) -> None:
+        self.next, self.last = first, last
+        self.lock = threading.Lock()
 
-    return op
+    def take(self, n: int) -> list[int]:
+        with self.lock:
+            start = self.next
+            self.next += n
+        if self.next - 1 > self.last:
+            raise RuntimeError(f"out of fresh invoices (rows up to {self.last})")
+        return list(range(start, start + n))
 
-
-def timed_block(op: Callable[[int], None], ids: list[int]) -> float:
-    """Per-op seconds over one block."""
-    start = time.perf_counter()
-    for i in ids:
-        op(i)
-    return (time.perf_counter() - start) / len(ids)
+    def one(self) -> int:
+        return self.take(1)[0]
 
 
 @dataclass
 class PairResult:
-    gate_us: float
-    baseline_us: float
-    gate_blocks: list[float] = field(default_factory=list)  # per-round means
-    baseline_blocks: list[float] = field(default_factory=list)
+    us: dict[str, float]
+    round_us: dict[str, float]  # the median of per-round means (drift check)
 
-    @property
-    def ratio(self) -> float:
-        return self.gate_us / self.baseline_us
+    def ratio(self, a: str, b: str) -> float:
+        return self.us[a] / self.us[b]
 
-    @property
-    def round_ratio(self) -> float:
-        """Drift check: the ratio of the medians of per-round means."""
-        return statistics.median(self.gate_blocks) / statistics.median(self.baseline_blocks)
+    def round_ratio(self, a: str, b: str) -> float:
+        return self.round_us[a] / self.round_us[b]
 
 
-def measure_pair(charter: Charter, rounds: int, per_round: int, warmup: int) -> PairResult:
-    """(a) and (b) interleaved op by op, the first of each pair alternating."""
-    actor = Actor.make("bench-user", TENANT, roles=["member"])
-    a, b = gate_op(charter, actor), baseline_op(charter, TENANT)
-    cursor = 0
-
-    def next_ids(n: int) -> list[int]:
-        nonlocal cursor
-        ids = [(cursor + k) % ROWS + 1 for k in range(n)]
-        cursor += n
-        return ids
-
-    timed_block(a, next_ids(warmup))
-    timed_block(b, next_ids(warmup))
-    per_op, means = _common.interleave(
-        {"a": a, "b": b}, [("a", "b"), ("b", "a")], rounds, per_round, next_ids
-    )
+def measure(
+    ops: dict[str, Callable[[int], None]], ids: Ids, rounds: int, per_round: int, warmup: int
+) -> PairResult:
+    for op in ops.values():
+        for i in ids.take(warmup):
+            op(i)
+    orders = list(itertools.permutations(ops))
+    per_op, means = _common.interleave(ops, orders, rounds, per_round, ids.take)
     return PairResult(
-        gate_us=statistics.median(per_op["a"]) * 1e6,
-        baseline_us=statistics.median(per_op["b"]) * 1e6,
-        gate_blocks=[x * 1e6 for x in means["a"]],
-        baseline_blocks=[x * 1e6 for x in means["b"]],
+        us={s: statistics.median(v) * 1e6 for s, v in per_op.items()},
+        round_us={s: statistics.median(v) * 1e6 for s, v in means.items()},
     )
 
 
 # -- concurrency ------------------------------------------------------------------------
 
 
-def throughput(charter: Charter, seconds: float, first_id: int) -> float:
-    """Ops/s of WORKERS threads, each bumping its own ROWS_PER_WORKER records."""
+def throughput(charter: Charter, seconds: float, ids: Ids) -> float:
+    """Ops/s of WORKERS threads, each approving fresh invoices."""
     barrier = threading.Barrier(WORKERS + 1)
     counts = [0] * WORKERS
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def worker(w: int) -> None:
-        actor = Actor.make(f"bench-worker-{w}", TENANT, roles=["member"])
-        ids = [first_id + w * ROWS_PER_WORKER + k for k in range(ROWS_PER_WORKER)]
+        actor = bench_actor()
         n = 0
         barrier.wait()
         try:
             while not stop.is_set():
-                charter.execute(actor, "bench.bump", target=ids[n % ROWS_PER_WORKER])
+                charter.execute(actor, ACTION, INPUT, target=ids.one())
                 n += 1
         except BaseException as exc:
             errors.append(exc)
@@ -303,27 +580,20 @@ class ConcurrentResult:
         return self.audited / self.unaudited
 
 
-def measure_concurrent(url: str, runs: int, seconds: float) -> ConcurrentResult:
-    audited = build_charter(url, audited=True)
-    unaudited = build_charter(url, audited=False)
-    # Separate record ranges for the two configurations (both beyond the
-    # single-thread rows), so neither inherits the other's dead tuples.
-    base_on, base_off = ROWS, ROWS + WORKERS * ROWS_PER_WORKER
-    try:
-        throughput(audited, min(seconds, 1.0), base_on + 1)  # warm-up: pools, caches
-        throughput(unaudited, min(seconds, 1.0), base_off + 1)
-        on: list[float] = []
-        off: list[float] = []
-        for k in range(runs):
-            if k % 2 == 0:
-                on.append(throughput(audited, seconds, base_on + 1))
-                off.append(throughput(unaudited, seconds, base_off + 1))
-            else:
-                off.append(throughput(unaudited, seconds, base_off + 1))
-                on.append(throughput(audited, seconds, base_on + 1))
-    finally:
-        audited.engine.dispose()
-        unaudited.engine.dispose()
+def measure_concurrent(
+    audited: Charter, unaudited: Charter, ids: Ids, runs: int, seconds: float
+) -> ConcurrentResult:
+    throughput(audited, min(seconds, 1.0), ids)  # warm-up: pools, caches
+    throughput(unaudited, min(seconds, 1.0), ids)
+    on: list[float] = []
+    off: list[float] = []
+    for k in range(runs):
+        if k % 2 == 0:
+            on.append(throughput(audited, seconds, ids))
+            off.append(throughput(unaudited, seconds, ids))
+        else:
+            off.append(throughput(unaudited, seconds, ids))
+            on.append(throughput(audited, seconds, ids))
     return ConcurrentResult(statistics.median(on), statistics.median(off), on, off)
 
 
@@ -338,22 +608,16 @@ def count_statements(engine: Engine) -> Iterator[dict[str, Any]]:
     def on_execute(
         conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
     ) -> None:
-        seen["statements"].append(" ".join(statement.split())[:60])
+        seen["statements"].append(" ".join(statement.split()))
 
-    def on_begin(conn: Any) -> None:
-        seen["begin"] += 1
+    def counter(name: str) -> Callable[[Any], None]:
+        def on(_conn: Any) -> None:
+            seen[name] += 1
 
-    def on_commit(conn: Any) -> None:
-        seen["commit"] += 1
+        return on
 
-    def on_rollback(conn: Any) -> None:
-        seen["rollback"] += 1
-
-    listeners = [
-        ("before_cursor_execute", on_execute),
-        ("begin", on_begin),
-        ("commit", on_commit),
-        ("rollback", on_rollback),
+    listeners = [("before_cursor_execute", on_execute)] + [
+        (name, counter(name)) for name in ("begin", "commit", "rollback")
     ]
     for name, fn in listeners:
         event.listen(engine, name, fn)
@@ -364,201 +628,271 @@ def count_statements(engine: Engine) -> Iterator[dict[str, Any]]:
             event.remove(engine, name, fn)
 
 
-def statements_per_call(charter: Charter) -> dict[str, dict[str, Any]]:
-    actor = Actor.make("bench-user", TENANT, roles=["member"])
+def statements_per_call(
+    sides: dict[str, tuple[Engine, Callable[[int], None]]], ids: Ids
+) -> dict[str, dict[str, Any]]:
     result = {}
-    for name, op in (("gate", gate_op(charter, actor)), ("baseline", baseline_op(charter, TENANT))):
-        op(1)  # warm
-        with count_statements(charter.engine) as seen:
-            op(2)
+    for name, (engine, op) in sides.items():
+        op(ids.one())  # warm
+        with count_statements(engine) as seen:
+            op(ids.one())
         stmts = seen["statements"]
         # The SQLite BEGIN IMMEDIATE is itself a cursor execute (from the begin event);
         # psycopg sends its BEGIN implicitly, as one round trip of its own.
         explicit_begin = sum(1 for s in stmts if s.upper().startswith("BEGIN"))
-        round_trips = len(stmts) + seen["commit"] + (seen["begin"] - explicit_begin)
+        full = [s for s in stmts if not s.upper().startswith("BEGIN")]
         result[name] = {
-            "statements": [s for s in stmts if not s.upper().startswith("BEGIN")],
-            "begin": seen["begin"],
-            "commit": seen["commit"],
-            "round_trips": round_trips,
+            "statements": [s[:60] for s in full],
+            "full": full,
+            "round_trips": len(stmts) + seen["commit"] + (seen["begin"] - explicit_begin),
         }
     return result
 
 
-def profile_gate(charter: Charter, calls: int, top: int = 28) -> str:
-    actor = Actor.make("bench-user", TENANT, roles=["member"])
-    op = gate_op(charter, actor)
-    for i in range(200):
-        op(i % ROWS + 1)
+def same_path(audited: list[str], unaudited: list[str]) -> str:
+    """Whether the unaudited gate sends the audited statements, the audit INSERT left out.
+
+    The audited UPDATE may carry the audit INSERT as a CTE (``WITH ... ) UPDATE ...``):
+    the UPDATE after the CTE must be the unaudited one, character for character.
+    """
+    stripped = []
+    for stmt in audited:
+        if stmt.upper().startswith("INSERT INTO CHARTER_AUDIT"):
+            continue
+        if stmt.upper().startswith("WITH ") and ") UPDATE " in stmt:
+            stmt = stmt[stmt.rindex(") UPDATE ") + 2 :]
+        stripped.append(stmt)
+    if stripped == unaudited:
+        return "yes"
+    return "NO: " + "; ".join(
+        f"on {a[:70]!r} / off {b[:70]!r}"
+        for a, b in zip(stripped, unaudited, strict=False)
+        if a != b
+    )
+
+
+def _package(filename: str) -> str:
+    if "site-packages/" in filename:
+        return filename.split("site-packages/")[-1].split("/")[0].removesuffix(".py")
+    if "/charter/" in filename:
+        return "charter"
+    if "/benchmarks/" in filename:
+        return "benchmark code (hand-written side)"
+    if filename.startswith("~") or filename.startswith("<"):
+        return "builtins (C: json, hmac, driver helpers, ...)"
+    return "stdlib"
+
+
+def profile_op(op: Callable[[int], None], ids: Ids, calls: int, top: int = 22) -> str:
+    for i in ids.take(100):
+        op(i)
+    todo = ids.take(calls)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
-    for i in range(calls):
-        op(i % ROWS + 1)
+    for i in todo:
+        op(i)
     profiler.disable()
     wall = (time.perf_counter() - start) / calls * 1e6
     stats = pstats.Stats(profiler)
     rows = []
+    by_package: dict[str, float] = {}
     for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         short = filename.split("site-packages/")[-1].split("src/")[-1]
-        rows.append((ct / calls * 1e6, tt / calls * 1e6, nc / calls, f"{short}:{line}({func})"))
+        name = f"{short}:{line}({func})" if line else func
+        rows.append((ct / calls * 1e6, tt / calls * 1e6, nc / calls, name))
+        pkg = _package(filename)
+        if pkg == "psycopg" and func == "wait":
+            pkg = "psycopg: waiting for the server"
+        elif pkg.startswith("builtins") and "sqlite3" in func:
+            pkg = "sqlite3 (C): the database's own work"
+        by_package[pkg] = by_package.get(pkg, 0.0) + tt / calls * 1e6
+    total_own = sum(by_package.values())
     rows.sort(reverse=True)
     out = io.StringIO()
-    out.write(f"  {calls} gate calls under cProfile: {wall:.0f} us/call wall (profiled)\n")
+    out.write(f"  {calls} calls under cProfile: {wall:.0f} us/call wall (profiled)\n")
+    out.write("  own time by package (us/call, share):\n")
+    for pkg, us in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        out.write(f"    {us:8.1f}  {us / total_own:5.1%}  {pkg}\n")
     out.write(f"  {'cum us/call':>11} {'own us/call':>11} {'calls/op':>8}  function\n")
     for cum, own, n, name in rows[:top]:
         out.write(f"  {cum:11.1f} {own:11.1f} {n:8.1f}  {name}\n")
-    own_rows = sorted(rows, key=lambda r: r[1], reverse=True)[:15]
     out.write("  -- by own time --\n")
-    for cum, own, n, name in own_rows:
+    for cum, own, n, name in sorted(rows, key=lambda r: r[1], reverse=True)[:15]:
         out.write(f"  {cum:11.1f} {own:11.1f} {n:8.1f}  {name}\n")
     return out.getvalue()
-
-
-def micro_costs(charter: Charter, n: int = 5000) -> dict[str, float]:
-    """Pure-Python pieces of the gate, timed in isolation (us per call)."""
-    from charter.audit import digest_input
-    from charter.resources import request_id_or_new
-
-    spec = charter.spec("bench.bump")
-    actor = Actor.make("bench-user", TENANT, roles=["member"])
-    data = spec.validate(None)
-    trail = AuditTrail(charter.keyring)
-    stream = _Stream("s" * 32)
-    entry = AuditEntry(
-        at=charter.clock(),
-        subject="bench-user",
-        subject_kind="user",
-        channel="http",
-        action="bench.bump",
-        decision="allow",
-        outcome="ok",
-        tenant=TENANT,
-        resource_type="bench_gate_items",
-        resource_id="1",
-        input_digest="0" * 64,
-    )
-    item = Item(id=1, tenant_id=TENANT, counter=0, state="open", version=1)
-    resource = spec.resource
-    assert resource is not None
-    cases: dict[str, Callable[[], Any]] = {
-        "spec.validate(None)": lambda: spec.validate(None),
-        "request_id_or_new(None) (uuid4)": lambda: request_id_or_new(None),
-        "digest_input(NoInput())": lambda: digest_input(data),
-        "AuditTrail.seal (as_row+canonical json+HMAC)": lambda: trail.seal(stream, entry),
-        "build select(...).where(..).with_for_update()": lambda: (
-            select(resource.model)
-            .where(resource.column(resource.id) == 1)
-            .where(resource.column(resource.tenant) == TENANT)
-            .with_for_update()
-        ),
-        "charter.decide": lambda: charter.decide(spec, actor, item, None),  # type: ignore[arg-type]
-    }
-    out = {}
-    for name, fn in cases.items():
-        for _ in range(200):
-            fn()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out[name] = (time.perf_counter() - start) / n * 1e6
-    return out
 
 
 # -- reporting --------------------------------------------------------------------------
 
 
-machine = _common.machine
-loadavg = _common.loadavg
+def run_database(
+    label: str,
+    charter: Charter,
+    floor: tuple[Callable[[int], None], Callable[[], None]],
+    ids: Ids,
+    sizes: tuple[int, int, int],
+    profile_calls: int,
+) -> tuple[PairResult, dict[str, dict[str, Any]], list[str]]:
+    actor = bench_actor()
+    hw = Handwritten(charter.engine)
+    floor_op, floor_close = floor
+    ops = {
+        "gate": gate_op(charter, actor),
+        "core": core_op(hw, actor),
+        "orm": orm_op(hw, actor),
+        "old": old_op(hw, actor),
+        "floor": floor_op,
+    }
+    try:
+        res = measure(ops, ids, *sizes)
+        counts = statements_per_call(
+            {s: (charter.engine, ops[s]) for s in ("gate", "core", "orm", "old")}, ids
+        )
+        profiles = []
+        if profile_calls:
+            for side in ("gate", "core"):
+                profiles.append(
+                    f"{label} {side} profile:\n" + profile_op(ops[side], ids, profile_calls)
+                )
+    finally:
+        floor_close()
+    return res, counts, profiles
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 60 s)")
     parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="also print cProfile summaries and micro-costs of the gate path",
+        "--profile", action="store_true", help="also print cProfile summaries of gate and core"
     )
     args = parser.parse_args()
 
     if args.quick:
-        blocks, per_block, warmup, conc_runs, conc_seconds, prof_calls = 10, 100, 200, 9, 1.0, 1000
+        rounds, per_round, warmup, conc_runs, conc_seconds, prof_calls = 5, 120, 100, 9, 1.0, 1000
     else:
-        blocks, per_block, warmup, conc_runs, conc_seconds, prof_calls = 20, 500, 500, 9, 2.0, 3000
+        rounds, per_round, warmup, conc_runs, conc_seconds, prof_calls = 20, 480, 400, 9, 2.0, 3000
+    if not args.profile:
+        prof_calls = 0
+    sides = len(SIDES)
+    single_rows = sides * (warmup + rounds * per_round) + 50 + (2 * (prof_calls + 100))
+    conc_rows = int(2 * (conc_runs * conc_seconds + 1.0) * 3000)  # up to 3000 ops/s
 
     t0 = time.perf_counter()
-    info = machine()
+    info = _common.machine()
     print(
         f"gate_overhead: {'quick' if args.quick else 'full'} run, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
     )
     print(
         f"machine: nproc={info['nproc']} arch={info['arch']} python={info['python']} "
-        f"charter={info['rev']} loadavg={loadavg()}"
+        f"charter={info['rev']} loadavg={_common.loadavg()}"
     )
     print(
-        f"sizes: {blocks} rounds x {per_block} interleaved pairs, warm-up {warmup}; "
-        f"concurrent {WORKERS} threads, {conc_runs} runs x {conc_seconds:.1f} s per side"
+        f"sizes: {rounds} rounds x {per_round} steps (every side once per step, order cycling "
+        f"through all permutations), warm-up {warmup}/side; concurrent {WORKERS} threads, "
+        f"{conc_runs} runs x {conc_seconds:.1f} s per side"
     )
 
     figures: dict[str, float | None] = dict.fromkeys(
         (
+            "ratio_core_pg",
+            "ratio_core_sqlite",
+            "ratio_orm_pg",
+            "ratio_orm_sqlite",
             "ratio_pg",
             "ratio_sqlite",
             "concurrent_audit_ratio_pg",
             "gate_us_pg",
+            "core_us_pg",
+            "orm_us_pg",
             "baseline_us_pg",
+            "floor_us_pg",
             "gate_us_sqlite",
+            "core_us_sqlite",
+            "orm_us_sqlite",
             "baseline_us_sqlite",
+            "floor_us_sqlite",
             "audited_ops_s_pg",
             "unaudited_ops_s_pg",
         )
     )
-    lines: list[str] = []
-    profiles: list[str] = []
+    results: dict[str, PairResult] = {}
     counts: dict[str, dict[str, dict[str, Any]]] = {}
+    profiles: list[str] = []
+    sizes = (rounds, per_round, warmup)
 
     # SQLite ------------------------------------------------------------------------
     with tempfile.TemporaryDirectory(prefix="charter-bench-") as tmp:
-        url = f"sqlite:///{tmp}/bench.db"
-        charter = build_charter(url)
-        prepare_schema(charter.engine, ROWS)
-        sqlite_version = charter.engine.dialect.dbapi.sqlite_version  # type: ignore[union-attr]
-        res = measure_pair(charter, blocks, per_block, warmup)
+        path = f"{tmp}/bench.db"
+        charter = build_charter(f"sqlite:///{path}")
+        prepare_schema(charter.engine, single_rows)
+        sqlite_version = sqlite3.sqlite_version
+        res, counts["sqlite"], prof = run_database(
+            "SQLite",
+            charter,
+            sqlite_floor_op(path, bench_actor()),
+            Ids(1, single_rows),
+            sizes,
+            prof_calls,
+        )
+        results[f"SQLite {sqlite_version}"] = res
+        profiles += prof
         figures.update(
-            ratio_sqlite=res.ratio, gate_us_sqlite=res.gate_us, baseline_us_sqlite=res.baseline_us
+            ratio_core_sqlite=res.ratio("gate", "core"),
+            ratio_orm_sqlite=res.ratio("gate", "orm"),
+            ratio_sqlite=res.ratio("gate", "old"),
+            gate_us_sqlite=res.us["gate"],
+            core_us_sqlite=res.us["core"],
+            orm_us_sqlite=res.us["orm"],
+            baseline_us_sqlite=res.us["old"],
+            floor_us_sqlite=res.us["floor"],
         )
-        lines.append(
-            f"  {'SQLite ' + sqlite_version:<22} {res.gate_us:10.1f} "
-            f"{res.baseline_us:12.1f} {res.ratio:7.2f} ({res.round_ratio:4.2f})   <= 1.8"
-        )
-        counts["sqlite"] = statements_per_call(charter)
-        if args.profile:
-            profiles.append("SQLite gate profile:\n" + profile_gate(charter, prof_calls))
-            micro = micro_costs(charter)
         charter.engine.dispose()
 
     # PostgreSQL --------------------------------------------------------------------
-    pg_url = pg_bench_url()
+    pg_url = _common.pg_bench_url(BENCH_DB)
     pg_version = "unavailable"
     conc: ConcurrentResult | None = None
     if pg_url is not None:
         charter = build_charter(pg_url)
         with charter.engine.connect() as conn:
             pg_version = str(conn.execute(text("SHOW server_version")).scalar()).split()[0]
-        prepare_schema(charter.engine, ROWS + 2 * WORKERS * ROWS_PER_WORKER)
-        res = measure_pair(charter, blocks, per_block, warmup)
-        figures.update(ratio_pg=res.ratio, gate_us_pg=res.gate_us, baseline_us_pg=res.baseline_us)
-        lines.append(
-            f"  {'PostgreSQL ' + pg_version:<22} {res.gate_us:10.1f} "
-            f"{res.baseline_us:12.1f} {res.ratio:7.2f} ({res.round_ratio:4.2f})   <= 1.3"
+        prepare_schema(charter.engine, single_rows + conc_rows)
+        res, counts["pg"], prof = run_database(
+            "PostgreSQL",
+            charter,
+            pg_floor_op(pg_url, bench_actor()),
+            Ids(1, single_rows),
+            sizes,
+            prof_calls,
         )
-        counts["pg"] = statements_per_call(charter)
-        if args.profile:
-            profiles.append("PostgreSQL gate profile:\n" + profile_gate(charter, prof_calls))
-        charter.engine.dispose()
-        conc = measure_concurrent(pg_url, conc_runs, conc_seconds)
+        results[f"PostgreSQL {pg_version}"] = res
+        profiles += prof
+        figures.update(
+            ratio_core_pg=res.ratio("gate", "core"),
+            ratio_orm_pg=res.ratio("gate", "orm"),
+            ratio_pg=res.ratio("gate", "old"),
+            gate_us_pg=res.us["gate"],
+            core_us_pg=res.us["core"],
+            orm_us_pg=res.us["orm"],
+            baseline_us_pg=res.us["old"],
+            floor_us_pg=res.us["floor"],
+        )
+        unaudited = build_charter(pg_url, audited=False)
+        conc_ids = Ids(single_rows + 1, single_rows + conc_rows)
+        off_counts = statements_per_call(
+            {
+                "gate, audit on": (charter.engine, gate_op(charter, bench_actor())),
+                "gate, audit off": (unaudited.engine, gate_op(unaudited, bench_actor())),
+            },
+            conc_ids,
+        )
+        try:
+            conc = measure_concurrent(charter, unaudited, conc_ids, conc_runs, conc_seconds)
+        finally:
+            charter.engine.dispose()
+            unaudited.engine.dispose()
         figures.update(
             concurrent_audit_ratio_pg=conc.ratio,
             audited_ops_s_pg=conc.audited,
@@ -567,14 +901,32 @@ def main() -> int:
 
     print(f"versions: PostgreSQL {pg_version}")
     print()
-    print("single thread, median per-op time (us); (drift check: ratio of round means)")
-    header = f"  {'database':<22} {'gate (a)':>10} {'baseline (b)':>12} {'(a)/(b)':>7}"
-    print(header + "          target")
-    for line in lines:
-        print(line)
+    print(
+        "single thread, median per-op time (us); in parentheses the drift check "
+        "(ratio of the medians of round means)"
+    )
+    print(
+        f"  {'database':<18} {'gate':>8} {'core':>8} {'orm':>8} {'old':>8} {'floor':>8}"
+        f"   {'gate/core':>11} {'gate/orm':>11} {'gate/old':>11} {'core/floor':>10}"
+    )
+    for db, r in results.items():
+        print(
+            f"  {db:<18} "
+            + " ".join(f"{r.us[s]:8.1f}" for s in SIDES)
+            + "   "
+            + " ".join(
+                f"{r.ratio('gate', b):5.2f} ({r.round_ratio('gate', b):4.2f})"
+                for b in ("core", "orm", "old")
+            )
+            + f" {r.ratio('core', 'floor'):10.2f}"
+        )
+    print("  targets: gate/core <= 1.6 on PostgreSQL, <= 2.2 on SQLite")
     if conc is not None:
         print()
-        print(f"PostgreSQL, {WORKERS} threads on distinct records (ops/s, median of {conc_runs})")
+        print(
+            f"PostgreSQL, {WORKERS} threads approving distinct invoices "
+            f"(ops/s, median of {conc_runs})"
+        )
         print(
             f"  audit on   {conc.audited:9.0f}   runs: "
             + ", ".join(f"{x:.0f}" for x in conc.audited_runs)
@@ -587,24 +939,26 @@ def main() -> int:
             f"  on/off     {conc.ratio:9.2f}   target >= 0.8 (median of pair ratios; "
             f"ratio of medians {conc.ratio_of_medians:.2f})"
         )
+        counts["pg"].update(off_counts)
     print()
     print("statements per call (round trips = statements + BEGIN + COMMIT)")
     for db, per in counts.items():
         for side, c in per.items():
             print(
-                f"  {db:<6} {side:<8} {c['round_trips']} round trips: BEGIN, "
+                f"  {db:<6} {side:<15} {c['round_trips']} round trips: BEGIN, "
                 + ", ".join(c["statements"])
                 + ", COMMIT"
             )
-    if args.profile:
+    if "gate, audit off" in counts.get("pg", {}):
+        print("  audit off takes the audited statement path minus the audit INSERT: " + same_path(
+            counts["pg"]["gate, audit on"]["full"], counts["pg"]["gate, audit off"]["full"]
+        ))  # fmt: skip
+    if profiles:
         print()
         for p in profiles:
             print(p)
-        print("pure-Python pieces in isolation (us/call):")
-        for name, us in micro.items():
-            print(f"  {us:8.1f}  {name}")
     print()
-    print(f"total time {time.perf_counter() - t0:.1f} s, loadavg at end {loadavg()}")
+    print(f"total time {time.perf_counter() - t0:.1f} s, loadavg at end {_common.loadavg()}")
     print(json.dumps({k: (None if v is None else round(v, 3)) for k, v in figures.items()}))
     return 0
 

@@ -5,7 +5,14 @@ Figures (targets from the issue):
 * ``first_run_ratio``  median per-op time of a keyed *first* execution (a fresh key
   each time) / the same action without a key, PostgreSQL, single thread   (<= 1.15)
 * ``replay_ratio``     median per-op time of a replay (an already-used key, same
-  input) / a keyed first execution, PostgreSQL, single thread              (<= 0.5)
+  input) answered by the instance that ran the original / a keyed first
+  execution, PostgreSQL, single thread                                     (<= 0.5)
+* ``replay_cold_ratio``  the same for a *cold* replay: a retry answered by a second
+  worker that did not run the original and has no in-process trace of it (a
+  second ``Charter`` instance on the same database, built by the same
+  ``build_charter`` as the worker processes of the concurrency run: its own
+  engine and pool, its own outcome cache, which has never seen the key) /
+  a keyed first execution on the first instance, PostgreSQL               (<= 0.6)
 * ``duplicates_executed``  handler executions beyond one per key when 16 workers
   retry the same K keys concurrently on PostgreSQL (16 threads; 16 threads all in
   the same key order; 4 spawned processes x 4 threads), summed         (== 0)
@@ -13,21 +20,32 @@ Figures (targets from the issue):
   of outcomes: first executions, replays, 409 ``IdempotencyKeyInProgress`` retries.
 
 The same single-thread ratios are measured on a SQLite file
-(``first_run_ratio_sqlite``, ``replay_ratio_sqlite``).
+(``first_run_ratio_sqlite``, ``replay_ratio_sqlite``, ``replay_cold_ratio_sqlite``).
 
 Method. The benchmark declares its own model (``bench_idem_items``) and its own
 Charter with two actions sharing one handler (``counter += 1``): ``bench.bump``
 (``idempotency="none"``) and ``bench.bump_keyed`` (``idempotency="required"``),
-with the same validated input. After a warm-up, unkeyed, keyed-first and
-replay operations run interleaved op by op (one of each per triple, the order
-rotating through all six permutations), rotating over many rows, so that the
-three share every moment of a run on a noisy machine. Every single operation
-is timed and each figure is the median of all its per-op times (the ratio of
-the medians of the per-round means is printed alongside as a drift check).
-Replays re-execute keys used by earlier keyed-first operations, oldest first,
-each once. (Until 2026-11-22 the paths ran in blocks of 100-300 ops; on a
-shared VM whose speed drifted by 2x within a minute, block-wise figures moved
-by +-0.15 from run to run, see benchmarks/RESULTS.md.)
+with the same validated input. Four paths, all through ``charter.execute`` with
+default settings:
+
+(unkeyed)       ``bench.bump`` on instance 1, no key;
+(keyed first)   ``bench.bump_keyed`` on instance 1 with a fresh key;
+(replay)        ``bench.bump_keyed`` on instance 1 with a key instance 1 executed
+                earlier (oldest first, each once): its outcome cache may answer;
+(replay, cold)  ``bench.bump_keyed`` on instance 2 with a key instance 1 executed
+                earlier (oldest first, each once): instance 2's cache never has it,
+                so the stored outcome comes from the database. Nothing is disabled
+                on either instance.
+
+After a warm-up (which also warms instance 2's pool and statement caches with
+cold replays), the four paths run interleaved op by op (one of each per step, the
+order cycling through all 24 permutations), rotating over many rows, so that the
+four share every moment of a run on a noisy machine. Every single operation is
+timed and each figure is the median of all its per-op times (the ratio of the
+medians of the per-round means is printed alongside as a drift check). (Until
+2026-11-22 the paths ran in blocks of 100-300 ops; on a shared VM whose speed
+drifted by 2x within a minute, block-wise figures moved by +-0.15 from run to
+run, see benchmarks/RESULTS.md.)
 
 Concurrency: every worker goes through all K keys (each key targets its own
 row) in its own shuffled order -- or, in the lockstep variant, all in the same
@@ -37,7 +55,8 @@ order, so that the duplicates of a key really overlap. A 409 is retried after
 key is missing, which is checked too).
 
 Also printed: statements (round trips) per call for each path, a cProfile
-summary of the replay path.
+summary of the replay path (``--profile``: also the cold replay, keyed-first and
+unkeyed paths).
 
 PostgreSQL: ``$CHARTER_PG_URL`` (default the test server) with the database
 name replaced by ``charter_bench_idem``, created if missing, so the test
@@ -50,6 +69,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -69,14 +89,11 @@ from typing import Any
 
 import _common
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import String, event, func, select, text
+from sqlalchemy import String, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from charter import Actor, Charter
-from charter.context import ActionContext
-from charter.errors import CharterError
-from charter.idempotency import IdempotencyKeyInProgress
+from charter import ActionContext, Actor, Charter, CharterError, IdempotencyKeyInProgress
 from charter.migrate import upgrade
 
 PG_URL = os.environ.get(
@@ -88,7 +105,8 @@ TENANT = "t1"
 SUBJECT = "bench-user"
 ROWS = 200  # rows rotated through by the single-thread measurement
 INPUT = {"amount": "1"}
-UNKEYED, KEYED, REPLAY = "unkeyed", "keyed first", "replay"
+UNKEYED, KEYED, REPLAY, COLD = "unkeyed", "keyed first", "replay", "replay, cold"
+SIDES = (UNKEYED, KEYED, REPLAY, COLD)
 
 
 # -- the benchmark's own application ----------------------------------------------------
@@ -159,7 +177,12 @@ def prepare_schema(engine: Engine, rows: int) -> None:
 def vacuum(engine: Engine) -> None:
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("bench_idem_items", "charter_audit", "charter_idempotency"):
+            for table in (
+                "bench_idem_items",
+                "charter_audit",
+                "charter_idempotency",
+                "charter_idempotency_outcomes",
+            ):
                 conn.execute(text(f"VACUUM ANALYZE {table}"))
 
 
@@ -171,21 +194,30 @@ def pg_bench_url() -> str | None:
 
 
 class KeyPool:
-    """Fresh keys for first executions; used keys queued for replays (oldest first)."""
+    """Fresh keys for first executions; used keys queued for replays (oldest first).
+
+    Each used key is queued twice: once for a replay by the instance that ran it
+    (``used``), once for a replay by the second instance (``used_cold``).
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.n = 0
         self.used: deque[tuple[str, int]] = deque()
+        self.used_cold: deque[tuple[str, int]] = deque()
 
     def fresh(self, item_id: int) -> str:
         self.n += 1
         key = f"{self.prefix}-{self.n}"
         self.used.append((key, item_id))
+        self.used_cold.append((key, item_id))
         return key
 
 
-def make_ops(charter: Charter, pool: KeyPool) -> dict[str, Callable[[int], None]]:
+def make_ops(
+    charter: Charter, pool: KeyPool, cold: Charter | None = None
+) -> dict[str, Callable[[int], None]]:
+    """The paths; ``cold`` is a second instance on the same database (a second worker)."""
     actor = bench_actor()
     execute = charter.execute
 
@@ -201,7 +233,17 @@ def make_ops(charter: Charter, pool: KeyPool) -> dict[str, Callable[[int], None]
         out = execute(actor, "bench.bump_keyed", INPUT, target=item_id, key=key)
         assert out.replayed
 
-    return {UNKEYED: unkeyed, KEYED: keyed, REPLAY: replay}
+    ops = {UNKEYED: unkeyed, KEYED: keyed, REPLAY: replay}
+    if cold is not None:
+        cold_execute = cold.execute
+
+        def replay_cold(_item_id: int) -> None:
+            key, item_id = pool.used_cold.popleft()
+            out = cold_execute(actor, "bench.bump_keyed", INPUT, target=item_id, key=key)
+            assert out.replayed
+
+        ops[COLD] = replay_cold
+    return ops
 
 
 def timed_block(op: Callable[[int], None], ids: list[int], sink: list[float]) -> float:
@@ -237,23 +279,20 @@ class SingleResult:
     def replay_ratio(self) -> float:
         return self.us(REPLAY) / self.us(KEYED)
 
+    @property
+    def replay_cold_ratio(self) -> float:
+        return self.us(COLD) / self.us(KEYED)
 
-ORDERS = [
-    (UNKEYED, KEYED, REPLAY),
-    (KEYED, REPLAY, UNKEYED),
-    (REPLAY, UNKEYED, KEYED),
-    (UNKEYED, REPLAY, KEYED),
-    (KEYED, UNKEYED, REPLAY),
-    (REPLAY, KEYED, UNKEYED),
-]
+
+ORDERS = list(itertools.permutations(SIDES))  # every order of the four paths, in turn
 
 
 def measure_single(
-    charter: Charter, rounds: int, per_round: int, warmup: int, prefix: str
+    charter: Charter, cold: Charter, rounds: int, per_round: int, warmup: int, prefix: str
 ) -> SingleResult:
-    """Per-op interleaving: each triple runs the three paths once, in a rotating order."""
+    """Per-op interleaving: each step runs the four paths once, in a rotating order."""
     pool = KeyPool(prefix)
-    ops = make_ops(charter, pool)
+    ops = make_ops(charter, pool, cold)
     cursor = 0
 
     def next_ids(n: int) -> list[int]:
@@ -264,7 +303,8 @@ def measure_single(
 
     scratch: list[float] = []
     # Warm-up: pools, statement caches; leaves a stock of used keys for the replays.
-    for side in (UNKEYED, KEYED, KEYED, REPLAY):
+    # Each replay path then has a stock of ``warmup`` keys more than it consumes.
+    for side in (UNKEYED, KEYED, KEYED, REPLAY, COLD):
         timed_block(ops[side], next_ids(warmup), scratch)
     per_op, means = _common.interleave(ops, ORDERS, rounds, per_round, next_ids)
     return SingleResult(per_op, means)
@@ -298,16 +338,18 @@ def count_statements(engine: Engine) -> Iterator[dict[str, Any]]:
             event.remove(engine, name, fn)
 
 
-def statements_per_call(charter: Charter) -> dict[str, dict[str, Any]]:
+def statements_per_call(charter: Charter, cold: Charter) -> dict[str, dict[str, Any]]:
     pool = KeyPool("count")
-    ops = make_ops(charter, pool)
+    ops = make_ops(charter, pool, cold)
     ops[UNKEYED](1)
     ops[KEYED](2)
     ops[KEYED](3)
     ops[REPLAY](2)  # warm every path once
+    ops[COLD](2)
     result = {}
-    for side, item_id in ((UNKEYED, 4), (KEYED, 5), (REPLAY, 3)):
-        with count_statements(charter.engine) as seen:
+    for side, item_id in ((UNKEYED, 4), (KEYED, 5), (REPLAY, 3), (COLD, 3)):
+        engine = cold.engine if side == COLD else charter.engine
+        with count_statements(engine) as seen:
             ops[side](item_id)
         stmts = seen["statements"]
         # SQLite's BEGIN IMMEDIATE is a cursor execute of its own (from the begin event);
@@ -351,10 +393,12 @@ DB_WAIT = (
 )
 
 
-def profile_path(charter: Charter, side: str, calls: int, top: int = 22) -> str:
-    pool = KeyPool(f"prof-{side.replace(' ', '-')}")
-    ops = make_ops(charter, pool)
-    if side == REPLAY:
+def profile_path(
+    charter: Charter, side: str, calls: int, top: int = 22, cold: Charter | None = None
+) -> str:
+    pool = KeyPool(f"prof-{side.replace(' ', '-').replace(',', '')}")
+    ops = make_ops(charter, pool, cold)
+    if side in (REPLAY, COLD):
         for i in range(calls + 50):
             ops[KEYED](i % ROWS + 1)
     for i in range(50):
@@ -545,25 +589,19 @@ class ConcurrentResult:
 
 
 def check_rows(charter: Charter, keys: list[tuple[str, int]], prefix: str) -> tuple[int, ...]:
-    from charter.audit import audit_table
-    from charter.idempotency import idempotency_table
-
     ids = [item_id for _, item_id in keys]
+    like = {"like": f"{prefix}-%"}
     with charter.session() as s:
         counters = s.execute(select(Item.counter).where(Item.id.in_(ids))).scalars().all()
         idem = s.execute(
-            select(func.count())
-            .select_from(idempotency_table)
-            .where(idempotency_table.c.key.like(f"{prefix}-%"))
+            text("SELECT count(*) FROM charter_idempotency WHERE key LIKE :like"), like
         ).scalar_one()
         first_audit = s.execute(
-            select(func.count())
-            .select_from(audit_table)
-            .where(
-                audit_table.c.idempotency_key.like(f"{prefix}-%"),
-                audit_table.c.replayed.is_(False),
-                audit_table.c.outcome == "ok",
-            )
+            text(
+                "SELECT count(*) FROM charter_audit WHERE idempotency_key LIKE :like "
+                "AND replayed = :no AND outcome = 'ok'"
+            ),
+            {**like, "no": False},
         ).scalar_one()
     duplicates = sum(max(c - 1, 0) for c in counters)
     missing = sum(1 for c in counters if c == 0) + (len(ids) - len(counters))
@@ -613,7 +651,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 60 s)")
     parser.add_argument(
-        "--profile", action="store_true", help="also profile the keyed-first and unkeyed paths"
+        "--profile",
+        action="store_true",
+        help="also profile the cold replay, keyed-first and unkeyed paths",
     )
     parser.add_argument(
         "--no-processes", action="store_true", help="skip the 4 processes x 4 threads run"
@@ -621,9 +661,9 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.quick:
-        blocks, per_block, warmup, k, prof_calls = 6, 100, 150, 60, 300
+        blocks, per_block, warmup, k, prof_calls = 5, 96, 100, 60, 200
     else:
-        blocks, per_block, warmup, k, prof_calls = 18, 300, 400, 200, 1500
+        blocks, per_block, warmup, k, prof_calls = 18, 288, 400, 200, 1500
     threads = 16
 
     t0 = time.perf_counter()
@@ -637,7 +677,7 @@ def main() -> int:
         f"python={info['python']} charter={info['rev']} loadavg={loadavg()}"
     )
     print(
-        f"sizes: {blocks} rounds x {per_block} interleaved triples (one op per path), warm-up "
+        f"sizes: {blocks} rounds x {per_block} interleaved steps (one op per path), warm-up "
         f"{warmup}/side; concurrency K={k} keys x {threads} workers"
     )
 
@@ -645,13 +685,16 @@ def main() -> int:
         (
             "first_run_ratio",
             "replay_ratio",
+            "replay_cold_ratio",
             "duplicates_executed",
             "throughput_rps",
             "first_run_ratio_sqlite",
             "replay_ratio_sqlite",
+            "replay_cold_ratio_sqlite",
             "keyed_us_pg",
             "unkeyed_us_pg",
             "replay_us_pg",
+            "replay_cold_us_pg",
         )
     )
     singles: dict[str, SingleResult] = {}
@@ -664,14 +707,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="charter-bench-idem-") as tmp:
         charter = build_charter(f"sqlite:///{tmp}/bench.db")
         prepare_schema(charter.engine, ROWS)
+        # A second worker: a fresh instance on the same database, built like the
+        # processes of the concurrency run; its outcome cache has seen no key.
+        cold = build_charter(f"sqlite:///{tmp}/bench.db")
         sqlite_version = charter.engine.dialect.dbapi.sqlite_version  # type: ignore[union-attr]
-        res = measure_single(charter, blocks, per_block, warmup, "sq")
+        res = measure_single(charter, cold, blocks, per_block, warmup, "sq")
         singles[f"SQLite {sqlite_version}"] = res
         figures.update(
-            first_run_ratio_sqlite=res.first_run_ratio, replay_ratio_sqlite=res.replay_ratio
+            first_run_ratio_sqlite=res.first_run_ratio,
+            replay_ratio_sqlite=res.replay_ratio,
+            replay_cold_ratio_sqlite=res.replay_cold_ratio,
         )
-        counts["sqlite"] = statements_per_call(charter)
+        counts["sqlite"] = statements_per_call(charter, cold)
         charter.engine.dispose()
+        cold.engine.dispose()
 
     # PostgreSQL -----------------------------------------------------------------------
     pg_url = pg_bench_url()
@@ -682,23 +731,31 @@ def main() -> int:
             pg_version = str(conn.execute(text("SHOW server_version")).scalar()).split()[0]
         conc_rows = 3 * k
         prepare_schema(charter.engine, ROWS + conc_rows)
-        res = measure_single(charter, blocks, per_block, warmup, "pg")
+        cold = build_charter(pg_url)  # the second worker (see SQLite above)
+        res = measure_single(charter, cold, blocks, per_block, warmup, "pg")
         singles[f"PostgreSQL {pg_version}"] = res
         figures.update(
             first_run_ratio=res.first_run_ratio,
             replay_ratio=res.replay_ratio,
+            replay_cold_ratio=res.replay_cold_ratio,
             keyed_us_pg=res.us(KEYED),
             unkeyed_us_pg=res.us(UNKEYED),
             replay_us_pg=res.us(REPLAY),
+            replay_cold_us_pg=res.us(COLD),
         )
-        counts["pg"] = statements_per_call(charter)
+        counts["pg"] = statements_per_call(charter, cold)
         rtt["pg"] = round_trip_us(charter.engine)
         profiles.append("PostgreSQL replay path:\n" + profile_path(charter, REPLAY, prof_calls))
         if args.profile:
+            profiles.append(
+                "PostgreSQL cold replay path (second instance):\n"
+                + profile_path(charter, COLD, prof_calls, cold=cold)
+            )
             for side in (KEYED, UNKEYED):
                 profiles.append(
                     f"PostgreSQL {side} path:\n" + profile_path(charter, side, prof_calls)
                 )
+        cold.engine.dispose()
         vacuum(charter.engine)
         conc.append(
             run_concurrent(
@@ -728,21 +785,25 @@ def main() -> int:
     print()
     print("single thread, per-op time (us): median of every op [p90] (median of round means)")
     print(
-        f"  {'database':<18} {'unkeyed':>22} {'keyed first':>22} {'replay':>22}"
-        f"  first/unkeyed  replay/first"
+        f"  {'database':<18} {'unkeyed':>22} {'keyed first':>22} {'replay':>22} "
+        f"{'replay, cold':>22}  first/unkeyed  replay/first  cold/first"
     )
     for db, r in singles.items():
         cells = "".join(
-            f" {r.us(s):7.0f} [{r.p90_us(s):5.0f}] ({r.block_us(s):5.0f})"
-            for s in (UNKEYED, KEYED, REPLAY)
+            f" {r.us(s):7.0f} [{r.p90_us(s):5.0f}] ({r.block_us(s):5.0f})" for s in SIDES
         )
         blk_first = r.block_us(KEYED) / r.block_us(UNKEYED)
         blk_replay = r.block_us(REPLAY) / r.block_us(KEYED)
+        blk_cold = r.block_us(COLD) / r.block_us(KEYED)
         print(
             f"  {db:<18}{cells}  {r.first_run_ratio:5.2f} ({blk_first:4.2f})"
             f"   {r.replay_ratio:5.2f} ({blk_replay:4.2f})"
+            f"  {r.replay_cold_ratio:5.2f} ({blk_cold:4.2f})"
         )
-    print("  targets (PostgreSQL): first/unkeyed <= 1.15, replay/first <= 0.5")
+    print(
+        "  targets (PostgreSQL): first/unkeyed <= 1.15, replay/first <= 0.5, "
+        "cold replay/first <= 0.6"
+    )
     print()
     print("statements per call (round trips = statements + BEGIN + COMMIT/ROLLBACK)")
     for db, per in counts.items():

@@ -354,15 +354,25 @@ def not_completed() -> Any:
     return ~exists().where(_same_scope())
 
 
-def lookup(session: Session | Connection, tenant: str, subject: str, key: str) -> Row[Any] | None:
-    """The claim and, if completed, its outcome (``completed_at`` is None until then)."""
+@functools.cache
+def _lookup_statement() -> Any:
+    """Built once: answering a taken key is on the path of every cold replay."""
     t, o = idempotency_table, outcome_table
-    stmt = (
+    return (
         select(t, *[o.c[name] for name in _OUTCOME_COLUMNS])
         .select_from(t.outerjoin(o, _same_scope()))
-        .where(t.c.tenant == tenant, t.c.subject == subject, t.c.key == key)
+        .where(
+            t.c.tenant == bindparam("l_tenant"),
+            t.c.subject == bindparam("l_subject"),
+            t.c.key == bindparam("l_key"),
+        )
     )
-    return session.execute(stmt).first()
+
+
+def lookup(session: Session | Connection, tenant: str, subject: str, key: str) -> Row[Any] | None:
+    """The claim and, if completed, its outcome (``completed_at`` is None until then)."""
+    params = {"l_tenant": tenant, "l_subject": subject, "l_key": key}
+    return session.execute(_lookup_statement(), params).first()
 
 
 def purge(session: Session, now: datetime) -> int:
