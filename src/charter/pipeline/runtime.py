@@ -19,7 +19,6 @@ from ..audit.trail import AuditTrail
 from ..idempotency.store import OutcomeCache
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, translate_errors
-from .loading import Adopter
 from .tenancy import TenantGuard
 
 __all__ = ["Runtime"]
@@ -55,14 +54,6 @@ class Runtime:
         self.outcomes = OutcomeCache()
         self.tenancy = TenantGuard(resources)
         self.tenancy.install(self.sessions)
-        self._adopters: dict[type[Any], Adopter] = {}
-
-    def adopter(self, model: type[Any]) -> Adopter:
-        """How rows of ``model`` become instances without the ORM load (built once)."""
-        adopter = self._adopters.get(model)
-        if adopter is None:
-            adopter = self._adopters[model] = Adopter(model)
-        return adopter
 
     @contextmanager
     def write_session(self) -> Iterator[Session]:

@@ -24,7 +24,7 @@ The compiled expression of an action is always::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -540,13 +540,7 @@ class ActionPolicy:
         return BoundFilter(self._bound_clause(plan, shape, values), plan.params(shape, values))
 
     def page_statement(
-        self,
-        actor: Any,
-        ctx: Any = None,
-        *,
-        limit: int,
-        after: Any = None,
-        columns: Sequence[Any] | None = None,
+        self, actor: Any, ctx: Any = None, *, limit: int, after: Any = None
     ) -> BoundStatement:
         """One page of the records ``actor`` may act on, in id order: ``(statement, params)``.
 
@@ -556,9 +550,7 @@ class ActionPolicy:
         ``limit`` is the number of rows to fetch (a caller that wants to know
         whether a next page exists asks for one more than it shows); ``after``
         is the last id of the previous page, already of the id's Python type,
-        or ``None`` for the first page. ``columns`` selects those columns instead
-        of the model (a caller that turns rows into instances itself); they are
-        part of the cache key.
+        or ``None`` for the first page.
         """
         plan = self._filter_plan()
         shape, values = plan.resolve(actor, ctx)
@@ -567,14 +559,13 @@ class ActionPolicy:
         def build() -> Select[Any]:
             spec = plan.spec
             id_column = spec.column(spec.id)
-            stmt = sa.select(*columns) if columns else sa.select(spec.model)
-            stmt = stmt.order_by(id_column)
+            stmt = sa.select(spec.model).order_by(id_column)
             stmt = stmt.limit(sa.bindparam(f"{self._prefix}limit", type_=sa.Integer()))
             if has_after:
                 stmt = stmt.where(id_column > sa.bindparam(f"{self._prefix}after"))
             return stmt.where(self._bound_clause(plan, shape, values))
 
-        stmt = _cached(self._pages, (has_after, tuple(columns or ()), shape), build)
+        stmt = _cached(self._pages, (has_after, shape), build)
         params = plan.params(shape, values)
         params[f"{self._prefix}limit"] = limit
         if has_after:
