@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from charter import Actor, Charter
 from charter.migrate import upgrade
@@ -66,39 +68,43 @@ def pg_schema() -> str:
     """Migrate the PostgreSQL test database once per session (fresh tables)."""
     url = require_postgres()
     engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version, test_docs CASCADE"))
-        for table in (
-            *_CHARTER_TABLES,
-            "invoices",
-            "charter_idempotency_outcomes",
-            "charter_idempotency",
-            "charter_webhook_messages",
-        ):
-            conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
-    upgrade(engine, extra_locations=DEMO_MIGRATIONS)
-    test_app.Base.metadata.create_all(engine)
-    engine.dispose()
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version, test_docs CASCADE"))
+            for table in (
+                *_CHARTER_TABLES,
+                "invoices",
+                "charter_idempotency_outcomes",
+                "charter_idempotency",
+                "charter_webhook_messages",
+            ):
+                conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+        upgrade(engine, extra_locations=DEMO_MIGRATIONS)
+        test_app.Base.metadata.create_all(engine)
+    finally:
+        engine.dispose()
     return url
 
 
 def _truncate_pg(url: str) -> None:
     engine = make_engine(url)
-    with engine.begin() as conn:
-        names = (
-            conn.execute(
-                text(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                    "AND tablename <> 'alembic_version' AND tablename NOT LIKE 'policy%' "
-                    "AND tablename NOT LIKE 'bench%'"
+    try:
+        with engine.begin() as conn:
+            names = (
+                conn.execute(
+                    text(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                        "AND tablename <> 'alembic_version' AND tablename NOT LIKE 'policy%' "
+                        "AND tablename NOT LIKE 'bench%'"
+                    )
                 )
+                .scalars()
+                .all()
             )
-            .scalars()
-            .all()
-        )
-        if names:
-            conn.execute(text(f"TRUNCATE {', '.join(names)} RESTART IDENTITY CASCADE"))
-    engine.dispose()
+            if names:
+                conn.execute(text(f"TRUNCATE {', '.join(names)} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -107,9 +113,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'charter.db'}"
         engine = make_engine(url)
-        upgrade(engine, extra_locations=DEMO_MIGRATIONS)
-        test_app.Base.metadata.create_all(engine)
-        engine.dispose()
+        try:
+            upgrade(engine, extra_locations=DEMO_MIGRATIONS)
+            test_app.Base.metadata.create_all(engine)
+        finally:
+            engine.dispose()
         return url
     url: str = request.getfixturevalue("pg_schema")
     _truncate_pg(url)
@@ -121,6 +129,29 @@ def charter(database_url: str) -> Iterator[Charter]:
     instance = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     yield instance
     instance.engine.dispose()
+
+
+Owned = TypeVar("Owned", Charter, Engine)
+
+
+@pytest.fixture
+def disposing() -> Iterator[Callable[[Owned], Owned]]:
+    """``disposing(Charter(...))``: the Charter (or Engine) is disposed at teardown, pass or fail.
+
+    Disposing as the last line of a test is skipped when the test fails or errors;
+    the pool's psycopg connections are then closed by the garbage collector, in
+    whichever later test it runs, and psycopg's ResourceWarning ("... was deleted
+    while still open") fails that test under ``filterwarnings = error``.
+    """
+    owned: list[Charter | Engine] = []
+
+    def own(instance: Owned) -> Owned:
+        owned.append(instance)
+        return instance
+
+    yield own
+    for instance in reversed(owned):
+        (instance.engine if isinstance(instance, Charter) else instance).dispose()
 
 
 @pytest.fixture

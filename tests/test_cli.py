@@ -23,9 +23,9 @@ def env(tmp_path, monkeypatch) -> str:
     return url
 
 
-def test_db_upgrade_then_audit_verify_show_and_tamper(env):
+def test_db_upgrade_then_audit_verify_show_and_tamper(env, disposing):
     assert 0 == runner.invoke(app, ["db", "upgrade"]).exit_code
-    charter = build_charter(Charter(database_url=env, development=True))
+    charter = disposing(build_charter(Charter(database_url=env, development=True)))
     alice = make_actor("alice", "acme", "member")
     outcome = charter.execute(alice, "invoice.create", {"customer": "x", "amount": "10"})
     verified = runner.invoke(app, ["audit", "verify"])
@@ -37,7 +37,6 @@ def test_db_upgrade_then_audit_verify_show_and_tamper(env):
         conn.execute(update(audit_table).values(reason="edited"))
     tampered = runner.invoke(app, ["audit", "verify", "--json"])
     assert (1, True) == (tampered.exit_code, '"modified"' in tampered.output)
-    charter.engine.dispose()
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "csv", "json"])

@@ -171,9 +171,13 @@ def test_validation_errors_are_not_stored(charter, alice):
     assert 1 == load(charter, doc_id).counter
 
 
-def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(database_url, alice):
+def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(
+    database_url, alice, disposing
+):
     clock = FrozenClock(datetime.now(UTC))
-    charter = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS, clock=clock))
+    charter = disposing(
+        test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS, clock=clock))
+    )
     doc_id = create_doc(charter, alice)
     charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old")
     assert 0 == charter.purge_idempotency()
@@ -182,7 +186,6 @@ def test_purge_removes_only_finished_expired_records_and_then_the_key_is_new(dat
     assert 1 == charter.purge_idempotency()
     again = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="old")
     assert (False, 2) == (again.replayed, load(charter, doc_id).counter)
-    charter.engine.dispose()
 
 
 # -- concurrency on PostgreSQL -------------------------------------------------------------

@@ -165,8 +165,8 @@ def test_pipeline_of_lists_the_stages_each_kind_of_action_runs(cards):
     assert all(stage.summary for stage in cards.pipeline_of("card.transfer"))
 
 
-def test_a_stage_plugs_in_by_name_and_runs_in_its_place(database_url):
-    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+def test_a_stage_plugs_in_by_name_and_runs_in_its_place(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     seen: list[str] = []
 
     def stamp(assembly: Any) -> Any:
@@ -186,7 +186,6 @@ def test_a_stage_plugs_in_by_name_and_runs_in_its_place(database_url):
     assert ["doc.create:None", f"doc.rename:{doc_id}"] == seen
     with pytest.raises(ConfigurationError, match="before declaring actions"):
         charter.add_stage("late", stamp, after="decide")
-    charter.engine.dispose()
 
 
 # -- statements per call -------------------------------------------------------------------
@@ -206,7 +205,7 @@ def count_statements(charter: Charter, call: Any) -> int:
     return len(statements)
 
 
-def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards):
+def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards, disposing):
     doc_id = create_doc(cards, ALICE)
     plain = count_statements(
         cards, lambda: cards.execute(ALICE, "doc.rename", {"title": "x"}, target=doc_id)
@@ -217,11 +216,10 @@ def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards)
     replayed = count_statements(
         cards, lambda: cards.execute(ALICE, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
     )
-    cold = build(cards.engine.url.render_as_string(hide_password=False))  # another worker
+    cold = disposing(build(cards.engine.url.render_as_string(hide_password=False)))  # 2nd worker
     replayed_cold = count_statements(
         cold, lambda: cold.execute(ALICE, "doc.charge", {"amount": "1"}, target=doc_id, key="k")
     )
-    cold.engine.dispose()
     if cards.runtime.postgres:
         # SELECT ... FOR UPDATE; UPDATE carrying the audit INSERT (and the outcome) as CTEs.
         # The claim rides on the SELECT. A warm replay: one autocommit INSERT; a cold one
@@ -316,11 +314,11 @@ def deadlocks(charter: Charter) -> int:
 
 
 @pytest.mark.postgres
-def test_forty_concurrent_opposite_transfers_neither_deadlock_nor_fail(pg_schema):
+def test_forty_concurrent_opposite_transfers_neither_deadlock_nor_fail(pg_schema, disposing):
     from .conftest import _truncate_pg
 
     _truncate_pg(pg_schema)
-    charter = build(pg_schema)
+    charter = disposing(build(pg_schema))
     a, b = add_card(charter, "acme", "A", "1000"), add_card(charter, "acme", "B", "1000")
     before = deadlocks(charter)
     start = threading.Barrier(8)
@@ -338,16 +336,17 @@ def test_forty_concurrent_opposite_transfers_neither_deadlock_nor_fail(pg_schema
     assert before == deadlocks(charter)
     assert Decimal("2000") == card(charter, a).balance + card(charter, b).balance
     assert (41, 41) == (card(charter, a).version, card(charter, b).version)  # both, every time
-    charter.engine.dispose()
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize(("retries", "statuses"), [(3, [200, 200]), (0, [200, 409])])
-def test_a_deadlock_is_retried_inside_the_gate_then_answered_409(pg_schema, retries, statuses):
+def test_a_deadlock_is_retried_inside_the_gate_then_answered_409(
+    pg_schema, retries, statuses, disposing
+):
     from .conftest import _truncate_pg
 
     _truncate_pg(pg_schema)
-    charter = build(pg_schema, conflict_retries=retries)
+    charter = disposing(build(pg_schema, conflict_retries=retries))
     a, b = add_card(charter, "acme", "A"), add_card(charter, "acme", "B")
     both_locked = threading.Barrier(2, timeout=10)
     first_attempt = {a: True, b: True}
@@ -372,7 +371,6 @@ def test_a_deadlock_is_retried_inside_the_gate_then_answered_409(pg_schema, retr
     expected = [200, 200] if retries else [(409, "conflict", "1"), 200]
     assert sorted(expected, key=str) == results
     assert statuses == sorted(r if isinstance(r, int) else r[0] for r in results)
-    charter.engine.dispose()
 
 
 def test_every_allowed_call_is_audited_with_its_touched_records_counted(cards):

@@ -130,8 +130,8 @@ class _Model(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-def test_an_explicit_deny_wins_over_every_allow(database_url):
-    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+def test_an_explicit_deny_wins_over_every_allow(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     charter.deny(
         "invoice.*", A.kind == "partner", name="no-partners", message="Partners cannot do this."
     )
@@ -149,28 +149,25 @@ def test_an_explicit_deny_wins_over_every_allow(database_url):
         decision.rule,
         decision.public_reason,
     )
-    charter.engine.dispose()
 
 
-def test_a_rule_declared_after_its_action_is_refused_at_start_up(database_url):
-    charter = build_charter(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+def test_a_rule_declared_after_its_action_is_refused_at_start_up(database_url, disposing):
+    charter = disposing(build_charter(Charter(database_url=database_url, audit_keys=AUDIT_KEYS)))
     with pytest.raises(ConfigurationError, match="declare every rule before"):
         charter.deny("invoice.*", A.kind == "partner")
-    charter.engine.dispose()
 
 
-def test_rules_are_checked_against_the_mapped_columns_at_declaration(database_url):
-    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+def test_rules_are_checked_against_the_mapped_columns_at_declaration(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
     with pytest.raises(ConfigurationError, match="amout"):
         charter.action("invoice.get", on=Invoice, allow=R.amout <= 5)(lambda c, r, d: None)
     with pytest.raises(ConfigurationError):
         charter.action("invoice.x", on=Invoice, allow=R.amount == "lots")(lambda c, r, d: None)
-    charter.engine.dispose()
 
 
-def test_an_evaluation_error_fails_closed_and_is_audited(database_url):
-    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+def test_an_evaluation_error_fails_closed_and_is_audited(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
 
     @charter.action(
@@ -198,11 +195,10 @@ def test_an_evaluation_error_fails_closed_and_is_audited(database_url):
         charter.execute(no_limit, "invoice.get", target=1)
     assert DecisionKind.ERROR == info.value.decision.kind
     assert "error" == charter.history("invoices", 1)[-1]["detail"]["kind"]
-    charter.engine.dispose()
 
 
-def test_impersonation_can_be_forbidden_per_action(database_url):
-    charter = Charter(database_url=database_url, audit_keys=AUDIT_KEYS)
+def test_impersonation_can_be_forbidden_per_action(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
 
     @charter.action(
@@ -221,4 +217,3 @@ def test_impersonation_can_be_forbidden_per_action(database_url):
     assert charter.policy_of("invoice.get").is_allowed(alice, invoice)
     decision = charter.policy_of("invoice.get").decide(sam.impersonate(alice), invoice)
     assert (False, "no-impersonation") == (decision.allowed, decision.rule)
-    charter.engine.dispose()

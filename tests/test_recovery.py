@@ -80,9 +80,9 @@ def _crash(url: str, provider_url: str, doc_id: int, point: str) -> None:
     [("before_charge", 21, 0), ("after_charge", 22, 1), ("after_step", 23, 1)],
 )
 def test_a_crash_at_any_phase_resumes_to_one_charge_and_one_effect(
-    database_url, provider, alice, point, code, charged
+    database_url, provider, alice, point, code, charged, disposing
 ):
-    setup = recovery_app.build(database_url, provider.base_url)
+    setup = disposing(recovery_app.build(database_url, provider.base_url))
     doc_id = create_doc(setup, alice)
     proc = multiprocessing.get_context("spawn").Process(
         target=_crash, args=(database_url, provider.base_url, doc_id, point)
@@ -93,7 +93,7 @@ def test_a_crash_at_any_phase_resumes_to_one_charge_and_one_effect(
     assert "paying" == load(setup, doc_id).state  # phase 1 committed with its recovery point
     with pytest.raises(IdempotencyKeyInProgress):  # the dead worker's lease still runs
         setup.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay")
-    later = recovery_app.build(database_url, provider.base_url, clock=LATER)
+    later = disposing(recovery_app.build(database_url, provider.base_url, clock=LATER))
     outcome = later.execute(alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay")
     assert not outcome.replayed
     doc = load(later, doc_id)
@@ -107,20 +107,20 @@ def test_a_crash_at_any_phase_resumes_to_one_charge_and_one_effect(
         alice, "doc.pay", {"amount": "10"}, target=doc_id, key="crash-pay"
     ).replayed
     assert later.verify_audit().ok
-    for c in (setup, later):
-        c.engine.dispose()
 
 
 @pytest.mark.slow
-def test_the_background_completer_finishes_abandoned_requests(database_url, provider, alice):
-    setup = recovery_app.build(database_url, provider.base_url)
+def test_the_background_completer_finishes_abandoned_requests(
+    database_url, provider, alice, disposing
+):
+    setup = disposing(recovery_app.build(database_url, provider.base_url))
     doc_id = create_doc(setup, alice)
     proc = multiprocessing.get_context("spawn").Process(
         target=_crash, args=(database_url, provider.base_url, doc_id, "after_charge")
     )
     proc.start()
     proc.join(60)
-    later = recovery_app.build(database_url, provider.base_url, clock=LATER)
+    later = disposing(recovery_app.build(database_url, provider.base_url, clock=LATER))
     assert [("crash-pay", "completed")] == later.resume_abandoned()
     assert [] == later.resume_abandoned()
     assert (1, "paid") == (charges(provider), load(later, doc_id).state)
@@ -128,5 +128,3 @@ def test_the_background_completer_finishes_abandoned_requests(database_url, prov
         claim = s.execute(select(idempotency_table)).one()
         row = lookup(s, claim.tenant, claim.subject, claim.key)
     assert (True, None, None) == (row.completed_at is not None, row.request_input, row.locked_until)
-    for c in (setup, later):
-        c.engine.dispose()

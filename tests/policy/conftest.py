@@ -50,19 +50,22 @@ def sqlite_engine(tmp_path: object) -> Iterator[Engine]:
 
 def _pg_engine() -> Engine:
     url = make_url(PG_URL)
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(url)
     try:
-        admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            exists = conn.scalar(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": url.database}
-            )
-            if not exists:
-                conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-        engine = sa.create_engine(url)
+        try:
+            with admin.connect() as conn:
+                exists = conn.scalar(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": url.database}
+                )
+                if not exists:
+                    conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
+        finally:
+            admin.dispose()
         with engine.connect():
             pass
     except sa.exc.OperationalError as exc:
+        engine.dispose()
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {exc}")
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc.orig}")
@@ -72,11 +75,13 @@ def _pg_engine() -> Engine:
 @pytest.fixture(scope="session")
 def pg_engine() -> Iterator[Engine]:
     engine = _pg_engine()
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    yield engine
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+    try:
+        Base.metadata.drop_all(engine)
+        Base.metadata.create_all(engine)
+        yield engine
+        Base.metadata.drop_all(engine)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
