@@ -760,6 +760,20 @@ def run_database(
     return res, counts, profiles
 
 
+def single_figures(res: Any, db: str) -> dict[str, float]:
+    """The single-thread figures of one database, named as the JSON line names them."""
+    return {
+        f"ratio_core_{db}": res.ratio("gate", "core"),
+        f"ratio_orm_{db}": res.ratio("gate", "orm"),
+        f"ratio_{db}": res.ratio("gate", "old"),
+        f"gate_us_{db}": res.us["gate"],
+        f"core_us_{db}": res.us["core"],
+        f"orm_us_{db}": res.us["orm"],
+        f"baseline_us_{db}": res.us["old"],
+        f"floor_us_{db}": res.us["floor"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 60 s)")
@@ -838,16 +852,7 @@ def main() -> int:
         )
         results[f"SQLite {sqlite_version}"] = res
         profiles += prof
-        figures.update(
-            ratio_core_sqlite=res.ratio("gate", "core"),
-            ratio_orm_sqlite=res.ratio("gate", "orm"),
-            ratio_sqlite=res.ratio("gate", "old"),
-            gate_us_sqlite=res.us["gate"],
-            core_us_sqlite=res.us["core"],
-            orm_us_sqlite=res.us["orm"],
-            baseline_us_sqlite=res.us["old"],
-            floor_us_sqlite=res.us["floor"],
-        )
+        figures.update(single_figures(res, "sqlite"))
         charter.engine.dispose()
 
     # PostgreSQL --------------------------------------------------------------------
@@ -869,16 +874,7 @@ def main() -> int:
         )
         results[f"PostgreSQL {pg_version}"] = res
         profiles += prof
-        figures.update(
-            ratio_core_pg=res.ratio("gate", "core"),
-            ratio_orm_pg=res.ratio("gate", "orm"),
-            ratio_pg=res.ratio("gate", "old"),
-            gate_us_pg=res.us["gate"],
-            core_us_pg=res.us["core"],
-            orm_us_pg=res.us["orm"],
-            baseline_us_pg=res.us["old"],
-            floor_us_pg=res.us["floor"],
-        )
+        figures.update(single_figures(res, "pg"))
         unaudited = build_charter(pg_url, audited=False)
         conc_ids = Ids(single_rows + 1, single_rows + conc_rows)
         off_counts = statements_per_call(
