@@ -36,17 +36,14 @@ class Pipeline(Sequence[Stage]):
     """The stages one action runs, in order: ``prepare`` ones, then the transaction's."""
 
     action: str
-    stages: tuple[Stage, ...]
+    prepare: tuple[Stage, ...]  # before the transaction
+    transaction: tuple[Stage, ...]  # inside it, in order; the last one commits
     runtime: Runtime
     committer: Committer
 
     @property
-    def prepare(self) -> tuple[Stage, ...]:
-        return tuple(s for s in self.stages if s.phase == "prepare")
-
-    @property
-    def transaction(self) -> tuple[Stage, ...]:
-        return tuple(s for s in self.stages if s.phase == "transaction")
+    def stages(self) -> tuple[Stage, ...]:
+        return self.prepare + self.transaction
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -114,4 +111,6 @@ class PipelineBuilder:
             raise ConfigurationError(
                 f"{spec.name}: a prepare stage cannot follow a transaction stage"
             )
-        return Pipeline(spec.name, stages, self.runtime, self.committer)
+        prepare = tuple(s for s in stages if s.phase == "prepare")
+        transaction = tuple(s for s in stages if s.phase == "transaction")
+        return Pipeline(spec.name, prepare, transaction, self.runtime, self.committer)

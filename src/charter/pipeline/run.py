@@ -68,8 +68,8 @@ def run(pipeline: Pipeline, call: Call) -> Outcome:
             conflicts += 1
             if conflicts > pipeline.runtime.conflict_retries or call.phases:
                 error = Conflict(
-                    f"{call.spec.name} kept colliding with concurrent changes ({exc}); "
-                    "nothing was changed. Retry shortly."
+                    f"{call.spec.name} kept colliding with concurrent changes ({exc}) "
+                    "and was rolled back. Retry shortly."
                 )
                 error.headers["Retry-After"] = "1"
                 raise error from exc
