@@ -19,7 +19,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   │   └── WebhookPayloadTooLarge    413 payload_too_large     webhooks
     │   ├── IdempotencyKeyMissing         400 idempotency_key_missing   idempotency.keys
     │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
-    │   └── MalformedBody                 400 malformed_body        integrations.fastapi
+    │   └── MalformedBody                 400 malformed_body        integrations.strictjson
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from charter import Charter
 from charter.demo.app import create_app, demo_scopes
@@ -300,3 +301,27 @@ def test_support_finds_an_invoice_by_the_providers_charge_id_within_its_tenant(c
     assert (404, "not_found") == (foreign.status_code, foreign.json()["code"])
     assert 404 == client.get("/charges/ch_nope/invoice", headers=auth("bob")).status_code
     assert "invoice.find_by_charge" == charter.history("invoices", invoice)[-1]["action"]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('{"customer": "x", "amount": "1", "amount": "900"}', "twice"),
+        ('{"customer": "x", "amount": ' + "9" * 5000 + "}", "longer than"),
+        ('{"customer": "x", "amount": NaN}', "not a JSON value"),
+        ('{"customer": "x", "amount": "1", "meta": ' + "[" * 1000 + "]" * 1000 + "}", "nested"),
+        ('{"customer": "x", "amount": "1", "meta": ' + "[" * 40 + "]" * 40 + "}", "nested"),
+    ],
+)
+def test_a_body_that_json_loads_would_bend_is_a_clear_400_and_nothing_is_created(
+    client, body, says
+):
+    response = client.post(
+        "/invoices", content=body, headers=auth("alice", **{"Content-Type": "application/json"})
+    )
+    assert (400, "malformed_body") == (response.status_code, response.json()["code"])
+    assert says in response.json()["detail"]
+    assert 200 == client.get("/healthz").status_code  # the connection and service live on
+    charter: Charter = client.app_state.charter
+    with charter.session() as session:
+        assert [] == session.execute(select(Invoice)).all()

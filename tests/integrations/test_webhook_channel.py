@@ -188,3 +188,13 @@ def test_concurrent_deliveries_of_one_message_are_processed_once(client):
     assert [200] * workers == [r.status_code for r in responses]
     assert 1 == sum(r.json()["status"] == "processed" for r in responses)
     assert "paid" == state(client, invoice)
+
+
+def test_a_signed_webhook_with_a_duplicate_member_is_a_clear_400_not_the_last_value(client):
+    body = b'{"type": "payment.settled", "type": "payment.refunded", "data": {}}'
+    headers = SIGNER.sign("msg_dup_1", int(time.time()), body)
+    response = client.post(
+        "/webhooks/payments", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
+    assert "twice" in response.json()["detail"]

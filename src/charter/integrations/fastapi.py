@@ -14,7 +14,6 @@ translates HTTP into ``Charter.execute`` and its outcome (or error) back:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
@@ -32,6 +31,8 @@ from ..actor import Actor, Channel
 from ..data import DEFAULT_PAGE, MAX_PAGE
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
 from ..gate import Charter, Outcome
+from . import strictjson
+from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
 
 __all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]
@@ -46,12 +47,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ETAG = re.compile(r'^(?:W/)?"(\d{1,18})"$')
 
 Authenticator = Callable[[Request], Actor | Awaitable[Actor]]
-
-
-class MalformedBody(InvalidInput):
-    code = "malformed_body"
-    status = 400
-    title = "Malformed request body"
 
 
 def problem_response(error: CharterError, request: Request | None = None) -> JSONResponse:
@@ -299,7 +294,4 @@ async def _json_body(request: Request) -> Any:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type not in ("application/json", "") and not content_type.endswith("+json"):
         raise MalformedBody("Send the body as application/json.")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedBody(f"The body is not valid JSON: {exc.__class__.__name__}.") from exc
+    return strictjson.loads(raw)

@@ -16,7 +16,6 @@ id. Every mapped action must declare ``idempotency="required"`` or
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from ..errors import ConfigurationError
 from ..gate import Charter, Outcome
 from ..idempotency import IdempotencyMode
 from ..webhooks import WebhookMalformed, WebhookVerifier
+from . import strictjson
 
 __all__ = ["WebhookReceiver", "WebhookResult", "WebhookRoute"]
 
@@ -83,9 +83,9 @@ class WebhookReceiver:
         """Verify and process one delivery; raises a Charter error for a bad one."""
         verified = self.verifier.verify(headers, body)
         try:
-            payload = json.loads(verified.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WebhookMalformed("the webhook body is not JSON") from exc
+            payload = strictjson.loads(verified.body)
+        except strictjson.MalformedBody as exc:  # authentic, but not strict JSON: 400
+            raise WebhookMalformed(f"the webhook body is malformed: {exc.message}") from exc
         if not isinstance(payload, dict):
             raise WebhookMalformed("the webhook body must be a JSON object")
         kind = self.event_type(payload)
