@@ -13,6 +13,7 @@ from charter.demo.app import create_app, demo_scopes
 from charter.demo.models import Invoice
 from charter.demo.service import DEMO_USERS
 from charter.errors import ConfigurationError
+from charter.idempotency import IdempotencyKeyInvalid
 from charter.settings import DEVELOPMENT_TOKEN_SECRET, Settings
 from charter.tokens import TokenSigner
 
@@ -325,3 +326,35 @@ def test_a_body_that_json_loads_would_bend_is_a_clear_400_and_nothing_is_created
     charter: Charter = client.app_state.charter
     with charter.session() as session:
         assert [] == session.execute(select(Invoice)).all()
+
+
+def test_an_idempotency_key_is_an_sf_string_quoted_or_not_and_sent_once():
+    from charter.integrations.fastapi import idempotency_key
+
+    assert "k-1" == idempotency_key(['"k-1"']) == idempotency_key(["k-1"])
+    assert 'say "hi"\\' == idempotency_key(['"say \\"hi\\"\\\\"'])
+    assert None is idempotency_key([])
+    for malformed in (['"a\\b"'], ['"a"b"'], ['"a\\"'], ["a", "b"]):
+        with pytest.raises(IdempotencyKeyInvalid):
+            idempotency_key(malformed)
+
+
+def test_a_quoted_key_replays_the_bare_one_and_two_key_fields_are_400(client):
+    body = {"customer": "ACME", "amount": "10.00"}
+    first = client.post("/invoices", json=body, headers=auth("alice", **{"Idempotency-Key": "k-7"}))
+    quoted = client.post(
+        "/invoices", json=body, headers=auth("alice", **{"Idempotency-Key": '"k-7"'})
+    )
+    assert (201, first.json(), "true") == (
+        quoted.status_code,
+        quoted.json(),
+        quoted.headers.get("idempotent-replayed"),
+    )
+    token = auth("alice")["Authorization"]
+    twice = client.post(
+        "/invoices",
+        json=body,
+        headers=[("Authorization", token), ("Idempotency-Key", "k-8"), ("Idempotency-Key", "k-9")],
+    )
+    assert (400, "idempotency_key_invalid") == (twice.status_code, twice.json()["code"])
+    assert 1 == len(client.get("/invoices", headers=auth("bob")).json()["items"])

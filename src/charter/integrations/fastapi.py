@@ -31,6 +31,7 @@ from ..actor import Actor, Channel
 from ..data import DEFAULT_PAGE, MAX_PAGE
 from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
 from ..gate import Charter, Outcome
+from ..idempotency.keys import IdempotencyKeyInvalid
 from . import strictjson
 from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
@@ -155,6 +156,38 @@ async def _empty_receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+def idempotency_key(fields: list[str]) -> str | None:
+    """The request's key: one ``Idempotency-Key`` field, an RFC 8941 sf-string or a bare token.
+
+    draft-ietf-httpapi-idempotency-key-header defines the field as an sf-string, so
+    ``"abc"`` and ``abc`` are one key (two executions otherwise). Two fields are
+    refused: a retry that sent only the second one would be a new request.
+    """
+    if not fields:
+        return None
+    if len(fields) > 1:
+        raise IdempotencyKeyInvalid("Send one Idempotency-Key field, not several.")
+    value = fields[0].strip()
+    if len(value) < 2 or not (value.startswith('"') and value.endswith('"')):
+        return value
+    inner, key, escaped = value[1:-1], [], False
+    for char in inner:  # RFC 8941 §4.2.5: only \" and \\ are escapes
+        if escaped:
+            if char not in '"\\':
+                raise IdempotencyKeyInvalid("The Idempotency-Key string has an invalid escape.")
+            key.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            raise IdempotencyKeyInvalid("The Idempotency-Key string has an unescaped quote.")
+        else:
+            key.append(char)
+    if escaped:
+        raise IdempotencyKeyInvalid("The Idempotency-Key string ends inside an escape.")
+    return "".join(key)
+
+
 def _parse_if_match(value: str | None) -> int | None:
     if value is None:
         return None
@@ -208,7 +241,7 @@ class CharterRoutes:
                 action,
                 body,
                 target=request.path_params.get(target) if target else None,
-                key=request.headers.get(IDEMPOTENCY_HEADER),
+                key=idempotency_key(request.headers.getlist(IDEMPOTENCY_HEADER)),
                 reason=request.headers.get(REASON_HEADER),
                 channel=self.channel,
                 request_id=request.state.request_id,
