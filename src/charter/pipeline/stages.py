@@ -150,14 +150,14 @@ def _check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | N
 def claim(a: Assembly) -> Stage | None:
     if not a.keyable or _claims_with_load(a):
         return None
-    params = a.runtime
+    runtime = a.runtime
 
     def claim(call: Call) -> None:
         """Claim the idempotency key inside the effect's transaction (a unique INSERT)."""
         if call.keyed and call.resume is None:
-            assert call.session is not None
+            connection = call.connection or _session(call).connection()
             with claims.claiming():
-                call.session.execute(claims.CLAIM, claims.claim_params(params, call))
+                connection.execute(claims.CLAIM, claims.claim_params(runtime, call))
 
     return Stage("claim", claim)
 
