@@ -222,7 +222,7 @@ class Charter:
     ) -> tuple[list[Any], Any]:
         """One page of the records ``actor`` may ``action`` (:func:`charter.data.list_records`)."""
         return data.list_records(
-            self.runtime, self._builder.committer, self.spec(action), self.policy_of(action),
+            self._builder.committer, self.spec(action), self.policy_of(action),
             self._context(actor, action, channel, request_id), limit=limit, after=after,
         )  # fmt: skip
 

@@ -9,8 +9,7 @@ from ..context import ActionContext
 from ..decision import Decision
 from ..errors import ConfigurationError, InvalidInput
 from ..pipeline.call import entry_for
-from ..pipeline.runtime import Runtime
-from ..pipeline.writes import Committer, finish
+from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
 from ..resources import coerce_id
 
@@ -21,7 +20,6 @@ MAX_PAGE = 200  # server-enforced page cap: a caller cannot raise it
 
 
 def list_records(
-    runtime: Runtime,
     committer: Committer,
     spec: ActionSpec,
     policy: ActionPolicy,
@@ -49,17 +47,12 @@ def list_records(
     # Loaded by the ORM: adopting Core rows one by one (pipeline.loading.Adopter) pays
     # for a single record but cost twice the ORM's bulk row loading on a 50-row page.
     stmt, params = policy.page_statement(ctx.actor, ctx, limit=limit + 1, after=key)
-    lease = runtime.audit_trail.lease()
-    try:
-        with runtime.write_session() as session:
-            rows = list(session.execute(stmt, params).scalars())
-            page, more = rows[:limit], len(rows) > limit
-            entry = entry_for(
-                spec, ctx, None, None, Decision.allow("filter"), "ok", None,
-                detail={"listed": len(page), "after": None if after is None else str(after)[:64]},
-            )  # fmt: skip
-            committer.write(session, lease, [entry], None)
-            finish(session, lease)
-    finally:
-        lease.rolled_back()
+    with committer.transaction() as (session, lease):
+        rows = list(session.execute(stmt, params).scalars())
+        page, more = rows[:limit], len(rows) > limit
+        entry = entry_for(
+            spec, ctx, None, None, Decision.allow("filter"), "ok", None,
+            detail={"listed": len(page), "after": None if after is None else str(after)[:64]},
+        )  # fmt: skip
+        committer.write(session, lease, [entry], None)
     return page, (resource.identity(page[-1]) if more and page else None)

@@ -29,7 +29,6 @@ from ..storage import translate_errors
 from .build import Pipeline
 from .call import Call, Refusal
 from .tenancy import TenantGuard
-from .writes import finish
 
 __all__ = ["run"]
 
@@ -112,14 +111,9 @@ def audit_refusal(pipeline: Pipeline, call: Call, refusal: Refusal) -> None:
         return
     # The handler ran and wrote before refusing, so its effect was rolled back with
     # the claim; store the refusal now as the key's outcome, with its entry.
-    lease = pipeline.runtime.audit_trail.lease()
-    try:
-        with pipeline.runtime.write_session() as session:
-            store_refusal(pipeline.runtime, session, call, error, entry.resource_id)
-            pipeline.committer.write(session, lease, [entry], None)
-            finish(session, lease)
-    finally:
-        lease.rolled_back()
+    with pipeline.committer.transaction() as (session, lease):
+        store_refusal(pipeline.runtime, session, call, error, entry.resource_id)
+        pipeline.committer.write(session, lease, [entry], None)
 
 
 @contextmanager

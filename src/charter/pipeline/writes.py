@@ -20,7 +20,8 @@ committed here, once, with the handler's changes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, update
@@ -95,10 +96,19 @@ class Committer:
             with translate_errors(), runtime.autocommit.connect() as connection:
                 runtime.audit_trail.write_alone(connection, [entry])
             return
-        lease = runtime.audit_trail.lease()
+        with self.transaction() as (session, lease):
+            self.write(session, lease, [entry], None)
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Session, AuditLease]]:
+        """A short write transaction of its own, with its own audit lease; COMMIT at the end.
+
+        For the writes outside a call's transaction: a refusal's entry, a list's entry.
+        """
+        lease = self.runtime.audit_trail.lease()
         try:
-            with runtime.write_session() as session:
-                self.write(session, lease, [entry], None)
+            with self.runtime.write_session() as session:
+                yield session, lease
                 finish(session, lease)
         finally:
             lease.rolled_back()
