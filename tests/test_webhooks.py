@@ -13,7 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charter.errors import CharterError, ConfigurationError, PayloadTooLarge
+from charter.errors import (
+    CharterError,
+    ConfigurationError,
+    Conflict,
+    DomainError,
+    Forbidden,
+    HandlerFailed,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+)
+from charter.idempotency import IdempotencyKeyInProgress, IdempotencyKeyReused
 from charter.webhooks import (
     StandardWebhookSigner,
     StandardWebhookVerifier,
@@ -25,6 +39,7 @@ from charter.webhooks import (
     WebhookMalformed,
     WebhookPayloadTooLarge,
     WebhookReplayed,
+    WebhookRetryLater,
     WebhookSignatureInvalid,
     WebhookTimestampStale,
     claim_once,
@@ -497,3 +512,44 @@ def test_whatever_the_signer_signs_the_verifier_accepts(
     msg_id = msg_id[:256]
     signed = StandardWebhookSigner(SECRET).sign(msg_id, TS + offset, body)
     assert verifier(now=TS).verify(signed, body).body == body
+
+
+# -- transient or permanent: what a sender that retries on its own is told ------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "transient", "permanent"),
+    [
+        (StorageUnavailable(), True, False),
+        (IdempotencyKeyInProgress(), True, False),  # carries Retry-After
+        (WebhookRetryLater(), True, False),
+        (Forbidden(), False, True),
+        (NotFound(), False, True),
+        (InvalidInput(), False, True),
+        (PreconditionFailed(), False, True),
+        (Conflict(), False, True),  # a uniqueness rule: the same request meets it again
+        (DomainError(), False, True),
+        (IdempotencyKeyReused(), False, True),
+        (HandlerFailed(), False, False),  # a crash: nothing was decided
+        (StorageError(), False, False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, CharterError) else None,
+)
+def test_every_error_is_transient_permanent_or_a_failure(error, transient, permanent):
+    assert (transient, permanent) == (error.transient, error.permanent)
+
+
+def test_a_conflict_that_says_when_to_come_back_is_transient():
+    persisted = Conflict("kept colliding")
+    persisted.headers["Retry-After"] = "1"  # as the gate raises a deadlock that persisted
+    assert (True, False) == (persisted.transient, persisted.permanent)
+
+
+def test_retry_later_wraps_a_transient_error_with_its_cause_and_retry_after():
+    wrapped = WebhookRetryLater.of(IdempotencyKeyInProgress(retry_after=3))
+    assert (503, "webhook_retry_later", "3") == (
+        wrapped.status,
+        wrapped.code,
+        wrapped.headers["Retry-After"],
+    )
+    assert "idempotency_key_in_progress" == wrapped.problem()["cause"]

@@ -35,7 +35,8 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   ├── WebhookMalformed              400 webhook_malformed
     │   ├── WebhookTimestampStale         401 webhook_timestamp_stale
     │   ├── WebhookSignatureInvalid       401 webhook_signature_invalid
-    │   └── WebhookReplayed               409 webhook_replayed
+    │   ├── WebhookReplayed               409 webhook_replayed
+    │   └── WebhookRetryLater             503 webhook_retry_later   (transient; retry)
     ├── PaymentProviderError              502 payment_provider_error    demo.payment_client
     │   └── PaymentProviderUnavailable    503 payment_provider_unavailable
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
@@ -79,6 +80,7 @@ class CharterError(Exception):
     code: ClassVar[str] = "charter_error"
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    #: Set on a class whose errors are transient (see :attr:`transient`).
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, **attrs: Any) -> None:
@@ -89,6 +91,32 @@ class CharterError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+    # Transient or permanent: the one place that tells them apart. A channel whose
+    # sender retries on its own (a partner's webhook) acts on it.
+
+    @property
+    def transient(self) -> bool:
+        """Whether the same request, sent again later, may succeed: the sender should retry.
+
+        True for a class marked ``retryable`` (storage unavailable, a provider that
+        did not answer) and for any error that tells the caller when to come back:
+        429 or 503, or a ``Retry-After`` header (RFC 9110 section 10.2.3), as on a key
+        still in progress, a deadlock or serialization conflict that persisted, a rate
+        limit.
+        """
+        return self.retryable or self.status in (429, 503) or "Retry-After" in self.headers
+
+    @property
+    def permanent(self) -> bool:
+        """Whether this is a refusal: the same request would get the same answer again.
+
+        A 4xx that is not :attr:`transient`: denied, not found, invalid input, an
+        invalid state or precondition, a business rule, a key reused for another
+        request. A 5xx that is not transient (a crashed handler, a broken store) is a
+        failure, neither: nothing was decided.
+        """
+        return 400 <= self.status < 500 and not self.transient
 
     def problem(self, *, instance: str | None = None) -> dict[str, Any]:
         """Render as an RFC 9457 problem details object."""

@@ -33,7 +33,8 @@ Errors (all :class:`WebhookError`, a :class:`~charter.errors.CharterError`)::
     ├── WebhookPayloadTooLarge     413 payload_too_large         (also a PayloadTooLarge)
     ├── WebhookTimestampStale      401 webhook_timestamp_stale   (too old *or* too far ahead)
     ├── WebhookSignatureInvalid    401 webhook_signature_invalid (no match, bad base64, no v1)
-    └── WebhookReplayed            409 webhook_replayed          (raised by claim_once)
+    ├── WebhookReplayed            409 webhook_replayed          (raised by claim_once)
+    └── WebhookRetryLater          503 webhook_retry_later       (authentic; a transient failure)
 
 A bad secret given at construction is a :class:`~charter.errors.ConfigurationError`.
 """
@@ -69,6 +70,7 @@ __all__ = [
     "WebhookMalformed",
     "WebhookPayloadTooLarge",
     "WebhookReplayed",
+    "WebhookRetryLater",
     "WebhookSignatureInvalid",
     "WebhookTimestampStale",
     "WebhookVerifier",
@@ -160,6 +162,27 @@ class WebhookReplayed(WebhookError):
     code = "webhook_replayed"
     status = 409
     title = "Webhook already processed"
+
+
+class WebhookRetryLater(WebhookError):
+    """An authentic webhook met a transient failure; nothing was recorded, so send it again.
+
+    The webhook channel answers it for a cause the same delivery may not meet
+    later (a key still in progress, a conflict that persisted): ``cause`` is that
+    error's code, and ``Retry-After`` says when. Senders retry on a 5xx.
+    """
+
+    code = "webhook_retry_later"
+    status = 503
+    title = "Webhook not processed yet; retry later"
+    retryable = True
+
+    @classmethod
+    def of(cls, error: CharterError) -> WebhookRetryLater:
+        """Wrap a transient ``error`` (its message, its code as ``cause``, its ``Retry-After``)."""
+        wrapped = cls(error.message, cause=error.code)
+        wrapped.headers["Retry-After"] = error.headers.get("Retry-After", "1")
+        return wrapped
 
 
 # --------------------------------------------------------------------------- keys

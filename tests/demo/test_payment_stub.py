@@ -294,7 +294,7 @@ def test_a_settled_webhook_is_signed_and_redelivered_with_the_same_id() -> None:
         claim_once(store, webhook, scope="stub")
 
         answer = httpx.post(f"{stub.base_url}/v1/webhooks/redeliver")
-        assert answer.json() == {"webhook_id": webhook.id, "status_code": 200}
+        assert answer.json() == {"webhook_id": webhook.id, "status_code": 200, "attempts": 1}
         again_headers, again_body = receiver.next()
         again = verifier.verify(again_headers, again_body)
         assert (again.id, again.body) == (webhook.id, webhook.body)

@@ -7,14 +7,20 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import delete, insert
 
-from charter import Charter
+from charter import A, Charter
 from charter.demo.app import create_app
+from charter.demo.models import Invoice
 from charter.demo.payments import PaymentProviderStub
-from charter.errors import ConfigurationError
+from charter.demo.service import Settle, build_charter, payments_partner
+from charter.errors import ConfigurationError, HandlerFailed, StorageUnavailable
+from charter.idempotency import idempotency_table
+from charter.idempotency.keys import fingerprint
 from charter.integrations.webhooks import WebhookReceiver, WebhookRoute
 from charter.settings import DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_WEBHOOK_SECRET, Settings
 from charter.webhooks import StandardWebhookSigner, StandardWebhookVerifier
@@ -83,7 +89,8 @@ def state(client: TestClient, invoice: int) -> str:
 def test_the_settled_webhook_marks_the_invoice_paid_as_the_partner(client, provider):
     invoice, charge = paid_pending_invoice(client)
     response = post(client, *settled(charge, invoice))
-    assert (200, "processed") == (response.status_code, response.json()["status"])
+    assert (200, "applied") == (response.status_code, response.json()["status"])
+    assert ("msg_1", "paid") == (response.json()["id"], response.json()["result"]["state"])
     assert "paid" == state(client, invoice)
     entry = next(
         h
@@ -97,7 +104,7 @@ def test_the_settled_webhook_marks_the_invoice_paid_as_the_partner(client, provi
 def test_a_replayed_message_is_acknowledged_and_not_processed_again(client):
     invoice, charge = paid_pending_invoice(client)
     body, headers = settled(charge, invoice)
-    assert "processed" == post(client, body, headers).json()["status"]
+    assert "applied" == post(client, body, headers).json()["status"]
     again = post(client, body, headers)
     assert (200, "duplicate") == (again.status_code, again.json()["status"])
     marks = [
@@ -130,17 +137,25 @@ def test_missing_headers_and_bad_bodies_are_clean_4xx(client):
     assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
 
 
-def test_a_settlement_for_another_charge_is_denied(client):
+def test_a_settlement_for_another_charge_is_acknowledged_as_refused_and_changes_nothing(client):
     invoice, _ = paid_pending_invoice(client)
     response = post(client, *settled("ch_someone_else", invoice, msg_id="msg_2"))
-    assert 403 == response.status_code
+    assert (200, "refused", "forbidden") == (
+        response.status_code,
+        response.json()["status"],
+        response.json()["refusal"]["code"],
+    )
     assert "payment_pending" == state(client, invoice)
 
 
 def test_a_partner_cannot_reach_another_tenants_invoice(client):
     invoice, charge = paid_pending_invoice(client)
     response = post(client, *settled(charge, invoice, msg_id="msg_3", tenant="globex"))
-    assert 404 == response.status_code
+    assert (200, "refused", "not_found") == (
+        response.status_code,
+        response.json()["status"],
+        response.json()["refusal"]["code"],
+    )
 
 
 def test_users_cannot_call_the_partner_action_over_the_api(client):
@@ -173,7 +188,7 @@ def test_a_receiver_refuses_actions_without_idempotency(client):
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_concurrent_deliveries_of_one_message_are_processed_once(client):
+def test_concurrent_deliveries_of_one_message_are_applied_once(client):
     invoice, charge = paid_pending_invoice(client)
     body, headers = settled(charge, invoice, msg_id="msg_race")
     workers = 12
@@ -186,7 +201,8 @@ def test_concurrent_deliveries_of_one_message_are_processed_once(client):
     with ThreadPoolExecutor(workers) as pool:
         responses = [f.result() for f in [pool.submit(deliver) for _ in range(workers)]]
     assert [200] * workers == [r.status_code for r in responses]
-    assert 1 == sum(r.json()["status"] == "processed" for r in responses)
+    assert 1 == sum(r.json()["status"] == "applied" for r in responses)
+    assert workers - 1 == sum(r.json()["status"] == "duplicate" for r in responses)
     assert "paid" == state(client, invoice)
 
 
@@ -198,3 +214,143 @@ def test_a_signed_webhook_with_a_duplicate_member_is_a_clear_400_not_the_last_va
     )
     assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
     assert "twice" in response.json()["detail"]
+
+
+# -- what the answer tells the sender: retry, or stop --------------------------------------
+
+
+def marks(client: TestClient, invoice: int) -> list[tuple[str, str, bool]]:
+    return [
+        (h["decision"], h["outcome"], h["replayed"])
+        for h in client.app_state.charter.history("invoices", invoice)
+        if h["action"] == "invoice.mark_paid"
+    ]
+
+
+def test_a_delivery_lacking_a_field_the_route_needs_is_a_400_and_runs_nothing(client):
+    invoice, charge = paid_pending_invoice(client)
+    body = json.dumps({"type": "payment.settled", "data": {"id": charge}}).encode()
+    response = post(client, body, SIGNER.sign("msg_nofield", int(time.time()), body))
+    assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
+    assert [] == marks(client, invoice)
+
+
+def test_a_key_still_in_progress_asks_the_sender_to_retry_and_the_retry_is_applied(client):
+    invoice, charge = paid_pending_invoice(client)
+    charter: Charter = client.app_state.charter
+    scope = {"tenant": "acme", "subject": "payments-provider", "key": "webhook:msg_busy"}
+    now = datetime.now(UTC)
+    with charter.engine.begin() as conn:  # another worker holds the message id
+        conn.execute(
+            insert(idempotency_table).values(
+                **scope,
+                fingerprint=fingerprint(
+                    "invoice.mark_paid", str(invoice), Settle(charge_id=charge)
+                ),
+                action="invoice.mark_paid",
+                phase=0,
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+            )
+        )
+    busy = post(client, *settled(charge, invoice, msg_id="msg_busy"))
+    assert (503, "webhook_retry_later", "1") == (
+        busy.status_code,
+        busy.json()["code"],
+        busy.headers["retry-after"],
+    )
+    assert "idempotency_key_in_progress" == busy.json()["cause"]
+    with charter.engine.begin() as conn:  # the holder rolled back
+        conn.execute(delete(idempotency_table).filter_by(**scope))
+    assert "applied" == post(client, *settled(charge, invoice, msg_id="msg_busy")).json()["status"]
+
+
+def test_an_unreachable_database_is_a_503_with_retry_after_and_nothing_is_remembered():
+    down = build_charter(
+        Charter(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", development=True)
+    )
+    receiver = WebhookReceiver(
+        down,
+        StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
+        partner=lambda event: payments_partner("acme"),
+        routes={
+            "payment.settled": WebhookRoute(
+                "invoice.mark_paid", input=lambda e: {"charge_id": "ch_1"}, target=lambda e: 1
+            )
+        },
+    )
+    body, headers = settled("ch_1", 1, msg_id="msg_down")
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            receiver.handle(headers, body)
+    finally:
+        down.engine.dispose()
+    assert (503, "1", True) == (
+        info.value.status,
+        info.value.headers["Retry-After"],
+        info.value.transient,
+    )
+
+
+def test_a_crashing_handler_is_a_500_and_not_remembered_so_the_retry_runs(client):
+    invoice, charge = paid_pending_invoice(client)
+    charter: Charter = client.app_state.charter
+    crashes = [RuntimeError("the handler's bug")]
+
+    @charter.action(
+        "invoice.flaky_settle",
+        on=Invoice,
+        input=Settle,
+        allow=A.has_role("payments"),
+        scope="invoices:settle",
+        idempotency="required",
+    )
+    def flaky(ctx, invoice_, data):
+        if crashes:
+            raise crashes.pop()
+        invoice_.state = "paid"
+        return invoice_
+
+    receiver = WebhookReceiver(
+        charter,
+        StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
+        partner=lambda event: payments_partner("acme"),
+        routes={
+            "payment.settled": WebhookRoute(
+                "invoice.flaky_settle",
+                input=lambda e: {"charge_id": e["data"]["id"]},
+                target=lambda e: invoice,
+            )
+        },
+    )
+    body, headers = settled(charge, invoice, msg_id="msg_flaky")
+    with pytest.raises(HandlerFailed) as info:
+        receiver.handle(headers, body)
+    assert (500, False, False) == (
+        info.value.status,
+        info.value.transient,
+        info.value.permanent,
+    )
+    assert "applied" == receiver.handle(headers, body).status
+    assert "paid" == state(client, invoice)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_concurrent_deliveries_of_a_refused_message_are_refused_once_then_duplicates(client):
+    invoice, _ = paid_pending_invoice(client)
+    body, headers = settled("ch_not_ours", invoice, msg_id="msg_refused_race")
+    workers = 12
+    barrier = threading.Barrier(workers)
+
+    def deliver():
+        barrier.wait()
+        return post(client, body, headers)
+
+    with ThreadPoolExecutor(workers) as pool:
+        responses = [f.result() for f in [pool.submit(deliver) for _ in range(workers)]]
+    assert [200] * workers == [r.status_code for r in responses]
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert ["duplicate"] * (workers - 1) + ["refused"] == statuses
+    assert {"forbidden"} == {r.json()["refusal"]["code"] for r in responses}
+    assert "payment_pending" == state(client, invoice)

@@ -15,8 +15,13 @@ It behaves like a real provider where retries matter:
   answer by ``d`` ms, also after recording (a client timeout). ``0`` clears.
 - With ``webhook_url`` and ``webhook_secret``, every new charge sends a
   ``payment.settled`` event signed with Standard Webhooks from a background
-  thread; ``POST /v1/webhooks/redeliver`` sends the last event again with the
-  *same* ``webhook-id`` (and a fresh timestamp, as providers do on retries).
+  thread, once the charge's answer is sent. Like a real provider it retries a
+  delivery that is not answered 2xx (a 4xx, a 5xx, no answer), on the schedule
+  ``webhook_retry_delays`` (honouring ``Retry-After`` up to its longest delay),
+  and stops at the first 2xx. ``POST /v1/webhooks/redeliver`` sends the last
+  event again with the *same* ``webhook-id`` (and a fresh timestamp, as
+  providers do on retries); with ``{"new_id": true}`` as a new message (a fresh
+  id, as a provider's "resend" does).
 
 Use :class:`PaymentProviderStub` as a context manager in tests, talk to it
 with :class:`PaymentClient`, or run ``python -m charter.demo.payments --port 8100``
@@ -47,6 +52,8 @@ import httpx
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -69,6 +76,8 @@ __all__ = [
 HOST = "127.0.0.1"
 MAX_BODY_BYTES = 16 * 1024
 MAX_DELAY_MS = 60_000
+#: Seconds between a delivery's attempts (the first attempt is immediate).
+WEBHOOK_RETRY_DELAYS = (0.5, 2.0, 5.0, 15.0)
 WEBHOOK_SECRET_ENV = "CHARTER_DEMO_WEBHOOK_SECRET"  # noqa: S105 (a variable name)
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -83,6 +92,13 @@ class WebhookDelivery:
     webhook_id: str
     status_code: int | None
     error: str | None = None
+    attempt: int = 1
+    retry_after: float | None = None  # the receiver's Retry-After, in seconds
+
+    @property
+    def acknowledged(self) -> bool:
+        """A 2xx: the receiver has the event, and the sender stops retrying."""
+        return self.status_code is not None and 200 <= self.status_code < 300
 
 
 class _ChargeRequest(BaseModel):
@@ -95,6 +111,12 @@ class _ChargeRequest(BaseModel):
     def fingerprint(self) -> tuple[Decimal, str, str]:
         # "10.0" and "10.00" are the same request.
         return Decimal(self.amount), self.currency, self.reference
+
+
+class _Redeliver(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    new_id: bool = False
 
 
 class _Faults(BaseModel):
@@ -125,24 +147,41 @@ class _State:
 
 
 class _WebhookSender:
-    """Delivers events in order from one background thread; redelivery is synchronous."""
+    """Delivers events in order from one background thread; redelivery is synchronous.
 
-    def __init__(self, url: str, secret: str, *, timeout: float = 5.0) -> None:
+    Each event is retried until a 2xx or the end of ``retry_delays``; every
+    attempt is recorded in ``deliveries``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        *,
+        timeout: float = 5.0,
+        retry_delays: Sequence[float] = WEBHOOK_RETRY_DELAYS,
+    ) -> None:
+        if any(d < 0 for d in retry_delays):
+            raise ConfigurationError("webhook retry delays cannot be negative")
         self._url = url
         self._signer = StandardWebhookSigner(secret)
         self._timeout = timeout
+        self._delays = tuple(retry_delays)
         self._queue: queue.Queue[_Event | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self.deliveries: list[WebhookDelivery] = []
 
     def start(self) -> None:
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="payment-stub-webhooks", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         if self._thread is not None:
-            self._queue.put(None)  # after the pending events: they are still delivered
+            self._queue.put(None)  # after the pending events: they are still delivered once
+            self._stopping.set()  # ... but no longer retried
             self._thread.join(timeout=self._timeout * 2 + 1)
             self._thread = None
 
@@ -150,15 +189,38 @@ class _WebhookSender:
         self._queue.put(event)
 
     def deliver(self, event: _Event) -> WebhookDelivery:
+        """Deliver ``event`` until it is acknowledged (2xx) or the retries run out."""
+        delivery = self._attempt(event, 1)
+        for attempt, delay in enumerate(self._delays, start=2):
+            if delivery.acknowledged:
+                break
+            if self._stopping.wait(self._wait(delay, delivery)):
+                break
+            delivery = self._attempt(event, attempt)
+        return delivery
+
+    def _wait(self, delay: float, delivery: WebhookDelivery) -> float:
+        # Retry-After (seconds) is honoured, up to the schedule's longest delay.
+        if delivery.retry_after is None:
+            return delay
+        return max(delay, min(delivery.retry_after, max(self._delays)))
+
+    def _attempt(self, event: _Event, attempt: int) -> WebhookDelivery:
         headers = self._signer.sign(event.webhook_id, int(time.time()), event.body)
         headers["content-type"] = "application/json"
         try:
             response = httpx.post(
                 self._url, content=event.body, headers=headers, timeout=self._timeout
             )
-            delivery = WebhookDelivery(event.webhook_id, response.status_code)
+            retry_after = response.headers.get("retry-after", "")
+            delivery = WebhookDelivery(
+                event.webhook_id,
+                response.status_code,
+                attempt=attempt,
+                retry_after=float(retry_after) if retry_after.isdigit() else None,
+            )
         except httpx.HTTPError as exc:
-            delivery = WebhookDelivery(event.webhook_id, None, type(exc).__name__)
+            delivery = WebhookDelivery(event.webhook_id, None, type(exc).__name__, attempt)
         with self._lock:
             self.deliveries.append(delivery)
         return delivery
@@ -225,6 +287,7 @@ def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: in
                     422, "idempotency_key_reused", "this key was used with a different request"
                 )
             replayed = stored is not None
+            event: _Event | None = None
             if stored is None:
                 charge_id = "ch_" + secrets.token_hex(12)
                 state.charges[charge_id] = {
@@ -236,8 +299,7 @@ def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: in
                 }
                 state.by_key[key] = (data.fingerprint(), charge_id)
                 if sender is not None:
-                    state.last_event = _settled_event(state.charges[charge_id])
-                    sender.enqueue(state.last_event)
+                    event = state.last_event = _settled_event(state.charges[charge_id])
             else:
                 charge_id = stored[1]
             charge = dict(state.charges[charge_id])
@@ -250,9 +312,14 @@ def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: in
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         if fail:
-            return _problem(503, "unavailable", "injected fault: the answer was lost")
-        headers = {"Idempotent-Replayed": "true"} if replayed else {}
-        return JSONResponse(charge, status_code=201, headers=headers)
+            response = _problem(503, "unavailable", "injected fault: the answer was lost")
+        else:
+            headers = {"Idempotent-Replayed": "true"} if replayed else {}
+            response = JSONResponse(charge, status_code=201, headers=headers)
+        if sender is not None and event is not None:
+            # Once the answer is sent, as providers do (the event may still overtake it).
+            response.background = BackgroundTask(sender.enqueue, event)
+        return response
 
     async def get_charge(request: Request) -> Response:
         with state.lock:
@@ -281,18 +348,32 @@ def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: in
                 state.delay_ms = data.delay_ms
             return JSONResponse({"fail_next": state.fail_next, "delay_ms": state.delay_ms})
 
-    def redeliver(request: Request) -> Response:
-        # Sync: Starlette runs it in a worker thread, so the blocking POST
-        # does not stall the event loop.
+    async def redeliver(request: Request) -> Response:
         if sender is None:
             return _problem(409, "webhooks_not_configured", "no webhook_url is configured")
+        try:
+            raw = await _read_body(request, max_body_bytes)
+            options = _Redeliver.model_validate_json(raw) if raw else _Redeliver()
+        except _BodyTooLarge:
+            return _problem(
+                413, "payload_too_large", f"bodies are limited to {max_body_bytes} bytes"
+            )
+        except ValidationError as exc:
+            return _problem(400, "invalid_request", exc.errors()[0]["msg"])
         with state.lock:
             event = state.last_event
         if event is None:
             return _problem(404, "not_found", "no event has been sent yet")
-        delivery = sender.deliver(event)
+        if options.new_id:
+            event = _Event("msg_" + secrets.token_hex(12), event.body)
+        # In a worker thread: the blocking POSTs (and their retries) do not stall the loop.
+        delivery = await run_in_threadpool(sender.deliver, event)
         return JSONResponse(
-            {"webhook_id": delivery.webhook_id, "status_code": delivery.status_code}
+            {
+                "webhook_id": delivery.webhook_id,
+                "status_code": delivery.status_code,
+                "attempts": delivery.attempt,
+            }
         )
 
     return Starlette(
@@ -320,6 +401,7 @@ class PaymentProviderStub:
         *,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
+        webhook_retry_delays: Sequence[float] = WEBHOOK_RETRY_DELAYS,
         max_body_bytes: int = MAX_BODY_BYTES,
         startup_timeout: float = 10.0,
     ) -> None:
@@ -327,7 +409,7 @@ class PaymentProviderStub:
             raise ConfigurationError("webhook_url and webhook_secret go together")
         self._state = _State()
         self._sender = (
-            _WebhookSender(webhook_url, webhook_secret)
+            _WebhookSender(webhook_url, webhook_secret, retry_delays=webhook_retry_delays)
             if webhook_url is not None and webhook_secret is not None
             else None
         )
