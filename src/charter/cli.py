@@ -34,6 +34,9 @@ app.add_typer(idem_app, name="idempotency")
 
 T = TypeVar("T")
 
+# Named, not imported: the CLI imports the reference service only when a command asks for it.
+DEMO_APP = "charter.demo.service:reference_charter"
+
 console = Console()
 err = Console(stderr=True)
 
@@ -48,18 +51,18 @@ DatabaseOption = Annotated[
 
 
 def _settings(database_url: str | None) -> Settings:
+    """The settings from the environment, with the command line's overrides on top.
+
+    Overrides replace their own fields only (``dataclasses.replace``): rebuilding
+    the settings by hand once dropped the webhook secrets and the payment provider.
+    """
     try:
         settings = Settings.from_env()
     except CharterError as exc:
         err.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
     if database_url:
-        settings = Settings(
-            environment=settings.environment,
-            database_url=database_url,
-            token_secrets=settings.token_secrets,
-            audit_keys=settings.audit_keys,
-        )
+        settings = dataclasses.replace(settings, database_url=database_url)
     return settings
 
 
@@ -88,23 +91,31 @@ def _fail(exc: CharterError) -> typer.Exit:
 @db_app.command("upgrade")
 def db_upgrade(
     database_url: DatabaseOption = None,
-    demo: Annotated[bool, typer.Option(help="Also migrate the reference service's tables.")] = True,
-    location: Annotated[
+    migrations: Annotated[
         list[str] | None,
-        typer.Option(help="Extra Alembic version location (package:path) of your application."),
+        typer.Option(
+            "--migrations",
+            "--location",
+            help="Your application's Alembic version directory (package:path); repeatable.",
+        ),
     ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Also migrate the reference service's tables.")
+    ] = False,
 ) -> None:
-    """Bring Charter's tables (and your application's branches) to the latest revision."""
-    from .demo.app import DEMO_MIGRATIONS
+    """Bring Charter's tables, and your application's (--migrations), to the latest revision."""
+    locations = list(migrations or [])
+    if demo:
+        from .demo.app import DEMO_MIGRATIONS
 
-    settings = _settings(database_url)
-    charter = _charter(settings)
+        locations.extend(DEMO_MIGRATIONS)
+    charter = _charter(_settings(database_url))
     try:
-        upgrade(
-            charter.engine, extra_locations=[*(DEMO_MIGRATIONS if demo else ()), *(location or [])]
-        )
+        upgrade(charter.engine, extra_locations=locations)
     except CharterError as exc:
         raise _fail(exc) from exc
+    finally:
+        charter.engine.dispose()
     console.print(f"database upgraded: {charter.engine.url.render_as_string()}")
 
 
@@ -198,20 +209,51 @@ def audit_show(
         console.print("no entries")
 
 
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        help="module:attribute of your Charter (or of a function returning one), "
+        "found from the working directory.",
+    ),
+]
+DemoOption = Annotated[
+    bool, typer.Option("--demo", help="Use the reference service's Charter instead of --app.")
+]
+
+
+def _app_spec(app_spec: str | None, demo: bool) -> str:
+    """Which Charter a command reads: ``--app``, or the reference service only if asked."""
+    if demo:
+        return DEMO_APP
+    if not app_spec:
+        err.print(
+            "[red]error:[/red] say which Charter to use: --app module:attribute "
+            "(or --demo for the reference service)"
+        )
+        raise typer.Exit(2)
+    return app_spec
+
+
 def _load_app(spec: str) -> Charter:
-    """Import ``module:attribute`` (a Charter, or a callable that returns one)."""
+    """Import ``module:attribute`` (a Charter, or a callable that returns one).
+
+    Every ``--app`` command loads through here. The module is found from the
+    working directory, as uvicorn does (``--app service:charter`` needs no
+    ``PYTHONPATH=.``).
+    """
     import importlib
 
     module_name, _, attribute = spec.partition(":")
-    # Find the module from the working directory, as uvicorn does (``--app service:charter``).
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         target = getattr(importlib.import_module(module_name), attribute or "charter")
-    except (ImportError, AttributeError) as exc:
+        charter = target() if callable(target) and not isinstance(target, Charter) else target
+    except (ImportError, AttributeError, SyntaxError, CharterError) as exc:
         err.print(f"[red]error:[/red] cannot load {spec!r}: {exc}")
         raise typer.Exit(2) from exc
-    charter = target() if callable(target) and not isinstance(target, Charter) else target
     if not isinstance(charter, Charter):
         err.print(f"[red]error:[/red] {spec!r} is not a Charter")
         raise typer.Exit(2)
@@ -227,12 +269,11 @@ def policy_matrix(
         str | None, typer.Option(help="Comma-separated record states.")
     ] = "draft,submitted,approved",
     fmt: Annotated[str, typer.Option("--format", help="markdown, csv or json.")] = "markdown",
-    app_spec: Annotated[
-        str, typer.Option("--app", help="module:attribute of your Charter.")
-    ] = "charter.demo.service:reference_charter",
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
 ) -> None:
     """Print roles x actions x states -> allow, deny or conditional (with the condition)."""
-    charter = _load_app(app_spec)
+    charter = _load_app(_app_spec(app_spec, demo))
     matrix = charter.matrix(
         roles=[r.strip() for r in roles.split(",") if r.strip()],
         states=[s.strip() for s in states.split(",") if s.strip()] if states else None,
@@ -252,12 +293,11 @@ def policy_matrix(
 @app.command("pipeline")
 def pipeline(
     action: Annotated[str, typer.Argument(help="The action, e.g. invoice.approve.")],
-    app_spec: Annotated[
-        str, typer.Option("--app", help="module:attribute of your Charter.")
-    ] = "charter.demo.service:reference_charter",
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
 ) -> None:
     """List the stages ACTION runs, in order: what happens when it is executed."""
-    charter = _load_app(app_spec)
+    charter = _load_app(_app_spec(app_spec, demo))
     try:
         stages = charter.pipeline_of(action)
     except CharterError as exc:
@@ -278,21 +318,33 @@ def idempotency_purge(database_url: DatabaseOption = None) -> None:
 @idem_app.command("resume")
 def idempotency_resume(
     database_url: DatabaseOption = None,
-    app_spec: Annotated[str, typer.Option("--app", help="module:attribute of your Charter.")] = "",
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
 ) -> None:
-    """Drive abandoned multi-phase requests (their worker died) to a final state, once."""
-    if app_spec:
-        charter = _load_app(app_spec)
+    """Drive abandoned multi-phase requests (their worker died) to a final state, once.
+
+    With --app, your Charter (and its database); with --demo, the reference
+    service's actions on --database-url, with its payment provider
+    (CHARTER_PAYMENTS_URL).
+    """
+    payments = None
+    if not demo:
+        charter = _load_app(_app_spec(app_spec, demo))
     else:
-        from .demo.app import create_app
+        from .demo.payment_client import PaymentClient
+        from .demo.service import build_charter
 
         settings = _settings(database_url)
-        charter = _charter(settings)
-        create_app(settings, charter=charter)  # declares the reference service's actions
+        payments = PaymentClient(settings.payments_url) if settings.payments_url else None
+        charter = build_charter(_charter(settings), payments=payments)
     try:
         results = charter.resume_abandoned()
     except CharterError as exc:
         raise _fail(exc) from exc
+    finally:
+        if payments is not None:
+            payments.close()
+        charter.engine.dispose()
     for key, outcome in results:
         console.print(f"{key}: {outcome}")
     console.print(f"resumed {len(results)} abandoned requests")
@@ -317,6 +369,9 @@ def demo(
     settings = _settings(database_url)
     stub = None
     if settings.payments_url is None:
+        if not settings.webhook_secrets:
+            err.print("[red]error:[/red] CHARTER_PAYMENTS_WEBHOOK_SECRET is not set")
+            raise typer.Exit(2)
         # No provider configured: start the stub provider (loopback only), which
         # sends its signed payment.settled webhooks back to this service.
         from .demo.payments import PaymentProviderStub
