@@ -344,3 +344,91 @@ def test_it_runs_as_a_module() -> None:
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr.decode(errors="replace")
     assert b"Traceback" not in stderr
+
+
+class ScriptedReceiver(Receiver):
+    """A receiver that answers the scripted statuses (and headers) in turn, then 200."""
+
+    def __init__(self, *answers: tuple[int, dict[str, str]]) -> None:
+        super().__init__()
+        script = list(answers)
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.put(({k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers = script.pop(0) if script else (200, {})
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": "0"}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server.server_close()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+
+def test_a_delivery_is_retried_until_a_2xx_then_never_again() -> None:
+    with (
+        ScriptedReceiver((503, {}), (409, {})) as receiver,
+        PaymentProviderStub(
+            webhook_url=receiver.url,
+            webhook_secret=generate_secret(),
+            webhook_retry_delays=(0.01, 0.01, 0.01, 0.01),
+        ) as stub,
+    ):
+        assert stub.base_url is not None
+        with PaymentClient(stub.base_url) as c:
+            c.charge("1.00", "EUR", "inv-1", "key-1")
+        ids = {receiver.next()[0]["webhook-id"] for _ in range(3)}
+        time.sleep(0.1)  # longer than the rest of the schedule
+        assert receiver.received.empty()
+    assert 1 == len(ids)  # one message, delivered three times under its id
+    assert [(503, 1), (409, 2), (200, 3)] == [
+        (d.status_code, d.attempt) for d in stub.webhook_deliveries
+    ]
+
+
+def test_retry_after_is_honoured_up_to_the_longest_delay_of_the_schedule() -> None:
+    with (
+        ScriptedReceiver((503, {"Retry-After": "120"})) as receiver,
+        PaymentProviderStub(
+            webhook_url=receiver.url,
+            webhook_secret=generate_secret(),
+            webhook_retry_delays=(0.01, 0.3),
+        ) as stub,
+    ):
+        assert stub.base_url is not None
+        with PaymentClient(stub.base_url) as c:
+            c.charge("1.00", "EUR", "inv-1", "key-1")
+        receiver.next()
+        started = time.monotonic()
+        receiver.next()
+        waited = time.monotonic() - started
+    assert 0.25 <= waited < 5  # 0.3 s (the cap), neither 0.01 s nor 120 s
+    assert [(503, 120.0), (200, None)] == [
+        (d.status_code, d.retry_after) for d in stub.webhook_deliveries
+    ]
+
+
+def test_a_resend_is_a_new_message_with_the_same_event() -> None:
+    with (
+        Receiver() as receiver,
+        PaymentProviderStub(webhook_url=receiver.url, webhook_secret=generate_secret()) as stub,
+    ):
+        assert stub.base_url is not None
+        with PaymentClient(stub.base_url) as c:
+            c.charge("1.00", "EUR", "inv-1", "key-1")
+        first_headers, first_body = receiver.next()
+        answer = httpx.post(f"{stub.base_url}/v1/webhooks/redeliver", json={"new_id": True})
+        headers, body = receiver.next()
+        assert (200, 1) == (answer.json()["status_code"], answer.json()["attempts"])
+        assert (first_body, answer.json()["webhook_id"]) == (body, headers["webhook-id"])
+        assert headers["webhook-id"] != first_headers["webhook-id"]
+        bad = httpx.post(f"{stub.base_url}/v1/webhooks/redeliver", json={"new_id": "yes"})
+        assert 400 == bad.status_code
