@@ -65,6 +65,10 @@ def is_editor(actor: Any, record: Any, ctx: ActionContext) -> bool:
 def build(charter: Charter) -> Charter:
     """Declare the test application's resource and actions on ``charter``."""
     charter.resource(Doc, tenant="tenant_id", state="state", version="version")
+    # Support may act for plain members, for changes (test_docs:write), not for editors.
+    charter.allow_impersonation(
+        "support-for-members", by="support", of_roles={"member"}, scopes={"test_docs:write"}
+    )
 
     @charter.action("doc.create", on=Doc, input=CreateDoc, creates=True, allow=is_member)
     def create(ctx: ActionContext, _: None, data: CreateDoc) -> dict[str, Any]:
@@ -78,7 +82,7 @@ def build(charter: Charter) -> Charter:
         ctx.session.add(doc)
         return {"title": doc.title}
 
-    @charter.action("doc.rename", on=Doc, input=Rename, allow=is_member)
+    @charter.action("doc.rename", on=Doc, input=Rename, allow=is_member, idempotency="none")
     def rename(ctx: ActionContext, doc: Doc, data: Rename) -> dict[str, Any]:
         doc.title = data.title
         return {"id": doc.id, "title": doc.title}

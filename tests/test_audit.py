@@ -160,3 +160,76 @@ def test_raw_sql_cannot_skip_the_stream_position_constraint(charter, trail):
     with pytest.raises(Exception, match=r"(?i)unique"):
         tamper(charter, insert(audit_table).values(**duplicate))
     tamper(charter, text("SELECT 1"))
+
+
+# -- the checkpoint chain (issue 9) -------------------------------------------------------
+
+
+def _legacy_checkpoint(charter: Charter, heads: dict, prev: str) -> dict:
+    """A checkpoint as Charter signed it before checkpoints had positions (format v1)."""
+    import json
+    from datetime import UTC, datetime
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    message = json.dumps(
+        ["charter-checkpoint-v1", at.replace(tzinfo=None).isoformat(timespec="microseconds"),
+         heads, prev], sort_keys=True, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    row = {"at": at, "heads": heads, "prev_signature": prev, "key_id": "k1",
+           "signature": charter.keyring.mac(message)}  # fmt: skip
+    tamper(charter, insert(checkpoint_table).values(**row))
+    return row
+
+
+def test_checkpoints_signed_before_positions_still_verify_and_the_chain_goes_on(charter, trail):
+    heads = {trail[0]["stream"]: [6, trail[-1]["hash"]]}
+    first = _legacy_checkpoint(charter, heads, "")
+    _legacy_checkpoint(charter, heads, first["signature"])
+    row = charter.checkpoint_audit()
+    assert (1, None) == (row["position"], row["anchor"])
+    assert charter.verify_audit().ok
+    tamper(charter, audit_table.delete().where(audit_table.c.seq == 6))
+    assert [("deleted", 6)] == kinds(charter)
+
+
+def test_a_legacy_checkpoint_cannot_be_passed_off_with_a_position(charter, trail):
+    heads = {trail[0]["stream"]: [6, trail[-1]["hash"]]}
+    _legacy_checkpoint(charter, heads, "")
+    tamper(charter, update(checkpoint_table).values(position=1))
+    assert [("checkpoint", None)] == kinds(charter)
+
+
+def test_the_kind_of_a_checkpoint_is_signed(charter, trail):
+    charter.checkpoint_audit()
+    tamper(charter, update(checkpoint_table).values(kind="prune"))
+    assert [("checkpoint", None)] == kinds(charter)
+
+
+@pytest.mark.postgres
+def test_concurrent_checkpoints_each_take_their_own_position(pg_schema):
+    """PostgreSQL, 8 threads at once: the loser of each race re-reads the end and retries."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import AUDIT_KEYS, _truncate_pg
+
+    _truncate_pg(pg_schema)
+    writers = 8
+    # One Charter per writer, as separate processes would be (one Charter's own
+    # checkpoints never overlap).
+    charters = [Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS) for _ in range(writers)]
+    barrier = threading.Barrier(writers)
+
+    def write(charter: Charter) -> int:
+        barrier.wait()
+        return int(charter.checkpoint_audit()["position"])
+
+    try:
+        with ThreadPoolExecutor(writers) as pool:
+            positions = sorted(pool.map(write, charters))
+        assert list(range(1, writers + 1)) == positions
+        report = charters[0].verify_audit()
+        assert (True, writers) == (report.ok, report.checkpoints)
+    finally:
+        for charter in charters:
+            charter.close()

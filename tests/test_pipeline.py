@@ -157,8 +157,9 @@ def test_pipeline_of_lists_the_stages_each_kind_of_action_runs(cards):
     tail = ("precondition", "decide", "handler", "track", "seal", "commit")
     assert ("validate", "load", *tail) == names["doc.rename"]  # no key: no claim, no replay
     assert ("validate", "replay", *load_keyed, *tail) == names["doc.charge"]
-    # A creation has no target to load or compare; a sensitive read is not keyed.
-    assert ("validate", "decide", "handler", "track", "seal", "commit") == names["doc.create"]
+    # A creation has no target to load or compare (its key is optional, the default);
+    # a sensitive read is not keyed.
+    assert ("validate", "replay", "claim", *tail[1:]) == names["doc.create"]
     assert ("validate", "load", *tail) == names["doc.read"]
     # Declared locks: the claim cannot ride on a one-record load.
     assert ("validate", "replay", "claim", "load", *tail) == names["card.transfer"]

@@ -168,7 +168,8 @@ def test_rules_are_checked_against_the_mapped_columns_at_declaration(database_ur
 
 def test_an_evaluation_error_fails_closed_and_is_audited(database_url, disposing):
     charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
-    charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
+    # conceal=False: the caller sees the 403 of kind ERROR (concealed, it would be a 404).
+    charter.resource(Invoice, tenant="tenant_id", state="state", version="version", conceal=False)
 
     @charter.action(
         "invoice.get", on=Invoice, allow=R.amount <= A.approval_limit, sensitive_read=True

@@ -11,7 +11,7 @@ def test_the_public_names_are_pinned_and_sorted():
         "C", "Channel", "Charter", "CharterError", "ConfigurationError", "Conflict", "Decision",
         "DecisionKind", "DomainError", "Forbidden", "HandlerFailed", "IdempotencyKeyInProgress",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused",
-        "IdempotencyMode", "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
+        "IdempotencyKeyUnsupported", "IdempotencyMode", "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
         "PreconditionFailed", "R", "ReasonRequired", "ResourceSpec", "Rule",
         "StorageUnavailable", "Unauthenticated", "UnknownAction", "VerificationReport",
     ]  # fmt: skip

@@ -30,6 +30,7 @@ from .idempotency import (
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    IdempotencyKeyUnsupported,
     IdempotencyMode,
 )
 from .policy import A, ActionPolicy, C, PolicySet, R, Rule
@@ -58,6 +59,7 @@ __all__ = [
     "IdempotencyKeyInvalid",
     "IdempotencyKeyMissing",
     "IdempotencyKeyReused",
+    "IdempotencyKeyUnsupported",
     "IdempotencyMode",
     "InvalidInput",
     "NoInput",

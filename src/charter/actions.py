@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from .errors import ConfigurationError, InvalidInput
 from .idempotency.keys import IdempotencyMode
 from .resources import ResourceSpec
 
-__all__ = ["ActionSpec", "Handler", "Locks", "NoInput"]
+__all__ = ["ActionSpec", "Handler", "Locks", "NoInput", "default_scope"]
 
 Handler = Callable[..., Any]
 #: The further records an action acts on, located from its validated input:
@@ -21,6 +21,19 @@ Handler = Callable[..., Any]
 Locks = Callable[[Any], "Sequence[tuple[type[Any], Any]]"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+
+def default_scope(name: str, resource: ResourceSpec | None, *, sensitive_read: bool) -> str:
+    """The scope of an action declared without ``scope=``: every action has one.
+
+    ``<resource>:read`` for a sensitive read and ``<resource>:write`` for any
+    other action on a resource (``invoices:read``, ``invoices:write``); the
+    action's own name for an action on no resource. So a token scoped
+    ``cards:read`` cannot redeem a card.
+    """
+    if resource is None:
+        return name
+    return f"{resource.name}:{'read' if sensitive_read else 'write'}"
 
 
 class NoInput(BaseModel):
@@ -51,11 +64,11 @@ class ActionSpec:
     allow: Any
     reason_required: bool
     sensitive_read: bool
-    scope: str | None
+    scope: str
     impersonation: bool
     listable: bool
     status: int
-    idempotency: IdempotencyMode = IdempotencyMode.NONE
+    idempotency: IdempotencyMode = IdempotencyMode.OPTIONAL
     by: str | None = None
     locks: Locks | None = None
 
@@ -80,7 +93,7 @@ class ActionSpec:
         impersonation: bool,
         listable: bool,
         status: int | None,
-        idempotency: IdempotencyMode = IdempotencyMode.NONE,
+        idempotency: IdempotencyMode | None = None,
         by: str | None = None,
         locks: Locks | None = None,
     ) -> ActionSpec:
@@ -112,18 +125,23 @@ class ActionSpec:
             raise ConfigurationError(f"action {name}: a target needs on=<resource>")
         if sensitive_read and creates:
             raise ConfigurationError(f"action {name}: a sensitive read cannot create")
-        if sensitive_read and idempotency is not IdempotencyMode.NONE:
+        if sensitive_read and idempotency not in (None, IdempotencyMode.NONE):
             raise ConfigurationError(
                 f"action {name}: a sensitive read changes nothing; it takes no idempotency key"
             )
+        if idempotency is None:
+            # Every change can be retried safely unless its author says otherwise.
+            idempotency = IdempotencyMode.NONE if sensitive_read else IdempotencyMode.OPTIONAL
         if by is not None:
             if resource is None or target is None:
                 raise ConfigurationError(f"action {name}: by= needs a target on a resource")
             resource.check_unique(by, f"action {name}")
         if locks is not None and not callable(locks):
             raise ConfigurationError(f"action {name}: locks= must be a function of the input")
-        if scope is not None and not scope:
+        if scope is not None and (not isinstance(scope, str) or not scope.strip()):
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
+        if scope is None:
+            scope = default_scope(name, resource, sensitive_read=sensitive_read)
         return cls(
             name=name,
             handler=handler,
@@ -144,8 +162,14 @@ class ActionSpec:
         )
 
     def validate(self, data: Any) -> BaseModel:
-        """Validate raw input (a mapping or a model instance) into the input model."""
+        """Validate raw input (a mapping or a model instance) into the input model.
+
+        No string in it, member name or value, may hold a NUL character: PostgreSQL
+        cannot store one, so it is refused on every database alike, before the
+        model runs (422 ``invalid_input``, each field named, type ``string_nul``).
+        """
         if isinstance(data, self.input):
+            refuse_nul(data.model_dump(), what=f"the input of {self.name}")
             return data
         if data is None:
             data = {}
@@ -153,6 +177,7 @@ class ActionSpec:
             data = data.model_dump()
         if not isinstance(data, dict):
             raise InvalidInput(f"the input of {self.name} must be a JSON object", errors=[])
+        refuse_nul(data, what=f"the input of {self.name}")
         try:
             return self.input.model_validate(data)
         except ValidationError as exc:
@@ -167,3 +192,33 @@ class ActionSpec:
                 ),
                 errors=errors,
             ) from exc
+
+
+def refuse_nul(data: Any, *, what: str) -> None:
+    """Raise :class:`InvalidInput` naming every string of ``data`` that holds a NUL character."""
+    found = list(_nul_locations(data, ()))
+    if found:
+        raise InvalidInput(
+            f"{what} is invalid: "
+            + "; ".join(f"{'.'.join(map(str, loc)) or '(body)'}" for loc in found)
+            + ": NUL characters (\\u0000) are not allowed in text",
+            errors=[
+                {"loc": loc, "type": "string_nul", "msg": "NUL characters are not allowed"}
+                for loc in found
+            ],
+        )
+
+
+def _nul_locations(value: Any, loc: tuple[str | int, ...]) -> Iterator[list[str | int]]:
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield list(loc)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(name, str) and "\x00" in name:
+                name = name.replace("\x00", "\\u0000")  # the location, escaped
+                yield [*loc, name]
+            yield from _nul_locations(item, (*loc, name))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _nul_locations(item, (*loc, index))

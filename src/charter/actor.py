@@ -39,20 +39,28 @@ class Actor:
 
     ``scopes`` are the *credential's* scopes: they narrow what this token may do,
     whatever the roles say. ``"*"`` grants every scope; ``"invoices:*"`` every
-    scope under ``invoices:``.
+    scope under ``invoices:``. An empty set grants nothing: a token issued with
+    no scopes can run no action. ``None`` (the default) means "no credential":
+    an actor built in code (a script, a test, the quickstart) is not narrowed
+    by scopes. The HTTP, webhook and agent adapters never produce such an actor
+    from a request.
 
-    For support impersonation, the actor is the real person and
-    ``on_behalf_of`` the subject whose permissions apply; :attr:`subject`,
-    :attr:`effective_scopes` and :attr:`tenant_id` resolve that for the gate.
+    For impersonation, the actor is the real person and ``on_behalf_of`` the
+    subject whose permissions apply; :attr:`subject` and :attr:`tenant_id`
+    resolve that for the gate. Impersonation is refused unless a declared
+    grant allows it (:mod:`charter.impersonation`): the gate resolves the grant
+    on every call and records its scopes in ``granted_scopes``, which any
+    value given by the caller is replaced by.
     """
 
     id: str
     tenant: str
     kind: ActorKind = ActorKind.USER
     roles: frozenset[str] = field(default_factory=frozenset)
-    scopes: frozenset[str] = field(default_factory=frozenset)
+    scopes: frozenset[str] | None = None
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     on_behalf_of: Actor | None = None
+    granted_scopes: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -61,7 +69,12 @@ class Actor:
             raise ValueError("Actor.tenant must be a non-empty string")
         object.__setattr__(self, "kind", ActorKind(self.kind))
         object.__setattr__(self, "roles", frozenset(self.roles))
-        object.__setattr__(self, "scopes", frozenset(self.scopes))
+        if isinstance(self.scopes, str):
+            raise ValueError("Actor.scopes is a set of scope strings, not one string")
+        if self.scopes is not None:
+            object.__setattr__(self, "scopes", frozenset(self.scopes))
+        if self.granted_scopes is not None:
+            object.__setattr__(self, "granted_scopes", frozenset(self.granted_scopes))
         object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
         if self.on_behalf_of is not None and self.on_behalf_of.on_behalf_of is not None:
             raise ValueError("impersonation does not nest: the subject cannot itself impersonate")
@@ -74,17 +87,21 @@ class Actor:
         *,
         kind: ActorKind | str = ActorKind.USER,
         roles: Iterable[str] = (),
-        scopes: Iterable[str] = (),
+        scopes: Iterable[str] | None = None,
         attributes: Mapping[str, Any] | None = None,
         on_behalf_of: Actor | None = None,
     ) -> Actor:
-        """Build an actor from plain iterables (the convenient constructor)."""
+        """Build an actor from plain iterables (the convenient constructor).
+
+        ``scopes=None`` (the default) is an actor built in code, not narrowed by
+        scopes; a credential's actor passes its scope set, even an empty one.
+        """
         return cls(
             id=id,
             tenant=tenant,
             kind=ActorKind(kind),
             roles=frozenset(roles),
-            scopes=frozenset(scopes),
+            scopes=None if scopes is None else frozenset(scopes),
             attributes=dict(attributes or {}),
             on_behalf_of=on_behalf_of,
         )
@@ -111,7 +128,11 @@ class Actor:
         return self.subject.tenant
 
     def impersonate(self, subject: Actor) -> Actor:
-        """Return this actor acting on behalf of ``subject``."""
+        """Return this actor *claiming* to act on behalf of ``subject``.
+
+        A claim only: the gate allows nothing under it until a declared grant
+        does (:mod:`charter.impersonation`).
+        """
         return Actor(
             id=self.id,
             tenant=self.tenant,
@@ -122,30 +143,50 @@ class Actor:
             on_behalf_of=subject,
         )
 
+    def granted(self, scopes: frozenset[str] | None) -> Actor:
+        """This impersonating actor with the scopes the gate's resolved grant allows."""
+        return Actor(
+            id=self.id,
+            tenant=self.tenant,
+            kind=self.kind,
+            roles=self.roles,
+            scopes=self.scopes,
+            attributes=self.attributes,
+            on_behalf_of=self.on_behalf_of,
+            granted_scopes=scopes,
+        )
+
     # -- scopes and roles --------------------------------------------------------------
 
     def has_role(self, role: str) -> bool:
         return role in self.subject.roles
 
     @staticmethod
-    def _grants(scopes: frozenset[str], scope: str) -> bool:
+    def scopes_allow(scopes: frozenset[str] | None, scope: str) -> bool:
+        """Whether one scope set allows ``scope`` (``None``: no set in play, nothing narrowed)."""
+        if scopes is None:  # no credential in play: nothing to narrow
+            return True
         if "*" in scopes or scope in scopes:
             return True
         return any(s.endswith(":*") and scope.startswith(s[:-1]) for s in scopes)
 
     def has_scope(self, scope: str) -> bool:
-        """True when the credential allows ``scope``.
+        """True when every scope set in play allows ``scope``.
 
-        Under impersonation the real actor's support grant must allow it, and so
-        must the subject's own scopes when it carries any: the grant narrows, it
-        never widens.
+        The credential's (``scopes``; ``None`` narrows nothing). Under
+        impersonation also the grant the gate resolved (``granted_scopes``;
+        without one, nothing is allowed) and the subject's own scopes when it
+        carries a set: each narrows, none widens.
         """
-        if not self._grants(self.scopes, scope):
+        if not self.scopes_allow(self.scopes, scope):
             return False
         subject = self.on_behalf_of
-        # A subject built with scopes of its own narrows further; one without
-        # (no credential of its own in play) defers to the grant.
-        return subject is None or not subject.scopes or self._grants(subject.scopes, scope)
+        if subject is None:
+            return True
+        if self.granted_scopes is None:
+            return False  # impersonation without a resolved grant allows nothing
+        granted, own = self.granted_scopes, subject.scopes
+        return self.scopes_allow(granted, scope) and self.scopes_allow(own, scope)
 
     def attribute(self, name: str, default: Any = None) -> Any:
         return self.subject.attributes.get(name, default)

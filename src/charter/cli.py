@@ -7,7 +7,8 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -50,14 +51,17 @@ DatabaseOption = Annotated[
 ]
 
 
-def _settings(database_url: str | None) -> Settings:
+def _settings(
+    database_url: str | None, load: Callable[[], Settings] = Settings.from_env
+) -> Settings:
     """The settings from the environment, with the command line's overrides on top.
 
     Overrides replace their own fields only (``dataclasses.replace``): rebuilding
     the settings by hand once dropped the webhook secrets and the payment provider.
+    ``load``: the audit commands read :meth:`Settings.for_audit` (no token secret).
     """
     try:
-        settings = Settings.from_env()
+        settings = load()
     except CharterError as exc:
         err.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
@@ -67,20 +71,31 @@ def _settings(database_url: str | None) -> Settings:
 
 
 def _charter(settings: Settings) -> Charter:
-    return Charter(
-        database_url=settings.database_url,
-        audit_keys=settings.audit_keys,
-        development=settings.development,
-    )
+    try:
+        return Charter(
+            database_url=settings.database_url,
+            audit_keys=settings.audit_keys,
+            development=settings.development,
+            audit_anchor=settings.audit_anchor_uri,
+        )
+    except CharterError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
 
 
-def _call(database_url: str | None, operation: Callable[[Charter], T]) -> T:
+def _call(
+    database_url: str | None,
+    operation: Callable[[Charter], T],
+    load: Callable[[], Settings] = Settings.from_env,
+) -> T:
     """Run one library call on the configured Charter; a Charter error exits 1 with its message."""
-    charter = _charter(_settings(database_url))
+    charter = _charter(_settings(database_url, load))
     try:
         return operation(charter)
     except CharterError as exc:
         raise _fail(exc) from exc
+    finally:
+        charter.close()
 
 
 def _fail(exc: CharterError) -> typer.Exit:
@@ -124,8 +139,10 @@ def audit_verify(
     database_url: DatabaseOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Check every audit entry and checkpoint; exit 1 and say where anything was tampered with."""
-    report = _call(database_url, lambda charter: charter.verify_audit())
+    """Check every audit entry and checkpoint against the anchor; exit 1 and say where anything
+    was tampered with. Needs only the database, the audit keys and the anchor
+    (CHARTER_DATABASE_URL, CHARTER_AUDIT_KEY, CHARTER_AUDIT_ANCHOR)."""
+    report = _call(database_url, lambda charter: charter.verify_audit(), Settings.for_audit)
     if as_json:
         console.print_json(
             json.dumps(
@@ -134,6 +151,9 @@ def audit_verify(
                     "entries": report.entries,
                     "streams": report.streams,
                     "checkpoints": report.checkpoints,
+                    "anchor": report.anchor,
+                    "anchor_records": report.anchor_records,
+                    "notes": report.notes,
                     "problems": [
                         {
                             "kind": p.kind,
@@ -149,11 +169,19 @@ def audit_verify(
         )
     else:
         for problem in report.problems:
-            console.print(f"[red]✗[/red] {problem}")
+            console.print(f"[red]✗[/red] {problem}", markup=False, highlight=False)
+        for note in report.notes:
+            console.print(f"[bold yellow]warning:[/bold yellow] {note}", highlight=False)
         status = "[green]verified[/green]" if report.ok else "[red]TAMPERED[/red]"
+        anchor = (
+            f"anchor {report.anchor} ({report.anchor_records} records)"
+            if report.anchored
+            else "no anchor"
+        )
         console.print(
             f"{status}: {report.entries} entries in {report.streams} streams, "
-            f"{report.checkpoints} checkpoints, {len(report.problems)} problems"
+            f"{report.checkpoints} checkpoints, {anchor}, {len(report.problems)} problems",
+            highlight=False,
         )
     if not report.ok:
         raise typer.Exit(1)
@@ -161,9 +189,47 @@ def audit_verify(
 
 @audit_app.command("checkpoint")
 def audit_checkpoint(database_url: DatabaseOption = None) -> None:
-    """Sign the head of every audit stream (guards against tail truncation)."""
-    row = _call(database_url, lambda charter: charter.checkpoint_audit())
-    console.print(f"checkpoint signed over {len(row['heads'])} streams")
+    """Sign the head of every audit stream, and copy it to the anchor (guards the tails)."""
+    row = _call(database_url, lambda charter: charter.checkpoint_audit(), Settings.for_audit)
+    where = " (and anchored)" if row["anchor"] else " (no anchor configured)"
+    console.print(
+        f"checkpoint {row['position']} signed over {len(row['heads'])} streams{where}",
+        highlight=False,
+    )
+
+
+@audit_app.command("prune")
+def audit_prune(
+    before: Annotated[
+        str, typer.Option(help="Delete entries older than this ISO 8601 time (UTC if no zone).")
+    ],
+    database_url: DatabaseOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete old audit entries for retention, with a signed record of how far (per stream).
+
+    Refuses if the trail does not verify first. `charter audit verify` then
+    expects each pruned stream to start after the recorded seq.
+    """
+    try:
+        cutoff = datetime.fromisoformat(before)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] --before {before!r} is not an ISO 8601 time")
+        raise typer.Exit(2) from exc
+    if cutoff.tzinfo is None:
+        cutoff = cutoff.replace(tzinfo=UTC)
+    if not yes:
+        typer.confirm(f"Delete every audit entry older than {cutoff.isoformat()}?", abort=True)
+    pruned = _call(database_url, lambda charter: charter.prune_audit(cutoff), Settings.for_audit)
+    if pruned.record is None:
+        console.print(f"nothing older than {cutoff.isoformat()}", highlight=False)
+        return
+    marks = pruned.record["heads"]
+    console.print(
+        f"pruned {pruned.entries} entries in {len(marks)} streams; signed prune record "
+        f"(checkpoint {pruned.record['position']})",
+        highlight=False,
+    )
 
 
 @audit_app.command("show")
@@ -173,11 +239,11 @@ def audit_show(
     database_url: DatabaseOption = None,
 ) -> None:
     """Print a record's audit history, oldest first."""
-    charter = _charter(_settings(database_url))
-    try:
-        history = charter.history(resource_type, resource_id)
-    except CharterError as exc:
-        raise _fail(exc) from exc
+
+    def read(charter: Charter) -> list[dict[str, Any]]:
+        return charter.history(resource_type, resource_id)
+
+    history = _call(database_url, read, Settings.for_audit)
     table = Table(title=f"{resource_type} {resource_id}")
     for column in (
         "at",

@@ -14,6 +14,9 @@ class DecisionKind(StrEnum):
     NO_RULE = "no_rule"  # deny by default: no allow rule matched
     ERROR = "error"  # evaluation failed; fails closed
     NOT_FOUND = "not_found"  # the record does not exist for this actor
+    # Not possible in the record's current state (its workflow), whoever asks: not a
+    # matter of permission. ``allowed_actions`` tells it apart from the denials above.
+    INVALID_TRANSITION = "invalid_transition"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,11 @@ class Decision:
         failed: tuple[str, ...] = (),
     ) -> Decision:
         return cls(False, kind, rule, reason, public_reason, failed)
+
+    @property
+    def possible(self) -> bool:
+        """False when the action is not possible in the record's state (whoever asks)."""
+        return self.kind is not DecisionKind.INVALID_TRANSITION
 
     def __bool__(self) -> bool:
         return self.allowed

@@ -1,11 +1,13 @@
 """Charter's errors: one root, a stable code, an HTTP status, a message a person can act on.
 
 Every error a caller of Charter can see derives from :class:`CharterError`. The
-``code`` is stable (clients and dashboards key on it; it becomes the last
-segment of the RFC 9457 problem ``type``), ``status`` is the HTTP status an
-adapter should answer with, and ``attrs`` carries structured, non-secret
-details. Foreign exceptions (SQLAlchemy, drivers, Pydantic) are translated at
-the boundary with ``raise ... from exc`` and never reach a caller raw.
+``code`` is stable (clients and dashboards key on it; it is the RFC 9457
+problem's ``code`` member, and the last segment of its ``type`` where the
+deployment configures a base URI: see :meth:`CharterError.problem`),
+``status`` is the HTTP status an adapter should answer with, and ``attrs``
+carries structured, non-secret details. Foreign exceptions (SQLAlchemy,
+drivers, Pydantic) are translated at the boundary with ``raise ... from exc``
+and never reach a caller raw.
 
 Hierarchy — every public error, and the module that defines it (``errors``
 unless named); ``tests/test_layout.py`` checks that this drawing is complete::
@@ -15,17 +17,21 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── Unauthenticated                   401 unauthenticated
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
+    │   ├── InvalidPage                   400 invalid_page          (a list's cursor or limit)
     │   ├── PayloadTooLarge               413 payload_too_large
     │   │   └── WebhookPayloadTooLarge    413 payload_too_large     webhooks
     │   ├── IdempotencyKeyMissing         400 idempotency_key_missing   idempotency.keys
     │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
+    │   ├── IdempotencyKeyUnsupported     400 idempotency_key_unsupported   idempotency.keys
     │   └── MalformedBody                 400 malformed_body        integrations.strictjson
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)
     ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
     ├── Conflict                          409 conflict              (also: a deadlock that persists)
-    │   └── IdempotencyKeyInProgress      409 idempotency_key_in_progress   idempotency.keys
+    │   ├── IdempotencyKeyInProgress      409 idempotency_key_in_progress   idempotency.keys
+    │   └── InvalidTransition             409 invalid_transition    (not possible in this state)
+    │       └── StepExpired               409 step_expired          (a flow's step came too late)
     ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys
     ├── ReplayedError                     (the stored error's code and status)  idempotency.keys
     ├── DomainError                       409 domain_error          (handlers raise subclasses)
@@ -47,6 +53,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 __all__ = [
@@ -58,10 +65,13 @@ __all__ = [
     "Forbidden",
     "HandlerFailed",
     "InvalidInput",
+    "InvalidPage",
+    "InvalidTransition",
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",
     "ReasonRequired",
+    "StepExpired",
     "StorageError",
     "StorageUnavailable",
     "Unauthenticated",
@@ -118,11 +128,24 @@ class CharterError(Exception):
         """
         return 400 <= self.status < 500 and not self.transient
 
-    def problem(self, *, instance: str | None = None) -> dict[str, Any]:
-        """Render as an RFC 9457 problem details object."""
+    def problem(
+        self, *, instance: str | None = None, type_base: str | None = None
+    ) -> dict[str, Any]:
+        """Render as an RFC 9457 problem details object; ``code`` always says which problem.
+
+        ``type_base``: a URI prefix the deployment controls and documents; the
+        ``type`` is then it plus the code (``https://errors.example.com/`` gives
+        ``https://errors.example.com/not-found``). Without one, ``type`` is
+        ``about:blank`` and, as RFC 9457 section 4.2.1 asks, the title is the HTTP
+        status phrase. Charter never names a domain it does not control.
+        """
+        if type_base:
+            problem_type, title = f"{type_base}{self.code.replace('_', '-')}", self.title
+        else:
+            problem_type, title = "about:blank", _status_phrase(self.status, self.title)
         body: dict[str, Any] = {
-            "type": f"https://charter.dev/problems/{self.code.replace('_', '-')}",
-            "title": self.title,
+            "type": problem_type,
+            "title": title,
             "status": self.status,
             "detail": self.message,
             "code": self.code,
@@ -132,6 +155,13 @@ class CharterError(Exception):
         for name, value in self.attrs.items():
             body.setdefault(name, value)
         return body
+
+
+def _status_phrase(status: int, default: str) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # not a registered status code
+        return default
 
 
 class ConfigurationError(CharterError):
@@ -170,6 +200,14 @@ class ReasonRequired(InvalidInput):
     code = "reason_required"
     status = 400
     title = "A reason is required"
+
+
+class InvalidPage(InvalidInput):
+    """A list's page cursor (``after``) or size (``limit``) is malformed or names no record."""
+
+    code = "invalid_page"
+    status = 400
+    title = "Invalid page request"
 
 
 class PayloadTooLarge(InvalidInput):
@@ -214,6 +252,24 @@ class Conflict(CharterError):
     code = "conflict"
     status = 409
     title = "Conflict"
+
+
+class InvalidTransition(Conflict):
+    """The action is not possible in the record's current state (its workflow says so).
+
+    ``state`` is the record's current state and ``allowed`` the actions its
+    workflow allows next from there (both also in the problem details).
+    """
+
+    code = "invalid_transition"
+    title = "Not possible in the current state"
+
+
+class StepExpired(InvalidTransition):
+    """A flow's step came after its deadline; the flow must be started again."""
+
+    code = "step_expired"
+    title = "This step has expired"
 
 
 class HandlerFailed(CharterError):

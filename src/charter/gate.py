@@ -10,6 +10,8 @@ assembled once; ``execute`` runs a call through its action's pipeline
 from __future__ import annotations
 
 import json
+import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,7 +24,16 @@ from sqlalchemy.orm import Session
 from . import data
 from .actions import ActionSpec, Handler
 from .actor import Actor, Channel
-from .audit import AuditKeyring, AuditTrail, VerificationReport, checkpoint, verify
+from .audit import (
+    AuditAnchor,
+    AuditCheckpointer,
+    AuditKeyring,
+    AuditTrail,
+    Pruned,
+    VerificationReport,
+    anchor_from_uri,
+    verify,
+)
 from .context import ActionContext
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, HandlerFailed
@@ -45,6 +56,8 @@ F = TypeVar("F", bound=Handler)
 #: Used only when ``development=True``; never outside development.
 DEVELOPMENT_AUDIT_KEY = "charter-development-audit-key-not-secret"
 
+log = logging.getLogger("charter")
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -59,6 +72,15 @@ class Charter:
     ``development=True``); ``conflict_retries`` (how often a transaction that
     lost a deadlock or serialization race runs again before the caller gets
     409 ``conflict``).
+
+    The audit trail: ``audit_anchor`` (a URI, ``file:…`` or another database's
+    URL, or an :class:`~charter.audit.AuditAnchor`) receives a copy of every
+    checkpoint (:mod:`charter.audit.anchor`); without one, nothing outside the
+    database vouches for the trail, and outside development a warning says so.
+    Checkpoints are written by this process itself, every
+    ``checkpoint_interval`` (60 s) or every ``checkpoint_entries`` entries,
+    whichever comes first (:mod:`charter.audit.schedule`; both None: only when
+    asked). :meth:`close` stops that and writes a last checkpoint.
     """
 
     def __init__(
@@ -74,9 +96,13 @@ class Charter:
         recovery_lease: timedelta = DEFAULT_LEASE,
         lock_timeout: timedelta = timedelta(seconds=10),
         conflict_retries: int = 3,
+        audit_anchor: str | AuditAnchor | None = None,
+        checkpoint_interval: timedelta | None = timedelta(seconds=60),
+        checkpoint_entries: int | None = None,
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
+        self._owns_engine = engine is None
         self.engine: Engine = (
             engine
             if engine is not None
@@ -93,23 +119,40 @@ class Charter:
         self._registry = registry = Registry(self._assemble)
         self.policy = registry.policy
         # Declarations are the registry's own methods (same signatures, same docs):
-        # resource(), action() (a decorator), register(), allow() and deny().
+        # resource(), action() (a decorator), register(), allow(), deny() and
+        # allow_impersonation().
         self.resource = registry.resource
         self.action = registry.action
         self.register = registry.register
         self.allow = registry.allow
         self.deny = registry.deny
+        self.allow_impersonation = registry.allow_impersonation
         self.runtime = Runtime(
             engine=self.engine,
             clock=clock,
             audit_trail=self.audit_trail,
             resources=self._registry.by_model,
+            readers=registry.readers,
             idempotency_retention=idempotency_retention,
             recovery_lease=recovery_lease,
             conflict_retries=conflict_retries,
         )
         self._builder = PipelineBuilder(self.runtime)
         self._pipelines: dict[str, Pipeline] = {}
+        self.anchor = anchor_from_uri(audit_anchor)
+        self.checkpointer = AuditCheckpointer(
+            self.engine, self.keyring, self.audit_trail, clock=clock, anchor=self.anchor,
+            interval=checkpoint_interval, entries=checkpoint_entries,
+        )  # fmt: skip
+        # A Charter dropped without close() stops its thread (exit is the checkpointer's
+        # own hook, which also writes a last checkpoint).
+        weakref.finalize(self, self.checkpointer.close, final=False).atexit = False
+        if self.anchor is None and not development:
+            log.warning(
+                "no audit anchor (audit_anchor=, CHARTER_AUDIT_ANCHOR): nothing outside the "
+                "database vouches for the audit trail; deleting its newest checkpoints with "
+                "the entries they cover would go unnoticed"
+            )
 
     def add_stage(
         self,
@@ -182,7 +225,7 @@ class Charter:
         spec = self.spec(action)
         ctx = ActionContext(
             action=spec.name,
-            actor=actor,
+            actor=self._registry.impersonation.resolve(actor),
             channel=Channel(channel),
             now=self.clock(),
             request_id=request_id or "",
@@ -208,7 +251,8 @@ class Charter:
         The rows returned are exactly those on which :meth:`execute` would allow
         ``action`` now (the property tests in ``charter.policy.agreement`` check it).
         """
-        return self.policy_of(action).apply(stmt, actor, self._context(actor, action, channel))
+        ctx = self._context(actor, action, channel)
+        return self.policy_of(action).apply(stmt, ctx.actor, ctx)
 
     def list_records(
         self,
@@ -231,7 +275,7 @@ class Charter:
     ) -> ActionContext:
         return ActionContext(
             action=action,
-            actor=actor,
+            actor=self._registry.impersonation.resolve(actor),
             channel=Channel(channel),
             now=self.clock(),
             request_id=request_id_or_new(request_id),
@@ -240,16 +284,46 @@ class Charter:
     # -- the audit trail ------------------------------------------------------------------
 
     def verify_audit(self) -> VerificationReport:
-        """Verify the whole audit trail and its checkpoints (see :mod:`charter.audit.verify`)."""
+        """Verify the audit trail, its checkpoints and its anchor (:mod:`charter.audit.verify`)."""
         with self.session() as session:
-            return verify(session, self.keyring)
+            return verify(session, self.keyring, anchor=self.anchor, now=self.clock())
 
     def checkpoint_audit(self) -> dict[str, Any]:
-        """Sign the current head of every audit stream."""
-        with self.runtime.write_session() as session:
-            row = checkpoint(session, self.keyring, self.clock())
-            session.commit()
-            return row
+        """Sign the current head of every audit stream (and copy it to the anchor)."""
+        with translate_errors():
+            return self.checkpointer.checkpoint_all()
+
+    def checkpoint_now(self) -> dict[str, Any] | None:
+        """Write the scheduled checkpoint now (this process's streams); None if nothing moved."""
+        with translate_errors():
+            return self.checkpointer.checkpoint_now()
+
+    def prune_audit(self, before: datetime) -> Pruned:
+        """Delete audit entries older than ``before``, with a signed record of how far.
+
+        Refuses (``AuditIntegrityError``) if the trail does not verify first
+        (:mod:`charter.audit.prune`).
+        """
+        report = self.verify_audit()
+        with translate_errors():
+            return self.checkpointer.prune(before, verified=report)
+
+    def close(self) -> None:
+        """Stop the checkpoint thread after a last checkpoint, and release the database.
+
+        The engine is disposed if this Charter created it (``database_url=``).
+        """
+        self.checkpointer.close()
+        if self.anchor is not None:
+            self.anchor.close()
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> Charter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def history(self, resource_type: str, resource_id: Any) -> list[dict[str, Any]]:
         """Every audit entry about one record, oldest first (as target or as a touched record)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -11,9 +11,10 @@ from .actions import ActionSpec, Handler, Locks
 from .actor import Actor
 from .context import ActionContext
 from .decision import Decision
-from .errors import ConfigurationError, UnknownAction
+from .errors import ConfigurationError, NotFound, UnknownAction
 from .idempotency.keys import IdempotencyMode
-from .policy import ActionPolicy, PermissionMatrix, PolicySet, Rule, permission_matrix
+from .impersonation import ImpersonationGrant, ImpersonationGrants
+from .policy import ActionPolicy, PermissionMatrix, PolicySet, Readers, Rule, permission_matrix
 from .resources import ResourceSpec
 
 __all__ = ["Registry"]
@@ -36,6 +37,9 @@ class Registry:
         self._actions: dict[str, ActionSpec] = {}
         self._policies: dict[str, ActionPolicy] = {}
         self.policy = PolicySet()
+        self.impersonation = ImpersonationGrants()
+        #: Who may read a record: its resource's sensitive reads (``conceal``).
+        self.readers = Readers()
 
     # -- declarations --------------------------------------------------------------
 
@@ -48,15 +52,18 @@ class Registry:
         version: str | None = None,
         name: str | None = None,
         view: Callable[[Any], Any] | None = None,
+        conceal: bool = True,
     ) -> ResourceSpec:
         """Declare a mapped class as a resource; ``tenant=None`` must be explicit.
 
         ``view`` renders a record as JSON when a handler returns the record itself
-        (after the gate has bumped its version).
+        (after the gate has bumped its version). ``conceal`` (default on): a denied
+        action on a record the actor may not read answers 404, like a missing record.
         """
         spec = ResourceSpec.declare(
-            model, name=name, tenant=tenant, state=state, version=version, view=view
-        )
+            model, name=name, tenant=tenant, state=state, version=version, view=view,
+            conceal=conceal,
+        )  # fmt: skip
         if model in self._resources:
             raise ConfigurationError(f"resource {model.__name__} is declared twice")
         if spec.name in self._resource_names:
@@ -80,7 +87,7 @@ class Registry:
         impersonation: bool = True,
         listable: bool = False,
         status: int | None = None,
-        idempotency: IdempotencyMode | str = IdempotencyMode.NONE,
+        idempotency: IdempotencyMode | str | None = None,
         by: str | None = None,
         locks: Locks | None = None,
     ) -> Callable[[F], F]:
@@ -108,7 +115,7 @@ class Registry:
                 impersonation=impersonation,
                 listable=listable,
                 status=status,
-                idempotency=IdempotencyMode(idempotency),
+                idempotency=None if idempotency is None else IdempotencyMode(idempotency),
                 by=by,
                 locks=locks,
             )
@@ -132,6 +139,8 @@ class Registry:
                 )
         spec = ActionSpec.declare(name, handler, resource=resource, **options)
         self._compile_policy(spec)
+        if spec.sensitive_read and resource is not None:
+            self.readers.add(self._policies[spec.name])
         self._on_action(spec, self._policies[spec.name])
         self._actions[name] = spec
         return spec
@@ -147,6 +156,26 @@ class Registry:
             impersonation=spec.impersonation,
             listable=spec.listable,
             creates=spec.creates,
+        )
+
+    def allow_impersonation(
+        self,
+        name: str,
+        *,
+        by: str | Iterable[str],
+        of_roles: str | Iterable[str],
+        scopes: str | Iterable[str],
+        of_kinds: str | Iterable[str] = ("user",),
+    ) -> ImpersonationGrant:
+        """Let actors holding a ``by`` role act on behalf of subjects of ``of_kinds`` whose
+        every role is in ``of_roles``, for actions whose scope ``scopes`` allows.
+
+        Without a grant no impersonation is honoured (:mod:`charter.impersonation`).
+        """
+        return self.impersonation.add(
+            ImpersonationGrant.declare(
+                name, by=by, of_roles=of_roles, scopes=scopes, of_kinds=of_kinds
+            )
         )
 
     def allow(self, pattern: str, condition: Any, *, name: str | None = None) -> Rule:
@@ -196,11 +225,20 @@ class Registry:
         resource = self._resources.get(type(record))
         if resource is None:
             raise ConfigurationError(f"{type(record).__name__} is not a declared resource")
-        return {
+        actor = self.impersonation.resolve(actor)
+        decisions = {
             name: self._policies[name].decide(actor, record, ctx)
             for name, spec in self._actions.items()
             if spec.resource is resource and not spec.creates
         }
+        if (
+            resource.conceal
+            and not any(d.allowed for d in decisions.values())
+            and not self.readers.may_read(resource, actor, record, ctx)
+        ):
+            # Nothing allowed on a record the actor cannot read: that it exists is not told.
+            raise NotFound(f"{resource.name} {resource.identity(record)} was not found")
+        return decisions
 
     def matrix(
         self, *, roles: Sequence[str], states: Sequence[str] | None = None

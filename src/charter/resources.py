@@ -7,15 +7,95 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Integer,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError
 
-__all__ = ["ResourceSpec", "coerce_id", "request_id_or_new"]
+__all__ = ["ColumnDomain", "ResourceSpec", "coerce_id", "request_id_or_new"]
 
 MAX_REQUEST_ID = 128
+#: The SQL integer types' ranges (SQL:2016 §4.4.3; PostgreSQL enforces them, SQLite does not).
+_INTEGER_BITS = ((BigInteger, 64), (SmallInteger, 16), (Integer, 32))
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnDomain:
+    """The values one column can hold, on every dialect alike: what a locator must be.
+
+    A locator outside the domain names no record, so :meth:`coerce` returns
+    ``None`` and the gate answers *not found* (audited) without asking the
+    database, which would otherwise fail on it: PostgreSQL refuses an INTEGER
+    parameter of 2**31 and any text with a NUL character. An integer column
+    takes Python ints of its declared type's range (INTEGER: 32 bits, even on
+    SQLite, so that one id means the same on every database) or strings of
+    ASCII digits only (``int()`` also reads Arabic-Indic digits and ``"1_0"``); a string
+    column takes strings without NUL, no longer than its declared length.
+    """
+
+    python_type: type[Any] | None
+    low: int | None = None
+    high: int | None = None
+    max_length: int | None = None
+
+    @classmethod
+    def of(cls, column: Any) -> ColumnDomain:
+        """The domain of a mapped column (its SQLAlchemy type, unwrapped from a TypeDecorator)."""
+        sql_type = column.type
+        if isinstance(sql_type, TypeDecorator):
+            sql_type = sql_type.impl_instance
+        if isinstance(sql_type, Integer) and not isinstance(sql_type, Boolean):
+            bits = next(b for t, b in _INTEGER_BITS if isinstance(sql_type, t))
+            return cls(int, low=-(1 << (bits - 1)), high=(1 << (bits - 1)) - 1)
+        if isinstance(sql_type, String):
+            return cls(str, max_length=sql_type.length)
+        try:
+            return cls(sql_type.python_type)
+        except NotImplementedError:
+            return cls(None)
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` as a value of the column, or ``None`` if no row can hold it."""
+        if isinstance(value, str) and "\x00" in value:
+            return None
+        if self.python_type is int:
+            return self._integer(value)
+        if self.python_type is str:
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str):
+                return None
+            return value if self.max_length is None or len(value) <= self.max_length else None
+        if self.python_type is None or isinstance(value, self.python_type):
+            return value
+        try:
+            return self.python_type(value)
+        except (TypeError, ValueError):
+            return None
+
+    def _integer(self, value: Any) -> int | None:
+        if isinstance(value, str):
+            # ASCII digits only, and few enough of them to be worth parsing.
+            if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                return None
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None  # True is not invoice 1, nor 1.9
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            return None
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +106,12 @@ class ResourceSpec:
     resource: it must be declared ``tenant=None`` explicitly). ``state`` names
     the workflow state column, ``version`` the optimistic-concurrency counter
     that the gate bumps on every change (exposed as an ETag over HTTP).
+
+    ``conceal`` (on by default): a record the actor may not *read* answers
+    404, like a missing one, when an action on it is denied, so ids cannot be
+    enumerated inside a tenant. "May read" means one of the resource's
+    sensitive reads would be allowed on it; an actor who may read the record
+    but not act on it still gets 403. The denial is audited as a denial.
     """
 
     model: type[Any]
@@ -35,7 +121,8 @@ class ResourceSpec:
     state: str | None = None
     version: str | None = None
     view: Callable[[Any], Any] | None = None
-    id_type: type[Any] | None = None  # the primary key's Python type, to coerce ids
+    id_domain: ColumnDomain = ColumnDomain(None)  # the values an id can take (coerce_id)
+    conceal: bool = True
 
     @classmethod
     def declare(
@@ -47,6 +134,7 @@ class ResourceSpec:
         state: str | None = None,
         version: str | None = None,
         view: Callable[[Any], Any] | None = None,
+        conceal: bool = True,
     ) -> ResourceSpec:
         """Validate the declaration against the mapper; fail at start-up, loudly."""
         try:
@@ -72,10 +160,6 @@ class ResourceSpec:
         resource_name = name or str(getattr(mapper.local_table, "name", ""))
         if not resource_name or not resource_name.replace("_", "").isalnum():
             raise ConfigurationError(f"resource name {resource_name!r} must be an identifier")
-        try:
-            id_type: type[Any] | None = mapper.primary_key[0].type.python_type
-        except NotImplementedError:
-            id_type = None
         return cls(
             model=model,
             name=resource_name,
@@ -84,7 +168,8 @@ class ResourceSpec:
             state=state,
             version=version,
             view=view,
-            id_type=id_type,
+            id_domain=ColumnDomain.of(mapper.primary_key[0]),
+            conceal=bool(conceal),
         )
 
     def render(self, record: Any) -> Any:
@@ -128,19 +213,14 @@ class ResourceSpec:
             )
 
     def coerce(self, name: str | None, value: Any) -> Any:
-        """A locator value as the column's Python type, or None if it cannot be one."""
+        """A locator value as a value of the column, or None if no row can hold it."""
+        return self.domain(name).coerce(value)
+
+    def domain(self, name: str | None) -> ColumnDomain:
+        """The values column ``name`` (``None``: the primary key) can hold."""
         if name is None:
-            return coerce_id(self, value)
-        try:
-            python_type = sa_inspect(self.model).columns[name].type.python_type
-        except NotImplementedError:
-            return value
-        if isinstance(value, python_type):
-            return value
-        try:
-            return python_type(value)
-        except (TypeError, ValueError):
-            return None
+            return self.id_domain
+        return ColumnDomain.of(sa_inspect(self.model).columns[name])
 
     def column(self, name: str) -> Any:
         """The mapped attribute (``Invoice.amount``) for a column name."""
@@ -166,13 +246,5 @@ def request_id_or_new(value: str | None) -> str:
 
 
 def coerce_id(resource: ResourceSpec, target: Any) -> Any:
-    """The target id as the primary key's Python type, or None if it cannot be one."""
-    python_type = resource.id_type
-    if python_type is None:
-        return target
-    if isinstance(target, python_type):
-        return target
-    try:
-        return python_type(target)
-    except (TypeError, ValueError):
-        return None
+    """The target id as a value of the primary key, or None if no row can have it."""
+    return resource.id_domain.coerce(target)

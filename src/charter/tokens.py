@@ -5,10 +5,12 @@ attributes are looked up server-side at each request (a directory callable), so
 that revoking a role takes effect at once and a token cannot grant itself roles.
 Secrets rotate: the first signs, all verify.
 
-Support impersonation uses RFC 8693's ``act`` claim semantics in a header:
-a support agent's token plus ``X-On-Behalf-Of: <user id>`` yields the agent
-acting on behalf of that user, if the agent holds the ``support`` role in the
-user's tenant. The gate then requires a reason and audits both.
+Impersonation uses RFC 8693's ``act`` claim semantics in a header: a token
+plus ``X-On-Behalf-Of: <user id>`` yields the token's user *claiming* to act
+on behalf of that user of the same tenant. Parsing decides nothing more: the
+gate honours the claim only where a declared grant allows it
+(:mod:`charter.impersonation`; none by default), requires a reason and audits
+both. The credential's scope set is always the token's, even when empty.
 """
 
 from __future__ import annotations
@@ -109,9 +111,17 @@ class TokenSigner:
         )
         if on_behalf_of is None:
             return actor
-        if "support" not in actor.roles:
-            raise Unauthenticated("Only support staff may act on behalf of another user.")
+        if not on_behalf_of or len(on_behalf_of) > 128:
+            raise Unauthenticated("X-On-Behalf-Of must name a user id (at most 128 characters).")
         subject_user = directory(actor.tenant, on_behalf_of)
         if subject_user is None:
             raise Unauthenticated("The user to act on behalf of does not exist in your tenant.")
-        return actor.impersonate(subject_user)
+        # The subject presents no credential here: its own scopes are not in play.
+        claimed = Actor(
+            id=subject_user.id,
+            tenant=subject_user.tenant,
+            kind=subject_user.kind,
+            roles=subject_user.roles,
+            attributes=subject_user.attributes,
+        )
+        return actor.impersonate(claimed)

@@ -140,7 +140,7 @@ def test_missing_headers_and_bad_bodies_are_clean_4xx(client):
 def test_a_settlement_for_another_charge_is_acknowledged_as_refused_and_changes_nothing(client):
     invoice, _ = paid_pending_invoice(client)
     response = post(client, *settled("ch_someone_else", invoice, msg_id="msg_2"))
-    assert (200, "refused", "forbidden") == (
+    assert (200, "refused", "not_found") == (
         response.status_code,
         response.json()["status"],
         response.json()["refusal"]["code"],
@@ -177,12 +177,13 @@ def test_unknown_event_types_are_acknowledged_and_ignored(client):
 
 def test_a_receiver_refuses_actions_without_idempotency(client):
     charter: Charter = client.app_state.charter
-    with pytest.raises(ConfigurationError):
+    charter.action("invoice.nudge", on=Invoice, idempotency="none")(lambda ctx, r, d: None)
+    with pytest.raises(ConfigurationError, match=r"invoice\.nudge"):
         WebhookReceiver(
             charter,
             StandardWebhookVerifier(DEVELOPMENT_WEBHOOK_SECRET),
             partner=lambda e: None,  # type: ignore[arg-type,return-value]
-            routes={"x": WebhookRoute("invoice.submit", input=lambda e: {})},
+            routes={"x": WebhookRoute("invoice.nudge", input=lambda e: {})},
         )
 
 
@@ -352,5 +353,5 @@ def test_concurrent_deliveries_of_a_refused_message_are_refused_once_then_duplic
     assert [200] * workers == [r.status_code for r in responses]
     statuses = sorted(r.json()["status"] for r in responses)
     assert ["duplicate"] * (workers - 1) + ["refused"] == statuses
-    assert {"forbidden"} == {r.json()["refusal"]["code"] for r in responses}
+    assert {"not_found"} == {r.json()["refusal"]["code"] for r in responses}
     assert "payment_pending" == state(client, invoice)

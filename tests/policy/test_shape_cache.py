@@ -195,7 +195,7 @@ def test_impersonation_and_scope_are_part_of_the_shape(session: Session) -> None
         scope="invoices:approve",
     )
     direct = approver("u1", "t1", scopes=["invoices:*"])
-    no_scope = approver("u1", "t1")
+    no_scope = approver("u1", "t1", scopes=[])  # a credential with no scope
     support = Actor.make("s1", "t1", kind="support", scopes=["*"]).impersonate(direct)
     assert len({ap.filter_shape(a) for a in (direct, no_scope, support)}) == 3
     assert bound_ids(session, ap, direct) == where_ids(session, ap, direct) != []

@@ -93,6 +93,14 @@ checkpoint_table = Table(
     Column("prev_signature", String(64), nullable=False),
     Column("key_id", String(32), nullable=False),
     Column("signature", String(64), nullable=False),
+    # charter_0005: the place in the chain (unique, so two concurrent checkpoints
+    # cannot follow the same one; NULL for checkpoints signed before it), what the
+    # row says (``checkpoint``: heads the trail must still hold; ``prune``: how far
+    # each stream was deleted on purpose), and the anchor it was written to.
+    Column("position", BigInteger, nullable=True),
+    Column("kind", String(16), nullable=False, server_default="checkpoint"),
+    Column("anchor", String(64), nullable=True),
+    Index("uq_charter_audit_checkpoints_position", "position", unique=True),
 )
 
 #: The entry INSERT, built once: no RETURNING (nobody needs the new ids), and a

@@ -13,10 +13,14 @@ content, its stream position and the previous entry's hash. So:
   stream (the next entry's ``prev_hash`` and ``seq`` no longer line up), and
   cannot reorder entries (the MAC covers the position);
 * deleting the *tail* of a stream leaves a shorter but valid chain, which is
-  why :func:`charter.audit_verify.checkpoint` periodically signs every stream's
-  head (seq and hash), chaining checkpoints to each other; verification then
-  reports any checkpointed entry that has gone. Entries written since the last
-  checkpoint are protected against everything but tail truncation.
+  why checkpoints (:mod:`charter.audit.checkpoint`) periodically sign the
+  streams' heads (seq and hash), chaining checkpoints to each other, and copy
+  each one to an anchor outside the database (:mod:`charter.audit.anchor`);
+  verification then reports any checkpointed entry that has gone. Entries
+  written since the last checkpoint are protected against everything but tail
+  truncation. Each trail keeps the heads its streams reached since the last
+  checkpoint (:meth:`AuditTrail.dirty_heads`), so the scheduled checkpoint of a
+  process (:mod:`charter.audit.schedule`) signs them without reading the table.
 
 Why not a chain per record, serialized by the record's row lock? It would need
 a read of the previous entry's hash in every transaction (a round trip), and
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,10 +145,11 @@ class AuditLease:
             write_links(connection, rows)
 
     def committed(self) -> None:
-        if self.pending:
-            last = self.pending[-1]
-            self.stream.seq, self.stream.head = last["seq"], last["hash"]
-        self._finish(reuse=True)
+        if self.done:
+            return
+        self.done = True
+        rows, self.pending = self.pending, []
+        self.trail._committed(self.stream, rows)
 
     def rolled_back(self) -> None:
         self._finish(reuse=True)
@@ -160,12 +167,22 @@ class AuditLease:
 
 
 class AuditTrail:
-    """Writes and reads Charter's audit trail."""
+    """Writes and reads Charter's audit trail.
+
+    ``observer``, if set, is called with the number of entries each commit
+    wrote (the checkpoint schedule counts them); it runs on the committing
+    thread, so it must be quick and must not raise.
+    """
 
     def __init__(self, keyring: AuditKeyring) -> None:
         self.keyring = keyring
+        self.observer: Callable[[int], None] | None = None
         self._free: list[_Stream] = []
+        # Streams whose head moved since the last checkpoint that covered them.
+        self._dirty: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        _trails.add(self)
+        _install_fork_hook()
 
     def lease(self) -> AuditLease:
         with self._lock:
@@ -175,6 +192,41 @@ class AuditTrail:
     def _release(self, stream: _Stream) -> None:
         with self._lock:
             self._free.append(stream)
+
+    def _committed(self, stream: _Stream, rows: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            if rows:
+                # Under the lock: a checkpoint never reads a head half updated.
+                stream.seq, stream.head = rows[-1]["seq"], rows[-1]["hash"]
+                self._dirty[stream.id] = stream
+            self._free.append(stream)
+        if rows and self.observer is not None:
+            self.observer(len(rows))
+
+    def dirty_heads(self) -> dict[str, list[Any]]:
+        """``{stream: [seq, hash]}`` of every stream this trail moved since it was checkpointed.
+
+        Only committed entries count; an abandoned stream stays here until a
+        checkpoint has covered its last known head, then it is forgotten.
+        """
+        with self._lock:
+            return {s.id: [s.seq, s.head] for s in self._dirty.values()}
+
+    def checkpointed(self, heads: Mapping[str, Sequence[Any]]) -> None:
+        """Forget the streams a checkpoint covered (unless they moved on since)."""
+        with self._lock:
+            for stream_id, (seq, _digest) in heads.items():
+                stream = self._dirty.get(stream_id)
+                if stream is not None and stream.seq <= int(seq):
+                    del self._dirty[stream_id]
+
+    def _after_fork(self) -> None:
+        # A forked child must never continue its parent's streams: both would
+        # write the same (stream, seq). It starts afresh (the parent's lock may
+        # have been held at the fork, so it gets a new one too).
+        self._lock = threading.Lock()
+        self._free = []
+        self._dirty = {}
 
     def seal(
         self, stream: _Stream, entry: AuditEntry, pending: Sequence[Mapping[str, Any]] = ()
@@ -219,6 +271,22 @@ class AuditTrail:
             .order_by(a.c.at, a.c.id)
         )
         return [dict(r._mapping) for r in connection.execute(stmt)]
+
+
+_trails: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
+_fork_hook: list[bool] = []
+
+
+def _install_fork_hook() -> None:
+    """Once per process, on first use (no import-time side effect)."""
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        _fork_hook.append(True)
+        os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _reset_after_fork() -> None:
+    for trail in list(_trails):
+        trail._after_fork()
 
 
 def write_links(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:

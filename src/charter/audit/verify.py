@@ -1,7 +1,8 @@
-"""Verifying the audit trail, and the signed checkpoints that guard stream tails.
+"""Verifying the audit trail against its checkpoints and its anchor.
 
-See :mod:`charter.audit.trail` for the chain design. Verification reads every entry
-once, recomputes its MAC and its links, and classifies what it finds:
+See :mod:`charter.audit.trail` for the chain design. Verification reads the
+anchor (if one is configured), then the checkpoints, then every entry once; it
+recomputes each MAC and link and classifies what it finds:
 
 * ``modified`` — an original entry whose content (or hash) was changed: its MAC
   fails, but the chain (the next entry's ``prev_hash`` or a checkpoint) still
@@ -9,44 +10,71 @@ once, recomputes its MAC and its links, and classifies what it finds:
 * ``inserted`` — an entry that was never part of the chain: its MAC fails and
   nothing points at it;
 * ``deleted`` — positions of a stream that no authentic entry occupies any more
-  (gaps in the middle, or a tail that a checkpoint had seen);
+  (gaps in the middle, or a tail that a checkpoint or the anchor had seen);
 * ``reordered`` — authentic entries whose stored positions no longer follow
   their original order (the MAC covers the original position, so it is
   recovered by trying the other positions of the stream);
-* ``checkpoint`` — a checkpoint whose signature or chaining is wrong.
+* ``checkpoint`` — a checkpoint whose signature or chaining is wrong, or one
+  the anchor holds and the database lost;
+* ``truncated`` — the database's checkpoints end before the anchor's do: the
+  trail is shorter than the anchor says;
+* ``emptied`` — no entry is left of a trail that checkpoints or the anchor
+  vouch for;
+* ``anchor`` — the anchor itself is damaged: a record edited or removed, or
+  checkpoints the database says were written to it and it lacks (truncated);
+* ``link`` — the index from touched records to entries disagrees with them.
+
+Pruned streams (a signed ``prune`` checkpoint, :mod:`charter.audit.prune`) are
+expected to start after the seq it names. Without an anchor, verification works
+as before and says, in ``notes``, that nothing outside the database vouches for
+the trail: then deleting the newest checkpoints with the entries they cover, or
+both tables, cannot be noticed.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .anchor import AnchorReading, AnchorRecord, AuditAnchor, read_anchor
+from .checkpoint import PRUNE, checkpoint_message
 from .entry import audit_table, canonical_message, checkpoint_table, link_table
 from .trail import AuditKeyring
 
-__all__ = ["AuditProblem", "VerificationReport", "checkpoint", "verify"]
+__all__ = ["ANCHOR_GRACE", "AuditProblem", "VerificationReport", "verify"]
 
 # Upper bound on MAC recomputations spent recovering one moved entry's position.
 _MAX_POSITION_TRIES = 5000
 
+#: A checkpoint younger than this may still be on its way to the anchor (it is
+#: committed first, then appended): only older ones are required to be there.
+ANCHOR_GRACE = timedelta(minutes=2)
+
+NO_ANCHOR = (
+    "no anchor is configured: nothing outside the database vouches for this trail, so "
+    "deleting the newest checkpoints together with the entries they cover, or emptying "
+    "both tables, cannot be noticed (set CHARTER_AUDIT_ANCHOR)"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class AuditProblem:
-    kind: str  # modified | inserted | deleted | reordered | checkpoint | link
+    kind: str  # modified | inserted | deleted | reordered | checkpoint | truncated | emptied | ...
     stream: str | None
     seq: int | None
     entry_id: int | None
     detail: str
 
     def __str__(self) -> str:
+        if self.entry_id is None and self.stream is None:
+            return f"{self.kind}: {self.detail}"
         where = f"entry {self.entry_id}" if self.entry_id is not None else "stream"
         pos = f" (stream {self.stream[:8]}… seq {self.seq})" if self.stream else ""
         return f"{self.kind}: {where}{pos}: {self.detail}"
@@ -58,94 +86,217 @@ class VerificationReport:
     streams: int = 0
     checkpoints: int = 0
     problems: list[AuditProblem] = field(default_factory=list)
+    #: The anchor checked against (its URI), and how many records it holds.
+    anchor: str | None = None
+    anchor_records: int = 0
+    #: What a reader must know that is not a problem (e.g. that no anchor vouches).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-
-def _checkpoint_message(at: datetime | str, heads: Mapping[str, Any], prev: str) -> bytes:
-    at_text = (
-        at if isinstance(at, str) else at.replace(tzinfo=None).isoformat(timespec="microseconds")
-    )
-    return json.dumps(
-        ["charter-checkpoint-v1", at_text, heads, prev], sort_keys=True, separators=(",", ":")
-    ).encode()
+    @property
+    def anchored(self) -> bool:
+        return self.anchor is not None
 
 
-def checkpoint(session: Session, keyring: AuditKeyring, now: datetime) -> dict[str, Any]:
-    """Sign the head (last seq and hash) of every stream, chained to the last checkpoint.
+@dataclass(slots=True)
+class _Vouched:
+    """What the checkpoints and the anchor say the trail holds, per stream."""
 
-    Run it periodically (the reference service does, and ``charter audit
-    checkpoint``): entries older than the newest checkpoint are protected
-    against tail truncation too.
-    """
-    last = session.execute(
-        select(audit_table.c.stream, func.max(audit_table.c.seq)).group_by(audit_table.c.stream)
-    ).all()
-    heads: dict[str, list[Any]] = {}
-    for stream, seq in last:
-        digest = session.execute(
-            select(audit_table.c.hash).where(
-                audit_table.c.stream == stream, audit_table.c.seq == seq
-            )
-        ).scalar_one()
-        heads[stream] = [int(seq), digest]
-    prev = (
-        session.execute(
-            select(checkpoint_table.c.signature).order_by(checkpoint_table.c.id.desc()).limit(1)
-        ).scalar_one_or_none()
-        or ""
-    )
-    at = now.replace(tzinfo=None)
-    signature = keyring.mac(_checkpoint_message(at, heads, prev))
-    row = {
-        "at": now,
-        "heads": heads,
-        "prev_signature": prev,
-        "key_id": keyring.current_id,
-        "signature": signature,
-    }
-    session.execute(insert(checkpoint_table), [row])
-    return row
+    heads: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # seq, hash, who says
+    pruned: dict[str, tuple[int, str]] = field(default_factory=dict)  # deleted through seq
+
+    def add(self, kind: str, heads: Mapping[str, Any], who: str) -> None:
+        for stream, (seq, digest) in heads.items():
+            if kind == PRUNE:
+                if stream not in self.pruned or self.pruned[stream][0] < int(seq):
+                    self.pruned[stream] = (int(seq), str(digest))
+            elif stream not in self.heads or self.heads[stream][0] <= int(seq):
+                self.heads[stream] = (int(seq), str(digest), who)
+
+    def floor(self, stream: str) -> int:
+        return self.pruned.get(stream, (0, ""))[0]
+
+    def expected(self) -> dict[str, tuple[int, str, str]]:
+        """The heads of streams that should still have entries (not pruned through their head)."""
+        return {s: h for s, h in self.heads.items() if h[0] > self.floor(s)}
+
+
+def _problem(kind: str, detail: str) -> AuditProblem:
+    return AuditProblem(kind, None, None, None, detail)
+
+
+def _span(noun: str, start: int, end: int) -> str:
+    return f"{noun} {start}" if start == end else f"{noun}s {start}-{end}"
 
 
 def _verify_checkpoints(
-    session: Session, keyring: AuditKeyring, report: VerificationReport
-) -> dict[str, tuple[int, str]]:
-    """Check the checkpoint chain; return the newest valid head per stream."""
-    heads: dict[str, tuple[int, str]] = {}
-    prev = ""
-    for cp in session.execute(select(checkpoint_table).order_by(checkpoint_table.c.id)):
+    session: Session, keyring: AuditKeyring, report: VerificationReport, vouched: _Vouched
+) -> dict[int, dict[str, Any]]:
+    """Check the checkpoint chain; return every checkpoint row by position (valid or not)."""
+    rows = [dict(r) for r in session.execute(select(checkpoint_table)).mappings()]
+    # Checkpoints from before positions existed first (by id), then the chain's order.
+    rows.sort(key=lambda r: (r["position"] is not None, r["position"] or 0, r["id"]))
+    prev, expected = "", 1
+    by_position: dict[int, dict[str, Any]] = {}
+    for cp in rows:
         report.checkpoints += 1
-        message = _checkpoint_message(cp.at, cp.heads, cp.prev_signature)
-        if not keyring.check(message, cp.key_id, cp.signature):
+        position = cp["position"]
+        label = f"checkpoint {position if position is not None else cp['id']}"
+        cp["valid"] = keyring.check(checkpoint_message(cp), cp["key_id"], cp["signature"])
+        if not cp["valid"]:
             report.problems.append(
-                AuditProblem(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
-                    f"checkpoint {cp.id} has an invalid signature (altered or forged)",
-                )
+                _problem("checkpoint", f"{label} has an invalid signature (altered or forged)")
             )
-            continue
-        if cp.prev_signature != prev:
+        elif position is not None and position > expected:
+            gone = _span("checkpoint", expected, position - 1)
             report.problems.append(
-                AuditProblem(
+                _problem("checkpoint", f"{gone} missing before {label}: deleted or reordered")
+            )
+        elif cp["prev_signature"] != prev:
+            report.problems.append(
+                _problem(
                     "checkpoint",
-                    None,
-                    None,
-                    None,
-                    f"checkpoint {cp.id} does not follow the previous checkpoint "
+                    f"{label} does not follow the previous checkpoint "
                     "(a checkpoint was deleted or reordered)",
                 )
             )
-        prev = cp.signature
-        for stream, (seq, digest) in cp.heads.items():
-            if stream not in heads or heads[stream][0] <= seq:
-                heads[stream] = (int(seq), str(digest))
-    return heads
+        if cp["valid"]:
+            vouched.add(cp["kind"], cp["heads"], label)
+        prev = cp["signature"]
+        if position is not None:
+            expected = int(position) + 1
+            by_position[int(position)] = cp
+    return by_position
+
+
+def _check_anchor(
+    reading: AnchorReading,
+    checkpoints: Mapping[int, Mapping[str, Any]],
+    vouched: _Vouched,
+    report: VerificationReport,
+    now: datetime | None,
+    grace: timedelta,
+) -> None:
+    """The anchor's own damage, then what it holds and the database lost, and the reverse."""
+    report.problems.extend(_problem("anchor", detail) for detail in reading.problems)
+    anchored: dict[int, AnchorRecord] = {}
+    for record in reading.records:
+        if record.checkpoint is not None:
+            vouched.add(record.kind, record.heads, f"anchor record {record.position}")
+            anchored[int(record.checkpoint)] = record
+    _lost_from_database(anchored, checkpoints, report)
+    _lost_from_anchor(reading, anchored, checkpoints, report, now, grace)
+
+
+def _lost_from_database(
+    anchored: Mapping[int, AnchorRecord],
+    checkpoints: Mapping[int, Mapping[str, Any]],
+    report: VerificationReport,
+) -> None:
+    newest = max(checkpoints, default=0)
+    gone = sorted(p for p in anchored if p not in checkpoints)
+    for start, end in _ranges([p for p in gone if p < newest]):
+        report.problems.append(
+            _problem(
+                "checkpoint",
+                f"{_span('checkpoint', start, end)} missing from the database: deleted "
+                f"(the anchor holds {'it' if start == end else 'them'}, from "
+                f"{anchored[start].where})",
+            )
+        )
+    beyond = [p for p in gone if p > newest]
+    if beyond:
+        last = anchored[beyond[-1]]
+        ends = f"end at checkpoint {newest}" if newest else "are gone"
+        report.problems.append(
+            _problem(
+                "truncated",
+                f"the trail is shorter than the anchor says: its checkpoints {ends}, the "
+                f"anchor's go on to checkpoint {beyond[-1]} ({last.where}, signed {last.at}); "
+                f"{', '.join(_span('checkpoint', a, b) for a, b in _ranges(beyond))} deleted",
+            )
+        )
+    for position, record in sorted(anchored.items()):
+        row = checkpoints.get(position)
+        if row is not None and row["valid"] and row["signature"] != record.signature:
+            report.problems.append(
+                _problem(
+                    "checkpoint",
+                    f"checkpoint {position} is not the one the anchor holds ({record.where}): "
+                    "replaced",
+                )
+            )
+
+
+def _lost_from_anchor(
+    reading: AnchorReading,
+    anchored: Mapping[int, AnchorRecord],
+    checkpoints: Mapping[int, Mapping[str, Any]],
+    report: VerificationReport,
+    now: datetime | None,
+    grace: timedelta,
+) -> None:
+    """Checkpoints that say they were written to this anchor, and that it lacks."""
+    identity = reading.identity
+    claimed = [cp for cp in checkpoints.values() if cp["valid"] and cp["anchor"] is not None]
+    elsewhere = sorted(
+        int(cp["position"]) for cp in claimed if identity and cp["anchor"] != identity
+    )
+    lost = sorted(
+        int(cp["position"])
+        for cp in claimed
+        if (identity is None or cp["anchor"] == identity)
+        and cp["position"] not in anchored
+        and (now is None or _utc(cp["at"]) <= now - grace)
+    )
+    if lost:
+        spans, was, it = _spans(lost)
+        if identity is None:
+            detail = (
+                f"the anchor holds no record, but {spans} {was} written to an anchor: it was "
+                "emptied or replaced"
+            )
+        else:
+            detail = (
+                f"{spans} {was} written to this anchor, which holds no record of {it}: it was "
+                "truncated or records were removed (or appending failed: see the writer's log)"
+            )
+        report.problems.append(_problem("anchor", detail))
+    if elsewhere:
+        spans, was, _ = _spans(elsewhere)
+        report.problems.append(
+            _problem(
+                "anchor",
+                f"{spans} {was} written to another anchor, not to this one ({identity}): the "
+                "anchor was replaced, or emptied and begun again (if it was moved on purpose, "
+                "copy the old anchor's records into the new one before its first use)",
+            )
+        )
+
+
+def _spans(positions: list[int]) -> tuple[str, str, str]:
+    """``checkpoints 1-3, 5``, and the verb and pronoun that agree with it."""
+    spans = ", ".join(_span("checkpoint", a, b) for a, b in _ranges(positions))
+    return (spans, "were", "them") if len(positions) > 1 else (spans, "was", "it")
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
+def _unanchored_notes(
+    checkpoints: Mapping[int, Mapping[str, Any]], report: VerificationReport
+) -> None:
+    report.notes.append(NO_ANCHOR)
+    claimed = sorted({cp["anchor"] for cp in checkpoints.values() if cp["anchor"] is not None})
+    if claimed:
+        report.notes.append(
+            f"checkpoints were written to an anchor ({', '.join(a[:8] + '…' for a in claimed)}) "
+            "that is not configured here: they were not checked against it"
+        )
 
 
 def _original_position(
@@ -170,11 +321,13 @@ def _verify_stream(
     stream: str,
     rows: list[dict[str, Any]],
     keyring: AuditKeyring,
-    checkpointed: tuple[int, str] | None,
+    vouched: _Vouched,
     report: VerificationReport,
 ) -> None:
+    head = vouched.heads.get(stream)  # (seq, hash, who vouches for it)
+    floor = vouched.floor(stream)  # pruned through this seq, on purpose
     rows.sort(key=lambda r: (r["seq"], r["id"]))
-    top = max([r["seq"] for r in rows] + [checkpointed[0] if checkpointed else 0])
+    top = max([r["seq"] for r in rows] + [head[0] if head else 0])
     candidates = range(1, top + len(rows) + 1)
     authentic: dict[int, dict[str, Any]] = {}  # original seq -> row
     forged: list[dict[str, Any]] = []
@@ -187,11 +340,13 @@ def _verify_stream(
             authentic[original] = row
             order.append(original)
 
-    # Which hashes does the authentic chain (or a checkpoint) still point at?
+    # Which hashes does the authentic chain (or a checkpoint, or a prune) still point at?
     pointed = {r["prev_hash"] for r in authentic.values()}
-    if checkpointed:
-        pointed.add(checkpointed[1])
-    top_known = max([*authentic, checkpointed[0] if checkpointed else 0])
+    if head:
+        pointed.add(head[1])
+    if stream in vouched.pruned:
+        pointed.add(vouched.pruned[stream][1])
+    top_known = max([*authentic, head[0] if head else 0, floor])
     modified_positions: set[int] = set()
     for row in forged:
         seq = int(row["seq"])
@@ -238,33 +393,35 @@ def _verify_stream(
                     )
                 )
 
-    # Deletions: positions that no authentic or altered entry occupies, up to the known end.
+    # Deletions: positions after the pruned ones that no authentic or altered entry
+    # occupies, up to the known end.
     missing = [
-        s for s in range(1, top_known + 1) if s not in authentic and s not in modified_positions
+        s
+        for s in range(floor + 1, top_known + 1)
+        if s not in authentic and s not in modified_positions
     ]
+    last_left = max(authentic, default=floor)
     for start, end in _ranges(missing):
         span = f"position {start}" if start == end else f"positions {start}-{end}"
+        seen = f"; {head[2]} had seen them" if head and end > last_left else ""
         report.problems.append(
             AuditProblem(
                 "deleted",
                 stream,
                 start,
                 None,
-                f"{span} of the stream are missing (deleted entries)",
+                f"{span} of the stream {'is' if start == end else 'are'} missing "
+                f"(deleted entries{seen})",
             )
         )
-    if (
-        checkpointed
-        and checkpointed[0] in authentic
-        and authentic[checkpointed[0]]["hash"] != checkpointed[1]
-    ):
+    if head and head[0] in authentic and authentic[head[0]]["hash"] != head[1]:
         report.problems.append(
             AuditProblem(
                 "modified",
                 stream,
-                checkpointed[0],
-                authentic[checkpointed[0]]["id"],
-                "the entry differs from the one the last checkpoint signed",
+                head[0],
+                authentic[head[0]]["id"],
+                f"the entry differs from the one {head[2]} signed",
             )
         )
 
@@ -277,6 +434,41 @@ def _ranges(values: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((v, v))
     return out
+
+
+def _verify_streams(
+    by_stream: Mapping[str, list[dict[str, Any]]],
+    keyring: AuditKeyring,
+    vouched: _Vouched,
+    report: VerificationReport,
+) -> None:
+    expected = vouched.expected()
+    if not by_stream and expected:
+        total = sum(seq - vouched.floor(s) for s, (seq, _, _) in expected.items())
+        sources = sorted({who.rsplit(" ", 1)[0] for _, _, who in expected.values()})
+        by = "the anchor vouches" if "anchor record" in sources else "the checkpoints vouch"
+        report.problems.append(
+            _problem(
+                "emptied",
+                f"the trail is empty, but {by} for {total} entries in {len(expected)} "
+                "stream(s): the entries were deleted",
+            )
+        )
+        return
+    for stream, rows in by_stream.items():
+        _verify_stream(stream, rows, keyring, vouched, report)
+    for stream, (seq, _digest, who) in expected.items():
+        if stream not in by_stream:
+            report.problems.append(
+                AuditProblem(
+                    "deleted",
+                    stream,
+                    vouched.floor(stream) + 1,
+                    None,
+                    f"the whole stream (positions {vouched.floor(stream) + 1}-{seq}) is "
+                    f"missing: {who} had seen it",
+                )
+            )
 
 
 def _verify_links(
@@ -312,27 +504,38 @@ def _verify_links(
         )  # fmt: skip
 
 
-def verify(session: Session, keyring: AuditKeyring) -> VerificationReport:
-    """Check every entry and checkpoint; report each problem with its location."""
-    report = VerificationReport()
-    checkpointed = _verify_checkpoints(session, keyring, report)
+def verify(
+    session: Session,
+    keyring: AuditKeyring,
+    *,
+    anchor: AuditAnchor | None = None,
+    now: datetime | None = None,
+    grace: timedelta = ANCHOR_GRACE,
+) -> VerificationReport:
+    """Check every entry and checkpoint, against ``anchor`` if given; report each problem.
+
+    ``now`` (aware) and ``grace``: a checkpoint signed less than ``grace`` before
+    ``now`` need not be in the anchor yet (its append may be under way).
+    """
+    report = VerificationReport(anchor=anchor.uri if anchor is not None else None)
+    # The anchor first: a checkpoint reaches it only after its commit, so every
+    # checkpoint it names is visible to the reads that follow.
+    reading = read_anchor(anchor, keyring) if anchor is not None else None
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    if postgres and not session.in_transaction():  # one snapshot: checkpoints and entries
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    vouched = _Vouched()
+    checkpoints = _verify_checkpoints(session, keyring, report, vouched)
+    if reading is None:
+        _unanchored_notes(checkpoints, report)
+    else:
+        report.anchor_records = reading.count
+        _check_anchor(reading, checkpoints, vouched, report, now, grace)
     by_stream: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in session.execute(select(audit_table)).mappings():
         by_stream[row["stream"]].append(dict(row))
         report.entries += 1
     report.streams = len(by_stream)
-    for stream, rows in by_stream.items():
-        _verify_stream(stream, rows, keyring, checkpointed.get(stream), report)
+    _verify_streams(by_stream, keyring, vouched, report)
     _verify_links(session, by_stream, report)
-    for stream, (seq, _digest) in checkpointed.items():
-        if stream not in by_stream:
-            report.problems.append(
-                AuditProblem(
-                    "deleted",
-                    stream,
-                    1,
-                    None,
-                    f"the whole stream (positions 1-{seq}) is missing: a checkpoint had seen it",
-                )
-            )
     return report

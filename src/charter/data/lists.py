@@ -7,7 +7,7 @@ from typing import Any
 from ..actions import ActionSpec
 from ..context import ActionContext
 from ..decision import Decision
-from ..errors import ConfigurationError, InvalidInput
+from ..errors import ConfigurationError, InvalidPage
 from ..pipeline.call import entry_for
 from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
@@ -32,17 +32,25 @@ def list_records(
 
     The page size is capped by the server at :data:`MAX_PAGE` whatever the
     caller asks; the read is audited (one entry per page). Returns the rows and
-    the cursor of the next page (``None`` on the last page).
+    the cursor of the next page (``None`` on the last page). A cursor that no
+    record's id can be (not an id of the primary key's column: ``ColumnDomain``)
+    or a limit that is not an integer is a 400 :class:`InvalidPage`, on every
+    database alike, before any query.
     """
     resource = spec.resource
     if resource is None or not spec.listable:
         raise ConfigurationError(f"{spec.name} is not declared listable=True")
-    limit = max(1, min(int(limit), MAX_PAGE))
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise InvalidPage("the page limit must be an integer", parameter="limit")
+    limit = max(1, min(limit, MAX_PAGE))
     key = None
     if after is not None:
         key = coerce_id(resource, after)
         if key is None:
-            raise InvalidInput("the page cursor is invalid")
+            raise InvalidPage(
+                "the page cursor is invalid: pass the 'next' value of the previous page",
+                parameter="after",
+            )
     # Built once per (actor shape, has cursor): values are parameters (ActionPolicy doc).
     # Loaded by the ORM: adopting Core rows one by one (pipeline.loading.Adopter) pays
     # for a single record but cost twice the ORM's bulk row loading on a 50-row page.

@@ -32,7 +32,9 @@ __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
 log = logging.getLogger("charter.demo")
 
 DEMO_MIGRATIONS = ("charter.demo:migrations",)
-CHECKPOINT_SECONDS = 60
+#: How often the service finishes abandoned requests and sweeps expired keys. (Audit
+#: checkpoints are the library's: every Charter writes its own, see charter.audit.schedule.)
+MAINTENANCE_SECONDS = 60
 
 
 def demo_scopes(user: Actor) -> list[str]:
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             database_url=settings.database_url,
             audit_keys=settings.audit_keys,
             development=settings.development,
+            audit_anchor=settings.audit_anchor_uri,
         )
     payments = PaymentClient(settings.payments_url) if settings.payments_url else None
     build_charter(charter, payments=payments)
@@ -66,7 +69,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             yield
         finally:
             task.cancel()
-            charter.engine.dispose()
+            charter.close()  # a last audit checkpoint, then the database
             if payments is not None:
                 payments.close()
 
@@ -152,11 +155,11 @@ def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decis
 
 
 async def _maintenance(charter: Charter) -> None:
-    """Periodic upkeep: sign the audit streams' heads, finish abandoned multi-phase
-    requests, sweep expired idempotency records."""
+    """Periodic upkeep: finish abandoned multi-phase requests, sweep expired idempotency
+    records. (The audit checkpoints and their anchor are written by the Charter itself.)"""
     while True:
-        await asyncio.sleep(CHECKPOINT_SECONDS)
-        for job in (charter.checkpoint_audit, charter.resume_abandoned, charter.purge_idempotency):
+        await asyncio.sleep(MAINTENANCE_SECONDS)
+        for job in (charter.resume_abandoned, charter.purge_idempotency):
             try:
                 await run_in_threadpool(job)
             except Exception:

@@ -9,12 +9,14 @@ Invoices move draft → submitted → approved. Who may do what:
 * ``invoice.get`` — anyone of the tenant; a sensitive read, audited. The same
   rule filters ``GET /invoices`` in SQL, and the approval rule filters the
   approval queue ``GET /approvals``.
+
+Support staff (``sam``) may act on behalf of members and approvers, with a
+reason, for reading and preparing invoices (grant ``support-for-staff``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..actor import Actor
 from ..context import ActionContext
 from ..errors import ConfigurationError
+from ..fields import Amount
 from ..gate import Charter
 from ..policy import A, C, R
 from .models import Invoice, InvoiceState
@@ -59,7 +62,7 @@ def directory(tenant: str, user_id: str) -> Actor | None:
 class CreateInvoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     customer: str = Field(min_length=1, max_length=200)
-    amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+    amount: Amount  # strict: "1200.00" or 1200; never true, " 5 ", 5.5 or "1e3"
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
 
 
@@ -119,6 +122,15 @@ def payments_partner(tenant: str) -> Actor:
 def build_charter(charter: Charter, *, payments: PaymentClient | None = None) -> Charter:
     charter.resource(
         Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
+    )
+    # Support may act for members and approvers (never for an admin), to read and to
+    # prepare invoices. Approving on someone's behalf needs invoices:approve, which is
+    # not granted; paying needs an admin, whom support cannot act for.
+    charter.allow_impersonation(
+        "support-for-staff",
+        by="support",
+        of_roles={"member", "approver"},
+        scopes={"invoices:read", "invoices:write"},
     )
 
     @charter.action(

@@ -171,6 +171,7 @@ def replay_stored(
         body=stored.body,
         request_id=call.ctx.request_id,
         resource_id=stored.resource_id,
+        version=stored.version,
         replayed=True,
     )
 
@@ -184,6 +185,7 @@ def remember(
     error: dict[str, Any] | None,
     outcome: str,
     resource_id: str | None,
+    version: int | None = None,
 ) -> None:
     """Keep a just-committed outcome for replays (it expires with its record)."""
     if call.fingerprint is None:
@@ -193,7 +195,7 @@ def remember(
         call.ctx.idempotency_scope,
         StoredOutcome(
             call.fingerprint, call.spec.name, status, body, error, outcome, resource_id,
-            created + runtime.idempotency_retention,
+            created + runtime.idempotency_retention, version,
         ),
     )  # fmt: skip
 
@@ -208,6 +210,7 @@ def outcome_of(call: Call, error: CharterError | None, resource_id: str | None) 
         outcome="ok" if error is None else error.code,
         resource_id=resource_id,
         now=call.ctx.now,
+        version=call.version if error is None else None,
     )
 
 

@@ -76,6 +76,14 @@ class IdempotencyKeyInvalid(InvalidInput):
     title = "Invalid Idempotency-Key"
 
 
+class IdempotencyKeyUnsupported(InvalidInput):
+    """A key sent to an action declared ``idempotency="none"``: a retry would run it again."""
+
+    code = "idempotency_key_unsupported"
+    status = 400
+    title = "This action takes no Idempotency-Key"
+
+
 class IdempotencyKeyReused(CharterError):
     code = "idempotency_key_reused"
     status = 422

@@ -68,7 +68,7 @@ def actor_snapshot(actor: Actor) -> dict[str, Any]:
             "tenant": a.tenant,
             "kind": str(a.kind),
             "roles": sorted(a.roles),
-            "scopes": sorted(a.scopes),
+            "scopes": None if a.scopes is None else sorted(a.scopes),
             "attributes": to_jsonable_python(dict(a.attributes)),
         }
 

@@ -108,6 +108,8 @@ outcome_table = Table(
     Column("subject", String(128), nullable=False),
     Column("key", String(MAX_KEY_LENGTH), nullable=False),
     Column("resource_id", String(128), nullable=True),
+    # The record's version after the call: a replay answers the original ETag.
+    Column("version", Integer, nullable=True),
     Column("response_status", Integer, nullable=False),
     Column("response_body", JSON, nullable=True),
     Column("error", JSON, nullable=True),
@@ -132,6 +134,7 @@ class StoredOutcome:
     outcome: str
     resource_id: str | None
     expires_at: datetime
+    version: int | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> StoredOutcome:
@@ -144,6 +147,7 @@ class StoredOutcome:
             outcome=str(row.outcome),
             resource_id=row.resource_id,
             expires_at=_aware(row.expires_at),
+            version=row.version,
         )
 
 
@@ -154,7 +158,7 @@ def _aware(when: datetime) -> datetime:
 # A cached outcome, packed as a tuple of strings, ints and a datetime only: the
 # garbage collector stops tracking such tuples, so a full cache adds nothing to
 # every collection (a cache of dicts made long runs' first executions ~50% slower).
-_Packed = tuple[str, str, int, str, str | None, str, str | None, datetime]
+_Packed = tuple[str, str, int, str, str | None, str, str | None, datetime, int | None]
 
 
 class OutcomeCache:
@@ -182,10 +186,10 @@ class OutcomeCache:
                 del self._entries[scope]
                 return None
             self._entries.move_to_end(scope)
-        fp, action, status, body, error, outcome, resource_id, expires_at = packed
+        fp, action, status, body, error, outcome, resource_id, expires_at, version = packed
         return StoredOutcome(
             fp, action, status, json.loads(body), json.loads(error) if error else None,
-            outcome, resource_id, expires_at,
+            outcome, resource_id, expires_at, version,
         )  # fmt: skip
 
     def put(self, scope: tuple[str, str, str], stored: StoredOutcome) -> None:
@@ -197,7 +201,7 @@ class OutcomeCache:
         error = json.dumps(stored.error, default=str) if stored.error else None
         packed: _Packed = (
             stored.fingerprint, stored.action, stored.status, body, error, stored.outcome,
-            stored.resource_id, stored.expires_at,
+            stored.resource_id, stored.expires_at, stored.version,
         )  # fmt: skip
         with self._lock:
             self._entries[scope] = packed
@@ -261,7 +265,8 @@ def claim_values(
 
 
 _OUTCOME_COLUMNS = (
-    "resource_id", "response_status", "response_body", "error", "outcome", "completed_at",
+    "resource_id", "version", "response_status", "response_body", "error", "outcome",
+    "completed_at",
 )  # fmt: skip
 
 # The stored outcome's columns that its call's audit entry carries too, by the
@@ -281,13 +286,14 @@ def completion_params(
     outcome: str,
     resource_id: str | None,
     now: datetime,
+    version: int | None = None,
 ) -> dict[str, Any]:
     """Parameters of :func:`completion_statement`: the outcome stored under a claim."""
     tenant, subject, key = scope
     values = {
         "tenant": tenant, "subject": subject, "key": key, "response_status": status,
         "response_body": body, "error": error, "outcome": outcome, "resource_id": resource_id,
-        "completed_at": now,
+        "completed_at": now, "version": version,
     }  # fmt: skip
     return {f"u_{name}": value for name, value in values.items()}
 

@@ -16,22 +16,35 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..actions import ActionSpec
 from ..actor import Actor, Channel
 from ..data import DEFAULT_PAGE, MAX_PAGE
-from ..errors import CharterError, InvalidInput, PayloadTooLarge, PreconditionFailed
+from ..errors import (
+    CharterError,
+    ConfigurationError,
+    InvalidInput,
+    InvalidPage,
+    PayloadTooLarge,
+    PreconditionFailed,
+    Unauthenticated,
+)
 from ..gate import Charter, Outcome
-from ..idempotency.keys import IdempotencyKeyInvalid
+from ..idempotency.keys import IdempotencyKeyInvalid, IdempotencyMode
+from ..pipeline.stages import MAX_REASON
 from . import strictjson
 from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
@@ -46,33 +59,81 @@ REASON_HEADER = "X-Charter-Reason"
 IDEMPOTENCY_HEADER = "Idempotency-Key"  # draft-ietf-httpapi-idempotency-key-header
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ETAG = re.compile(r'^(?:W/)?"(\d{1,18})"$')
+_UNSOUND_FIELD = re.compile(rb"[\x00\r\n]")
 
 Authenticator = Callable[[Request], Actor | Awaitable[Actor]]
 
 
 def problem_response(error: CharterError, request: Request | None = None) -> JSONResponse:
-    body = error.problem(instance=str(request.url.path) if request is not None else None)
+    """``error`` as RFC 9457 problem+json, with the headers its status calls for.
+
+    The problem ``type`` and the 401 challenge follow the app's settings
+    (:func:`install_problem_handlers`). A 401 carries ``WWW-Authenticate`` (RFC
+    9110 section 11.6.1); for Bearer (RFC 6750 section 3) it says
+    ``error="invalid_token"`` when the request sent a token that was refused,
+    and no error code when it sent none (section 3.1).
+    """
+    state = request.app.state if request is not None else None
+    body = error.problem(
+        instance=str(request.url.path) if request is not None else None,
+        type_base=getattr(state, "charter_problem_type_base", None),
+    )
     request_id = getattr(request.state, "request_id", None) if request is not None else None
     if request_id:
         body["request_id"] = request_id
     headers = dict(error.headers)
+    scheme = getattr(state, "charter_auth_scheme", "Bearer")
+    if isinstance(error, Unauthenticated) and scheme:
+        headers.setdefault("WWW-Authenticate", _challenge(scheme, request))
     return JSONResponse(body, status_code=error.status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _challenge(scheme: str, request: Request | None) -> str:
+    sent, _, credentials = (
+        request.headers.get("authorization", "") if request is not None else ""
+    ).partition(" ")
+    if scheme.lower() == "bearer" and sent.lower() == "bearer" and credentials.strip():
+        return 'Bearer error="invalid_token"'
+    return scheme
 
 
 class _HTTPProblem(CharterError):
     """A framework-level HTTP error (unknown route, wrong method) as a problem."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status  # type: ignore[misc]
-        self.code = {404: "route_not_found", 405: "method_not_allowed"}.get(  # type: ignore[misc]
-            status, "http_error"
-        )
+        self.code = {  # type: ignore[misc]
+            400: "bad_request",
+            404: "route_not_found",
+            405: "method_not_allowed",
+        }.get(status, "http_error")
         self.title = detail  # type: ignore[misc]
+        self.headers.update(headers or {})
 
 
-def install_problem_handlers(app: FastAPI) -> None:
-    """Render every error as RFC 9457 problem+json; never leak a stack trace."""
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the app serves at this path (RFC 9110 section 15.5.6)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(route_methods)
+    return ", ".join(sorted(methods))
+
+
+def install_problem_handlers(
+    app: FastAPI, *, problem_type_base: str | None = None, auth_scheme: str | None = "Bearer"
+) -> None:
+    """Render every error as RFC 9457 problem+json; never leak a stack trace.
+
+    ``problem_type_base``: a URI prefix the deployment controls, for each
+    problem's ``type`` (``about:blank`` without one: see
+    :meth:`~charter.errors.CharterError.problem`). ``auth_scheme``: the scheme a
+    401's ``WWW-Authenticate`` challenge names (``None``: the app sets its own).
+    """
+    app.state.charter_problem_type_base = problem_type_base
+    app.state.charter_auth_scheme = auth_scheme
 
     async def charter_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, CharterError)
@@ -88,7 +149,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return problem_response(_HTTPProblem(exc.status_code, str(exc.detail)), request)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # starlette's Allow names only the first route's methods
+            headers["Allow"] = _allowed_methods(request)
+        return problem_response(_HTTPProblem(exc.status_code, str(exc.detail), headers), request)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -101,10 +165,12 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 
 class RequestContextMiddleware:
-    """Pure ASGI middleware: request id on every response, body size limit.
+    """Pure ASGI middleware: request id on every response, body size limit, sound fields.
 
     Written as raw ASGI (not ``BaseHTTPMiddleware``) so the limit applies while
-    the body streams in, before anything buffers it whole.
+    the body streams in, before anything buffers it whole. A header field whose
+    value holds NUL, CR or LF is refused with 400 (RFC 9110 section 5.5: such a
+    value is invalid and dangerous), so none reaches the gate or the database.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
@@ -116,6 +182,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        unsound = any(_UNSOUND_FIELD.search(v) for _, v in scope["headers"])
         given = headers.get(REQUEST_ID_HEADER.lower(), "")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
@@ -127,9 +194,16 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", raw_id)]
             await send(message)
 
+        if unsound:
+            error: CharterError = _HTTPProblem(400, "A header field holds NUL, CR or LF.")
+            await self._refuse(scope, send_with_id, error)
+            return
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._too_large(scope, send_with_id)
+        if declared is not None and (
+            not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_body_bytes
+        ):
+            error = PayloadTooLarge(f"The body exceeds {self.max_body_bytes} bytes.")
+            await self._refuse(scope, send_with_id, error)
             return
         received = 0
 
@@ -144,11 +218,14 @@ class RequestContextMiddleware:
 
         await self.app(scope, limited_receive, send_with_id)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        error = PayloadTooLarge(f"The body exceeds {self.max_body_bytes} bytes.")
-        response = JSONResponse(
-            error.problem(instance=scope.get("path")), status_code=413, media_type=PROBLEM_JSON
+    async def _refuse(self, scope: Scope, send: Send, error: CharterError) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        body = error.problem(
+            instance=scope.get("path"),
+            type_base=getattr(state, "charter_problem_type_base", None),
         )
+        body["request_id"] = scope["state"]["request_id"]
+        response = JSONResponse(body, status_code=error.status, media_type=PROBLEM_JSON)
         await response(scope, _empty_receive, send)
 
 
@@ -188,6 +265,18 @@ def idempotency_key(fields: list[str]) -> str | None:
     return "".join(key)
 
 
+def _page_limit(value: str | None) -> int:
+    """``?limit=``: ASCII digits only (``int()`` also reads ``"1_0"`` and Arabic-Indic digits)."""
+    if value is None:
+        return DEFAULT_PAGE
+    if not (value.isascii() and value.isdigit() and len(value) <= 9):
+        raise InvalidPage(
+            f"limit must be a whole number (at most {MAX_PAGE}; larger values are capped)",
+            parameter="limit",
+        )
+    return int(value)
+
+
 def _parse_if_match(value: str | None) -> int | None:
     if value is None:
         return None
@@ -202,6 +291,8 @@ class CharterRoutes:
 
     >>> routes = CharterRoutes(app, charter, authenticate=my_authenticator)
     >>> routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
+
+    ``problem_type_base`` and ``auth_scheme``: see :func:`install_problem_handlers`.
     """
 
     def __init__(
@@ -212,23 +303,54 @@ class CharterRoutes:
         authenticate: Authenticator,
         max_body_bytes: int = 1 << 20,
         channel: Channel = Channel.HTTP,
+        problem_type_base: str | None = None,
+        auth_scheme: str | None = "Bearer",
     ) -> None:
         self.app = app
         self.charter = charter
         self.authenticate = authenticate
         self.channel = channel
-        install_problem_handlers(app)
+        install_problem_handlers(app, problem_type_base=problem_type_base, auth_scheme=auth_scheme)
         app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
 
     async def actor(self, request: Request) -> Actor:
+        """The request's actor, from ``authenticate``: always a credential (a scope set)."""
         result = self.authenticate(request)
-        if isinstance(result, Actor):
-            return result
-        return await result
+        actor = result if isinstance(result, Actor) else await result
+        if actor.scopes is None:
+            # scopes=None is "built in code, not narrowed": never an HTTP caller.
+            log.error("the authenticator of %s returned an actor without scopes", request.url.path)
+            raise ConfigurationError(
+                "The service's authenticator returned an actor without a scope set."
+            )
+        return actor
 
-    def bind(self, method: str, path: str, action: str, *, target: str | None = "id") -> None:
-        """Route ``method path`` to ``action``; ``target`` names the path parameter with the id."""
+    def bind(
+        self,
+        method: str,
+        path: str,
+        action: str,
+        *,
+        target: str | None = "id",
+        location: str | None = None,
+    ) -> None:
+        """Route ``method path`` to ``action``; ``target`` names the path parameter with the id.
+
+        ``location`` is the created record's URL template for the 201's ``Location``
+        (``{id}`` and the path's own parameters); a creating action defaults to
+        ``<path>/{id}``. A replay answers the original ``Location`` and ``ETag``.
+        """
         spec = self.charter.spec(action)  # fails at start-up for an unknown action
+        if location is None and spec.creates:
+            location = path.rstrip("/") + "/{id}"
+        if location is not None:
+            named = {field for _, field, _, _ in string.Formatter().parse(location) if field}
+            unknown = named - {"id"} - set(re.findall(r"{(\w+)}", path))
+            if unknown:
+                raise ConfigurationError(
+                    f"route {path}: location {location!r} names {', '.join(sorted(unknown))}, "
+                    "which is neither {id} nor a parameter of the path"
+                )
         has_body = method.upper() in ("POST", "PUT", "PATCH")
         schema = spec.input.model_json_schema() if has_body else None
 
@@ -247,14 +369,10 @@ class CharterRoutes:
                 request_id=request.state.request_id,
                 expected_version=_parse_if_match(request.headers.get("if-match")),
             )
-            return outcome_response(outcome)
+            return outcome_response(outcome, location, request.path_params)
 
         endpoint.__name__ = action.replace(".", "_")
-        extra = (
-            {"requestBody": {"content": {"application/json": {"schema": schema}}}}
-            if schema
-            else None
-        )
+        extra = _operation_doc(spec, path, target, schema)
         self.app.add_api_route(
             path,
             endpoint,
@@ -270,13 +388,10 @@ class CharterRoutes:
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
-            try:
-                limit = int(request.query_params.get("limit", DEFAULT_PAGE))
-            except ValueError:
-                raise InvalidInput("limit must be an integer") from None
+            limit = _page_limit(request.query_params.get("limit"))
             after = request.query_params.get("after")
             if after is not None and len(after) > 64:
-                raise InvalidInput("the page cursor is invalid")
+                raise InvalidPage("the page cursor is invalid", parameter="after")
             rows, cursor = await run_in_threadpool(
                 self.charter.list_records,
                 actor,
@@ -295,7 +410,17 @@ class CharterRoutes:
             )
 
         endpoint.__name__ = f"list_{action.replace('.', '_')}"
-        self.app.add_api_route(path, endpoint, methods=["GET"], name=f"list:{action}")
+        page = [
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 64}},
+        ]
+        self.app.add_api_route(
+            path,
+            endpoint,
+            methods=["GET"],
+            name=f"list:{action}",
+            openapi_extra={"parameters": page},
+        )
 
     def webhook(self, path: str, receiver: WebhookReceiver) -> None:
         """``POST path``: a partner's signed callback, verified on the raw body bytes."""
@@ -311,10 +436,62 @@ class CharterRoutes:
         self.app.add_api_route(path, endpoint, methods=["POST"], name=f"webhook:{path}")
 
 
-def outcome_response(outcome: Outcome) -> JSONResponse:
+def _operation_doc(
+    spec: ActionSpec, path: str, target: str | None, schema: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What FastAPI cannot see of a bound route, for its OpenAPI operation.
+
+    The endpoint reads the request itself, so its path parameters (the target as
+    its column's type), the headers the gate reads and the body's schema are
+    declared here; without them a schema-driven client (or Schemathesis) cannot
+    call the route at all.
+    """
+    parameters: list[dict[str, Any]] = []
+    for name in re.findall(r"{(\w+)}", path):
+        column: dict[str, Any] = {"type": "string"}
+        if name == target and spec.resource is not None:
+            domain = spec.resource.domain(spec.by)
+            if domain.python_type is int:  # its range, so generated ids probe both ends
+                column = {"type": "integer", "minimum": domain.low, "maximum": domain.high}
+            elif domain.max_length is not None:
+                column = {"type": "string", "maxLength": domain.max_length}
+        parameters.append({"name": name, "in": "path", "required": True, "schema": column})
+    if spec.idempotency is not IdempotencyMode.NONE:
+        parameters.append(
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": spec.idempotency is IdempotencyMode.REQUIRED,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            }
+        )
+    if target is not None and spec.resource is not None and spec.resource.version is not None:
+        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"}})
+    parameters.append(
+        {
+            "name": REASON_HEADER,
+            "in": "header",
+            "required": spec.reason_required,
+            "schema": {"type": "string", "maxLength": MAX_REASON},
+        }
+    )
+    doc: dict[str, Any] = {"parameters": parameters}
+    if schema:
+        doc["requestBody"] = {"content": {"application/json": {"schema": schema}}}
+    return doc
+
+
+def outcome_response(
+    outcome: Outcome, location: str | None = None, params: Mapping[str, Any] | None = None
+) -> JSONResponse:
+    """The outcome as JSON: ``ETag`` (the record's version), ``Location`` (a 201's record)."""
     headers = {}
     if outcome.version is not None:
         headers["ETag"] = f'"{outcome.version}"'
+    if location is not None and outcome.status == 201 and outcome.resource_id is not None:
+        values = {name: quote(str(value), safe="") for name, value in (params or {}).items()}
+        values["id"] = quote(outcome.resource_id, safe="")
+        headers["Location"] = location.format_map(values)
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)

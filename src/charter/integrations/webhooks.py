@@ -220,6 +220,12 @@ class WebhookReceiver:
             target = route.target(payload) if route.target is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WebhookMalformed(f"the {kind} event lacks a field: {exc}") from exc
+        if not isinstance(actor, Actor) or actor.scopes is None:
+            # scopes=None is "built in code, not narrowed": never a partner's delivery.
+            raise ConfigurationError(
+                "the webhook receiver's partner() must return an Actor with a scope set "
+                "(the partner's credential: Actor.make(..., scopes={...}))"
+            )
         if spec.target == "argument" and target is None:
             raise WebhookMalformed(f"the {kind} event names no record for {spec.name}")
         return _Delivery(kind, message_id, spec, actor, data, target, request_id_or_new(request_id))

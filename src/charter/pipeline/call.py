@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..audit.entry import AuditEntry, digest_input
-from ..decision import Decision
+from ..decision import Decision, DecisionKind
 from ..errors import CharterError
 from ..outcome import Outcome
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ..actions import ActionSpec
+    from ..actor import Actor
     from ..audit.trail import AuditLease
     from ..context import ActionContext
 
@@ -155,20 +156,22 @@ def entry_for(
         resource_id: str | None = resource.identity(record)
     else:
         resource_id = None if target is None else str(target)[:128]
+    if actor.scopes is None or actor.on_behalf_of is not None:
+        detail = {**(detail or {}), **_credential(actor)}
     return AuditEntry(
         at=ctx.now,
         tenant=actor.tenant_id,
         subject=actor.subject.id,
         subject_kind=str(actor.subject.kind),
         real_actor=actor.id if actor.is_impersonating else None,
-        scopes=sorted(actor.scopes),
+        scopes=sorted(actor.scopes or ()),
         channel=str(ctx.channel),
         action=spec.name,
         resource_type=resource.name if resource else None,
         resource_id=resource_id,
         reason=ctx.reason,
         decision="allow" if decision and decision.allowed else "deny",
-        rule=decision.rule if decision else None,
+        rule=_rule(decision),
         outcome=outcome,
         request_id=ctx.request_id,
         idempotency_key=ctx.idempotency_key,
@@ -177,6 +180,31 @@ def entry_for(
         input_digest=digest_input(data),
         detail=detail,
     )
+
+
+def _credential(actor: Actor) -> dict[str, Any]:
+    """What the entry's ``scopes`` column cannot say: no credential, or the grant's scopes."""
+    out: dict[str, Any] = {}
+    if actor.scopes is None:
+        out["credential"] = "none (an actor built in code, not narrowed by scopes)"
+    if actor.on_behalf_of is not None:
+        granted = actor.granted_scopes
+        out["granted_scopes"] = None if granted is None else sorted(granted)
+    return out
+
+
+#: The ``rule`` column of a denial no named rule decided.
+_DENIAL_RULES = {
+    DecisionKind.NO_RULE: "default-deny",
+    DecisionKind.NOT_FOUND: "not-found",
+    DecisionKind.ERROR: "evaluation-error",
+}
+
+
+def _rule(decision: Decision | None) -> str | None:
+    if decision is None or decision.rule is not None or decision.allowed:
+        return decision.rule if decision is not None else None
+    return _DENIAL_RULES.get(decision.kind)
 
 
 class Refusal(Exception):

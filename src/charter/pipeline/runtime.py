@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..audit.trail import AuditTrail
 from ..idempotency.store import OutcomeCache
+from ..policy import Readers
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, translate_errors
 from .tenancy import TenantGuard
@@ -34,12 +35,14 @@ class Runtime:
         clock: Callable[[], datetime],
         audit_trail: AuditTrail,
         resources: Mapping[type[Any], ResourceSpec],
+        readers: Readers,
         idempotency_retention: timedelta,
         recovery_lease: timedelta,
         conflict_retries: int,
     ) -> None:
         self.engine = engine
         self.clock = clock
+        self.readers = readers
         self.audit_trail = audit_trail
         self.idempotency_retention = idempotency_retention
         self.recovery_lease = recovery_lease

@@ -22,7 +22,7 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ..actions import ActionSpec
+from ..actions import ActionSpec, refuse_nul
 from ..actor import Actor
 from ..decision import Decision, DecisionKind
 from ..errors import (
@@ -36,7 +36,13 @@ from ..errors import (
     ReasonRequired,
 )
 from ..idempotency import claims
-from ..idempotency.keys import IdempotencyKeyMissing, IdempotencyMode, fingerprint, validate_key
+from ..idempotency.keys import (
+    IdempotencyKeyMissing,
+    IdempotencyKeyUnsupported,
+    IdempotencyMode,
+    fingerprint,
+    validate_key,
+)
 from ..idempotency.recovery import StepRunner, actor_snapshot
 from ..idempotency.store import claim_id_statement, release_statement
 from ..policy import ActionPolicy
@@ -72,9 +78,15 @@ class Assembly:
         return self.runtime.postgres and self.spec.mutates
 
     def locate(self, call: Call) -> tuple[ResourceSpec, Any]:
+        """The target's resource and key; key ``None``: no row can have it (ColumnDomain)."""
         resource = self.spec.resource
         assert resource is not None  # a target implies a resource (ActionSpec.declare)
-        return resource, resource.coerce(self.spec.by, call.target)
+        key = resource.coerce(self.spec.by, call.target)
+        if key is None:
+            # Not found, and audited as such: record what was asked for in a form the
+            # audit columns hold on every dialect (no NUL, bounded).
+            call.target = _printable(call.target)
+        return resource, key
 
 
 # -- before the transaction --------------------------------------------------------------
@@ -120,6 +132,13 @@ def replay(a: Assembly) -> Stage | None:
 def _check_key(spec: ActionSpec, key: str | None) -> str | None:
     key = validate_key(key)
     if spec.idempotency is IdempotencyMode.NONE:
+        if key is not None:
+            # Ignoring it would let the client believe a retry is safe: it is not.
+            raise IdempotencyKeyUnsupported(
+                f"{spec.name} takes no idempotency key (it is declared idempotency='none'"
+                + (", as every sensitive read is" if spec.sensitive_read else "")
+                + "): send the request without the Idempotency-Key header"
+            )
         return None
     if key is None and spec.idempotency is IdempotencyMode.REQUIRED:
         raise IdempotencyKeyMissing(
@@ -134,6 +153,7 @@ def _check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | N
         reason = reason.strip()
         if len(reason) > MAX_REASON:
             raise ReasonRequired(f"the reason is longer than {MAX_REASON} characters")
+        refuse_nul({"reason": reason}, what="the request")  # PostgreSQL cannot store NUL
         reason = reason or None
     if reason is None and (spec.reason_required or actor.is_impersonating):
         why = "when acting on behalf of someone" if actor.is_impersonating else ""
@@ -280,7 +300,7 @@ def precondition(a: Assembly) -> Stage | None:
 
 
 def decide(a: Assembly) -> Stage:
-    policy, resource = a.policy, a.spec.resource
+    policy, resource, readers = a.policy, a.spec.resource, a.runtime.readers
 
     def decide(call: Call) -> None:
         """Decide the policy on the record as it is now (deny by default, explained)."""
@@ -292,6 +312,9 @@ def decide(a: Assembly) -> Stage:
         if decision.kind is DecisionKind.ERROR:
             log.error("policy of %s failed closed: %s", call.spec.name, decision.reason)
         if not decision.allowed:
+            if readers.conceals(resource, decision, call.ctx.actor, call.record, call.ctx):
+                # Not readable: as missing as a missing record (audited as the denial).
+                raise Refusal(_not_found(resource, call.target).error, decision, call.record)
             raise Refusal(
                 Forbidden(decision.public_reason, decision=decision), decision, call.record
             )
@@ -511,7 +534,7 @@ def commit(a: Assembly) -> Stage:
             entry = call.writes.entries[0]
             claims.remember(
                 runtime, call, status=call.spec.status, body=call.body, error=None,
-                outcome="ok", resource_id=entry.resource_id,
+                outcome="ok", resource_id=entry.resource_id, version=call.version,
             )  # fmt: skip
 
     return Stage("commit", commit)
@@ -526,9 +549,19 @@ def _session(call: Call) -> Session:
     return session
 
 
+def _printable(value: Any, limit: int = 128) -> str:
+    """``value`` as text without control characters (escaped), at most ``limit`` characters."""
+    text = str(value)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text[:limit]
+
+
 def _not_found(resource: ResourceSpec | None, target: Any) -> Refusal:
     return Refusal(
-        NotFound(f"{resource.name if resource else 'record'} {target} was not found"),
+        NotFound(
+            f"{resource.name if resource else 'record'} {_printable(target, 64)} was not found"
+        ),
         Decision.deny(DecisionKind.NOT_FOUND, reason="no such record in tenant"),
         None,
     )

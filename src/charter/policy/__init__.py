@@ -13,7 +13,15 @@ See :mod:`charter.policy.expr` for the expression language,
 """
 
 from .agreement import assert_filter_agrees, filter_disagreements
-from .engine import ActionPolicy, BoundFilter, BoundStatement, PolicySet, Rule, allowed_actions
+from .engine import (
+    ActionPolicy,
+    BoundFilter,
+    BoundStatement,
+    PolicySet,
+    Readers,
+    Rule,
+    allowed_actions,
+)
 from .expr import ALWAYS, NEVER, A, C, Condition, Expr, R, Value
 from .matrix import PermissionMatrix, assert_matrix_snapshot, permission_matrix
 
@@ -30,6 +38,7 @@ __all__ = [
     "PermissionMatrix",
     "PolicySet",
     "R",
+    "Readers",
     "Rule",
     "Value",
     "allowed_actions",

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import Select
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..actor import Actor
 from ..context import ActionContext
 from ..decision import Decision, DecisionKind
 from ..errors import ConfigurationError
@@ -212,6 +213,31 @@ class PolicySet:
     ) -> dict[str, Decision]:
         """What ``actor`` may do next to ``record``: each compiled action and its decision."""
         return allowed_actions(self.compiled(resource), actor, record, ctx)
+
+
+def _impersonation_denial(action: str, scope: str | None, actor: Any) -> Decision | None:
+    """Why the scope gate failed under impersonation, when the grant is the reason."""
+    subject = getattr(actor, "on_behalf_of", None)
+    if subject is None or scope is None:
+        return None
+    granted = getattr(actor, "granted_scopes", None)
+    who = f"{actor.id} ({', '.join(sorted(actor.roles)) or 'no roles'})"
+    whom = f"{subject.id} ({subject.kind}: {', '.join(sorted(subject.roles)) or 'no roles'})"
+    if granted is None:
+        reason = f"no impersonation grant lets {who} act on behalf of {whom}"
+    elif not Actor.scopes_allow(granted, scope):
+        reason = (
+            f"the impersonation grants of {who} for {whom} do not cover the scope {scope!r} "
+            f"required by {action}"
+        )
+    else:
+        return None  # the grant covers it: the credential or the subject lacks the scope
+    return Decision.deny(
+        DecisionKind.DENIED_BY_RULE,
+        rule="impersonation-grant",
+        reason=reason,
+        public_reason="You may not do this on behalf of this user.",
+    )
 
 
 def _as_rule_condition(condition: object) -> Condition:
@@ -459,6 +485,9 @@ class ActionPolicy:
                     ),
                     public_reason="This action cannot be performed while impersonating a user.",
                 )
+            denial = _impersonation_denial(self.action, self.scope, actor)
+            if denial is not None:
+                return denial
             return Decision.deny(
                 DecisionKind.DENIED_BY_RULE,
                 rule="scope",
@@ -627,3 +656,33 @@ def allowed_actions(
 ) -> dict[str, Decision]:
     """For each action policy, whether ``actor`` may perform it on ``record`` now, and why."""
     return {policy.action: policy.decide(actor, record, ctx) for policy in policies}
+
+
+class Readers:
+    """Who may read a record: the sensitive reads declared on its resource (live).
+
+    Behind a resource's ``conceal`` option: an action denied on a record the
+    actor may not read answers 404, as if the record did not exist.
+    """
+
+    def __init__(self) -> None:
+        self._policies: dict[str, list[ActionPolicy]] = {}
+
+    def add(self, policy: ActionPolicy) -> None:
+        assert policy.resource is not None  # sensitive reads act on a resource
+        self._policies.setdefault(policy.resource.name, []).append(policy)
+
+    def may_read(self, resource: ResourceSpec, actor: Any, record: Any, ctx: Any = None) -> bool:
+        return any(p.is_allowed(actor, record, ctx) for p in self._policies.get(resource.name, ()))
+
+    def conceals(
+        self, resource: ResourceSpec | None, decision: Decision, actor: Any, record: Any, ctx: Any
+    ) -> bool:
+        """Whether ``decision``, a denial on ``record``, must answer 404 rather than 403."""
+        return (
+            resource is not None
+            and resource.conceal
+            and record is not None
+            and decision.kind is not DecisionKind.NOT_FOUND
+            and not self.may_read(resource, actor, record, ctx)
+        )

@@ -173,7 +173,11 @@ def describe_leaf(node: Condition, actor: Any, record: Any, ctx: Any) -> str:
         roles = show((actor.on_behalf_of or actor).roles)
         return f"A.has_role({node.role!r}) with roles {roles}"
     if isinstance(node, HasScope):
-        return f"A.has_scope({node.scope!r}) with scopes {show(actor.scopes)}"
+        scopes = "no credential" if actor.scopes is None else f"scopes {show(actor.scopes)}"
+        if actor.on_behalf_of is not None:
+            granted = actor.granted_scopes
+            scopes += ", no impersonation grant" if granted is None else f", grant {show(granted)}"
+        return f"A.has_scope({node.scope!r}) with {scopes}"
     return node.text()
 
 
