@@ -301,3 +301,21 @@ def test_the_rule_column_is_filled_for_a_denial_no_named_rule_decided(reference)
     entry = reference.app_state.charter.history("invoices", invoice)[-1]
     assert ("deny", "default-deny") == (entry["decision"], entry["rule"])
     assert entry["detail"]["failed"]  # the conditions that failed, with their values
+
+
+def test_a_list_says_why_a_credential_or_an_ungranted_impersonation_may_not_read_it(reference):
+    no_read = reference.get("/invoices", headers=as_user("alice", ["invoices:write"]))
+    assert (403, "forbidden") == (no_read.status_code, no_read.json()["code"])
+    assert "invoices:read" in no_read.json()["detail"]
+    as_carol = as_user("sam", **{"X-On-Behalf-Of": "carol", "X-Charter-Reason": "ticket 5"})
+    listed = reference.get("/invoices", headers=as_carol)
+    assert 403 == listed.status_code  # was: carol's tenant's invoices, listed for sam
+    as_alice = as_user("sam", **{"X-On-Behalf-Of": "alice", "X-Charter-Reason": "ticket 6"})
+    granted = reference.get("/invoices", headers=as_alice)
+    assert 200 == granted.status_code
+    with reference.app_state.charter.engine.connect() as conn:
+        rows = conn.execute(select(audit_table.c.outcome, audit_table.c.rule)
+                            .order_by(audit_table.c.id)).all()  # fmt: skip
+    assert [("forbidden", "scope"), ("forbidden", "impersonation-grant")] == [
+        tuple(r) for r in rows if r[0] == "forbidden"
+    ]

@@ -7,7 +7,7 @@ from typing import Any
 from ..actions import ActionSpec
 from ..context import ActionContext
 from ..decision import Decision
-from ..errors import ConfigurationError, InvalidPage
+from ..errors import ConfigurationError, Forbidden, InvalidPage
 from ..pipeline.call import entry_for
 from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
@@ -51,6 +51,11 @@ def list_records(
                 "the page cursor is invalid: pass the 'next' value of the previous page",
                 parameter="after",
             )
+    denial = policy.credential_denial(ctx.actor)
+    if denial is not None:
+        committer.alone(entry_for(spec, ctx, None, None, denial, "forbidden", None,
+                                  detail={"explanation": denial.reason}))  # fmt: skip
+        raise Forbidden(denial.public_reason, decision=denial)
     # Built once per (actor shape, has cursor): values are parameters (ActionPolicy doc).
     # Loaded by the ORM: adopting Core rows one by one (pipeline.loading.Adopter) pays
     # for a single record but cost twice the ORM's bulk row loading on a 50-row page.

@@ -443,6 +443,17 @@ class ActionPolicy:
             return self._allowed[index]
         return self._explain(actor, record, ctx)
 
+    def credential_denial(self, actor: Any) -> Decision | None:
+        """The denial a list owes before any row is read: the scope or impersonation gate.
+
+        A page filtered by a false gate is merely empty; the caller is owed the
+        reason (a credential without the scope, impersonation without a grant).
+        """
+        for label, gate in self.gates:
+            if label != "tenant" and not evaluate(gate, actor, None, None):
+                return self._gate_denial(label, gate, actor, None, None)
+        return None
+
     def _error(self, exc: Exception, actor: Any, record: Any, ctx: Any) -> Decision:
         where = ""
         for label, node in self._parts():
@@ -466,35 +477,44 @@ class ActionPolicy:
 
     def _explain(self, actor: Any, record: Any, ctx: Any) -> Decision:
         for label, gate in self.gates:
-            if evaluate(gate, actor, record, ctx):
-                continue
-            if label == "tenant":
-                return Decision.deny(
-                    DecisionKind.NOT_FOUND,
-                    reason=f"record belongs to another tenant than {actor.tenant_id!r}",
-                    public_reason="Not found.",
-                    failed=tuple(failures(gate, True, actor, record, ctx)),
-                )
-            if label == "impersonation":
-                return Decision.deny(
-                    DecisionKind.DENIED_BY_RULE,
-                    rule="no-impersonation",
-                    reason=(
-                        f"{self.action} cannot be performed under impersonation "
-                        f"({actor.id} acting on behalf of {actor.subject.id})"
-                    ),
-                    public_reason="This action cannot be performed while impersonating a user.",
-                )
-            denial = _impersonation_denial(self.action, self.scope, actor)
-            if denial is not None:
-                return denial
+            if not evaluate(gate, actor, record, ctx):
+                return self._gate_denial(label, gate, actor, record, ctx)
+        return self._rule_denial(actor, record, ctx)
+
+    def _gate_denial(
+        self, label: str, gate: Condition, actor: Any, record: Any, ctx: Any
+    ) -> Decision:
+        """The explained denial of one failed gate (tenant, impersonation, scope)."""
+        if label == "tenant":
             return Decision.deny(
-                DecisionKind.DENIED_BY_RULE,
-                rule="scope",
-                reason=f"the credential lacks the scope {self.scope!r} required by {self.action}",
-                public_reason=f"Your credential does not carry the scope {self.scope!r}.",
+                DecisionKind.NOT_FOUND,
+                reason=f"record belongs to another tenant than {actor.tenant_id!r}",
+                public_reason="Not found.",
                 failed=tuple(failures(gate, True, actor, record, ctx)),
             )
+        if label == "impersonation":
+            return Decision.deny(
+                DecisionKind.DENIED_BY_RULE,
+                rule="no-impersonation",
+                reason=(
+                    f"{self.action} cannot be performed under impersonation "
+                    f"({actor.id} acting on behalf of {actor.subject.id})"
+                ),
+                public_reason="This action cannot be performed while impersonating a user.",
+            )
+        denial = _impersonation_denial(self.action, self.scope, actor)
+        if denial is not None:
+            return denial
+        return Decision.deny(
+            DecisionKind.DENIED_BY_RULE,
+            rule="scope",
+            reason=f"the credential lacks the scope {self.scope!r} required by {self.action}",
+            public_reason=f"Your credential does not carry the scope {self.scope!r}.",
+            failed=tuple(failures(gate, True, actor, record, ctx)),
+        )
+
+    def _rule_denial(self, actor: Any, record: Any, ctx: Any) -> Decision:
+        """The explained denial when every gate passed: a deny rule, or no allow matched."""
         for rule in self.denies:
             if evaluate(rule.condition, actor, record, ctx):
                 matched = tuple(failures(rule.condition, False, actor, record, ctx))
