@@ -99,7 +99,7 @@ class AuditCheckpointer:
         self._running = threading.Lock()  # one checkpoint at a time
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stop = threading.Event()  # each thread gets its own: a late one never resumes
         self._paused = False
         self._pending = 0
         self._full = True  # a process's first checkpoint signs every stream
@@ -118,9 +118,10 @@ class AuditCheckpointer:
         with self._state:
             if self._thread is not None or self._closed:
                 return
-            self._stopping = self._paused = False
+            self._paused = False
+            self._stop = stop = threading.Event()
             thread = threading.Thread(
-                target=self._loop, name="charter-audit-checkpoints", daemon=True
+                target=self._loop, args=(stop,), name="charter-audit-checkpoints", daemon=True
             )
             try:
                 thread.start()
@@ -131,10 +132,10 @@ class AuditCheckpointer:
 
     # -- the thread ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         while True:
             self._wake.wait(self._timeout())
-            if self._stopping:
+            if stop.is_set():
                 return
             self._wake.clear()
             if self._pending or self._unanchored:
@@ -232,7 +233,8 @@ class AuditCheckpointer:
 
     def _halt(self) -> None:
         with self._state:
-            thread, self._stopping = self._thread, True
+            thread = self._thread
+            self._stop.set()
             self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_SECONDS)
