@@ -239,7 +239,7 @@ class HandAudit:
             "subject": actor.id,
             "subject_kind": "user",
             "real_actor": None,
-            "scopes": sorted(actor.scopes),
+            "scopes": sorted(actor.scopes or ()),
             "channel": "http",
             "action": ACTION,
             "resource_type": Invoice.__tablename__,
