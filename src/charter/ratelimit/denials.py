@@ -1,0 +1,157 @@
+"""Limit denials in the audit trail, aggregated: a flood must not flood the trail.
+
+The first denial of an (actor, class, window) is audited at once, with who,
+what and which limit. Every further denial of that window in this process is
+only counted; when the window closes, one summary entry records how many there
+were (outcome ``rate_limited_summary``, ``detail.denied``). So a flood costs
+the trail at most two entries per actor, class and window in each process:
+
+* with a shared store (Redis) the *first* denial is the one whose count is the
+  limit plus one, which exactly one call in all processes sees: it alone is
+  audited at once; every process summarises the denials it refused itself;
+* a background thread (started at the first denial) writes the summaries of
+  closed windows every second; :meth:`DenialLog.close` writes those still
+  open, with the count so far.
+
+A denial whose entry cannot be written (the database is down) is still
+refused: the failure is logged, never raised to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..audit.entry import AuditEntry
+from ..errors import CharterError
+
+__all__ = ["SUMMARY", "DenialLog"]
+
+log = logging.getLogger("charter.ratelimit")
+
+SUMMARY = "rate_limited_summary"
+#: At most this many windows are counted at once; past it the oldest are summarised early.
+MAX_PENDING = 10_000
+
+
+@dataclass(slots=True)
+class _Pending:
+    entry: AuditEntry  # the first denial's entry: the summary is written in its name
+    closes: datetime
+    count: int = 0
+
+
+class DenialLog:
+    """The aggregated audit of limit denials (see the module docstring)."""
+
+    def __init__(
+        self,
+        write: Callable[[AuditEntry], None] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        self._write = write
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.interval = interval
+        self._pending: dict[Hashable, _Pending] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def bind(self, write: Callable[[AuditEntry], None], clock: Callable[[], datetime]) -> None:
+        self._write, self._clock = write, clock
+
+    def denied(
+        self,
+        key: Hashable,
+        *,
+        first: bool,
+        closes: datetime,
+        entry: Callable[[], AuditEntry],
+    ) -> None:
+        """Record one denial of ``key``'s window; ``first``: no call anywhere was denied before."""
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.count += 1
+                return
+            pending = self._pending[key] = _Pending(entry(), closes, 0 if first else 1)
+            crowded = len(self._pending) > MAX_PENDING
+        if first:
+            self._append(pending.entry)
+        if crowded:
+            self.flush(everything=True)
+        self._start()
+
+    def flush(self, now: datetime | None = None, *, everything: bool = False) -> int:
+        """Write the summary of every window closed by ``now`` (all: ``everything``)."""
+        now = now or self._clock()
+        with self._lock:
+            due = [k for k, p in self._pending.items() if everything or p.closes <= now]
+            closed = [self._pending.pop(k) for k in due]
+        summaries = [summary(p, now) for p in closed if p.count]
+        for entry in summaries:
+            self._append(entry)
+        return len(summaries)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Stop the background writer and summarise every window still open."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush(everything=True)
+
+    def append(self, entry: AuditEntry) -> None:
+        """Write one entry now (not aggregated): the fail-open warning."""
+        self._append(entry)
+
+    def _append(self, entry: AuditEntry) -> None:
+        if self._write is None:
+            log.warning("rate limit denial not audited (no audit trail bound): %s", entry.action)
+            return
+        try:
+            self._write(entry)
+        except CharterError:
+            log.exception("could not audit a rate limit denial of %s", entry.action)
+
+    def _start(self) -> None:
+        if self._thread is not None or self._stop.is_set():
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="charter-ratelimit-audit", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # never let the writer die: the next round retries
+                log.exception("rate limit denial summaries failed; will retry")
+
+
+def summary(pending: _Pending, now: datetime) -> AuditEntry:
+    """The summary entry of one closed window: the first denial's identity, the count."""
+    first = pending.entry
+    return dataclasses.replace(
+        first,
+        at=now,
+        outcome=SUMMARY,
+        request_id=None,
+        detail={
+            **(first.detail or {}),
+            "denied": pending.count,
+            "window_closes": pending.closes.isoformat(),
+        },
+    )

@@ -1,0 +1,314 @@
+"""Rate limits per (tenant, actor, rate class): one suite over the in-process and Redis stores."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from charter import Actor, Charter
+from charter.audit.entry import audit_table
+from charter.errors import RateLimited, RateLimitUnavailable
+from charter.ratelimit import FAIL_OPEN, SUMMARY, RateClass, RateLimiter, default_class_of
+
+from . import app as test_app
+from .conftest import AUDIT_KEYS, REDIS_URL, require_redis
+
+START = datetime(2026, 1, 1, 12, 0, 10, tzinfo=UTC)  # 10 s into a minute window
+CLASSES = [
+    RateClass("write", "3/minute"),
+    RateClass("read", "5/minute"),
+    RateClass("financial", "2/minute", fail="closed"),
+    RateClass("slow", "100/minute", concurrency=1, concurrency_ttl=timedelta(seconds=30)),
+]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _flush_redis() -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.flushdb()  # only this suite's database number (CHARTER_REDIS_URL)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    url = require_redis()
+    _flush_redis()
+    return url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def limited(tmp_path: Any, store: str, clock: Clock) -> Iterator[Callable[..., Charter]]:
+    made: list[Charter] = []
+
+    def make(limiter: RateLimiter | None = None, **options: Any) -> Charter:
+        url = f"sqlite:///{tmp_path / 'charter.db'}"
+        if not made:
+            from charter.migrate import upgrade
+            from charter.storage import make_engine
+
+            engine = make_engine(url)
+            upgrade(engine, extra_locations=("charter.demo:migrations",))
+            test_app.Base.metadata.create_all(engine)
+            engine.dispose()
+        limiter = limiter or RateLimiter(store, classes=CLASSES)
+        charter = test_app.build(
+            Charter(database_url=url, audit_keys=AUDIT_KEYS, clock=clock, rate_limits=limiter)
+        )
+        made.append(charter)
+        return charter
+
+    yield make
+    for charter in made:
+        charter.close()
+
+
+def create(charter: Charter, actor: Actor) -> Any:
+    return charter.execute(actor, "doc.create", {"title": "t"})
+
+
+def entries(charter: Charter, outcome: str) -> list[Any]:
+    with charter.engine.connect() as conn:
+        return list(conn.execute(select(audit_table).where(audit_table.c.outcome == outcome)))
+
+
+def test_a_window_fills_up_and_each_call_says_what_is_left(limited, alice, clock):
+    charter = limited()
+    seen = [create(charter, alice).rate_limit[0] for _ in range(3)]
+    assert [2, 1, 0] == [s.remaining for s in seen]
+    assert {50} == {s.reset for s in seen}  # the window resets on the minute
+    with pytest.raises(RateLimited) as refused:
+        create(charter, alice)
+    headers = refused.value.headers
+    assert "50" == headers["Retry-After"]
+    assert '"write";q=3;w=60' == headers["RateLimit-Policy"]
+    assert '"write";r=0;t=50' == headers["RateLimit"]
+    assert (429, "rate_limited") == (refused.value.status, refused.value.code)
+    clock.now = START + timedelta(seconds=50)  # the next window
+    assert 2 == create(charter, alice).rate_limit[0].remaining
+
+
+def test_limits_are_per_tenant_actor_and_class(limited, alice, eve):
+    charter = limited()
+    doc = create(charter, alice).resource_id
+    for _ in range(2):
+        create(charter, alice)
+    with pytest.raises(RateLimited):
+        create(charter, alice)
+    assert 2 == create(charter, eve).rate_limit[0].remaining  # another actor
+    namesake = Actor.make("alice", "globex", roles={"member"})  # same id, another tenant
+    assert 2 == create(charter, namesake).rate_limit[0].remaining
+    read = charter.execute(alice, "doc.read", target=doc)  # another class, counted apart
+    assert ("read", 4) == (read.rate_limit[0].policy, read.rate_limit[0].remaining)
+
+
+def test_the_limit_is_checked_before_the_input_is_read(limited, alice):
+    charter = limited()
+    assert "rate_limit" == charter.pipeline_of("doc.create").names[0]
+    for _ in range(3):
+        create(charter, alice)
+    with pytest.raises(RateLimited):  # not invalid_input: refused before any work
+        charter.execute(alice, "doc.create", {"nonsense": True})
+
+
+def test_denials_are_audited_aggregated_first_at_once_the_rest_as_one_summary(
+    limited, alice, clock
+):
+    charter = limited()
+    for _ in range(3):
+        create(charter, alice)
+    for _ in range(10):
+        with pytest.raises(RateLimited):
+            create(charter, alice)
+    first = entries(charter, "rate_limited")
+    assert 1 == len(first)
+    assert ("alice", "doc.create", "deny") == (first[0].subject, first[0].action, first[0].decision)
+    assert "write" == first[0].detail["rate_class"]
+    assert 0 == charter.rate_limiter.denials.flush(START + timedelta(seconds=49))  # still open
+    assert 1 == charter.rate_limiter.denials.flush(START + timedelta(seconds=50))
+    (summary,) = entries(charter, SUMMARY)
+    assert 9 == summary.detail["denied"]
+    assert charter.verify_audit().ok
+
+
+def test_two_processes_sharing_redis_share_one_count_and_one_first_denial(tmp_path, clock, alice):
+    url = require_redis()
+    _flush_redis()
+    from charter.migrate import upgrade
+    from charter.storage import make_engine
+
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = make_engine(db)
+    upgrade(engine)
+    test_app.Base.metadata.create_all(engine)
+    engine.dispose()
+    charters = [
+        test_app.build(
+            Charter(
+                database_url=db,
+                audit_keys=AUDIT_KEYS,
+                clock=clock,
+                rate_limits=RateLimiter(url, classes=CLASSES),
+            )
+        )
+        for _ in range(2)
+    ]
+    try:
+        passed = refused = 0
+        for i in range(8):
+            try:
+                create(charters[i % 2], alice)
+                passed += 1
+            except RateLimited:
+                refused += 1
+        assert (3, 5) == (passed, refused)
+        assert 1 == len(entries(charters[0], "rate_limited"))  # one first denial in all
+    finally:
+        for charter in charters:
+            charter.close()
+    assert 2 == len(entries(charters[0], SUMMARY))  # each process summarises its own
+
+
+def test_a_concurrency_class_allows_n_in_flight_and_frees_the_slot_when_the_call_fails(
+    limited, alice
+):
+    charter = limited()
+    inside, leave = threading.Event(), threading.Event()
+
+    @charter.action("doc.crunch", rate="slow", allow=test_app.is_member)
+    def crunch(ctx: Any, _: None, data: Any) -> dict[str, str]:
+        inside.set()
+        leave.wait(10)
+        raise RuntimeError("the export crashed")
+
+    def first() -> None:
+        with pytest.raises(Exception):  # noqa: PT011 - it crashes (a 500), slot held till then
+            charter.execute(alice, "doc.crunch")
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert inside.wait(10)
+    with pytest.raises(RateLimited) as refused:
+        charter.execute(alice, "doc.crunch")
+    assert (
+        '"slow-concurrency";q=1;qu="concurrent-requests"'
+        == refused.value.headers["RateLimit-Policy"]
+    )
+    leave.set()
+    worker.join(10)
+    with pytest.raises(Exception) as failed:  # noqa: PT011  # the slot was given back: it runs (and fails)
+        charter.execute(alice, "doc.crunch")
+    assert "internal_error" == getattr(failed.value, "code", None)
+
+
+def test_a_slot_whose_worker_died_frees_at_its_expiry(store, clock):
+    limiter = RateLimiter(store, classes=CLASSES)
+    slow = limiter.rate_class("slow")
+    who = RateLimiter.who("acme", "alice")
+    limiter.acquire(slow, who, clock.now)  # never released: the worker died
+    with pytest.raises(RateLimited):
+        limiter.acquire(slow, who, clock.now + timedelta(seconds=29))
+    _, release = limiter.acquire(slow, who, clock.now + timedelta(seconds=31))
+    release()
+
+
+def test_every_action_has_a_class_exports_and_financial_ones_stricter_than_reads():
+    charter = test_app.build(
+        Charter(database_url="sqlite://", development=True, rate_limits="memory://")
+    )
+    assert "write" == default_class_of(charter.spec("doc.create"))
+    assert "read" == default_class_of(charter.spec("doc.read"))
+
+    @charter.action("doc.export")
+    def export(ctx: Any, _: None, data: Any) -> None:
+        return None
+
+    assert "export" == default_class_of(charter.spec("doc.export"))
+    limiter = charter.rate_limiter
+    assert limiter is not None
+    read, export_, financial = (limiter.rate_class(n) for n in ("read", "export", "financial"))
+    assert export_.amount < financial.amount < read.amount
+    assert ("closed", "closed", "open") == (export_.fail, financial.fail, read.fail)
+    assert export_.concurrency is not None
+    assert all(charter.pipeline_of(a).names[0] == "rate_limit" for a in charter.actions)
+    charter.close()
+
+
+def test_without_rate_limits_no_pipeline_has_the_stage():
+    charter = test_app.build(Charter(database_url="sqlite://", development=True))
+    assert not any("rate_limit" in charter.pipeline_of(a).names for a in charter.actions)
+    charter.close()
+
+
+def test_an_unknown_rate_class_fails_at_declaration():
+    from charter.errors import ConfigurationError
+
+    charter = Charter(database_url="sqlite://", development=True, rate_limits="memory://")
+    with pytest.raises(ConfigurationError, match="no rate class named 'bulk'"):
+
+        @charter.action("thing.run", rate="bulk")
+        def run(ctx: Any, _: None, data: Any) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match="rate="):
+
+        @charter.action("thing.walk", rate="Not A Class")
+        def walk(ctx: Any, _: None, data: Any) -> None:
+            return None
+
+    charter.close()
+
+
+# -- Redis unreachable ---------------------------------------------------------------------
+
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+def test_redis_down_a_fail_closed_class_answers_503_with_retry_after(limited, alice):
+    charter = limited(RateLimiter(DOWN, classes=CLASSES))
+
+    @charter.action("doc.pay", rate="financial", allow=test_app.is_member)
+    def pay(ctx: Any, _: None, data: Any) -> None:
+        return None
+
+    with pytest.raises(RateLimitUnavailable) as refused:
+        charter.execute(alice, "doc.pay")
+    assert (503, "rate_limit_unavailable") == (refused.value.status, refused.value.code)
+    assert "2" == refused.value.headers["Retry-After"]
+
+
+def test_redis_down_a_fail_open_class_counts_here_and_writes_one_audited_warning(limited, alice):
+    charter = limited(RateLimiter(DOWN, classes=CLASSES))
+    for _ in range(3):
+        create(charter, alice)
+    with pytest.raises(RateLimited):  # still limited, in this process
+        create(charter, alice)
+    (warning,) = entries(charter, FAIL_OPEN)
+    assert ("charter.rate_limit", "write") == (warning.action, warning.detail["rate_class"])
+    assert "127.0.0.1:1" in warning.detail["store"]
+
+
+def test_a_store_uri_with_a_password_is_never_shown():
+    limiter = RateLimiter("redis://:hunter2-secret@127.0.0.1:1/0")
+    assert "hunter2" not in repr(limiter)
