@@ -517,3 +517,36 @@ def test_the_tables_refuse_an_overdraft_even_without_the_condition(gate):
     with pytest.raises(Exception), charter.engine.begin() as c:  # noqa: PT011
         c.execute(text("UPDATE charter_credit_accounts SET balance = -1 WHERE name = 'credits'"))
     assert 0 == credits.balance("acme")
+
+
+# -- the CLI ---------------------------------------------------------------------------
+
+
+def test_charter_credits_verify_names_the_account_that_disagrees(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from charter.cli import app
+    from charter.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("CHARTER_ENV", "development")
+    monkeypatch.setenv("CHARTER_DATABASE_URL", url)
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        credits = Credits(engine, clock=Clock())
+        credits.open("acme")
+        credits.grant("acme", 7)
+        runner = CliRunner()
+        result = runner.invoke(app, ["credits", "verify"])
+        assert 0 == result.exit_code, result.output
+        assert "balanced: 4 accounts, 1 movements, 0 problems" in result.output
+        with engine.begin() as c:
+            c.execute(update(accounts_table).values(balance=accounts_table.c.balance + 1))
+        result = runner.invoke(app, ["credits", "verify", "--json"])
+        assert 1 == result.exit_code
+        assert "acme/credits" in result.output
+        assert "acme/credits@issued" in result.output
+        assert 0 == runner.invoke(app, ["credits", "sweep"]).exit_code
+    finally:
+        engine.dispose()

@@ -99,6 +99,7 @@ class Credits:
         *,
         currency: str = "CREDIT",
         exponent: int = 0,
+        ctx: ActionContext | None = None,
     ) -> Account:
         """Open ``tenant``'s ``account`` (and its system accounts) at zero; idempotent.
 
@@ -106,7 +107,7 @@ class Credits:
         :class:`~charter.errors.Conflict`: an account's currency never changes.
         """
         currency, exponent = check_currency(currency, exponent)
-        with self._transaction() as connection:
+        with self._connection(ctx) as connection:
             found = self._account(connection, tenant, account)
             if found is not None:
                 if (found.currency, found.exponent) != (currency, exponent):
@@ -146,10 +147,20 @@ class Credits:
 
     # -- movements outside an action ------------------------------------------------------
 
-    def grant(self, tenant: str, amount: int, *, account: str = DEFAULT_ACCOUNT) -> int:
-        """Add ``amount`` to the account (from its ``@issued`` account); the new balance."""
+    def grant(
+        self,
+        tenant: str,
+        amount: int,
+        *,
+        account: str = DEFAULT_ACCOUNT,
+        ctx: ActionContext | None = None,
+    ) -> int:
+        """Add ``amount`` to the account (from its ``@issued`` account); the new balance.
+
+        ``ctx``: in that action's transaction (a top-up action), else in one of its own.
+        """
         amount = check_amount(amount)
-        with self._transaction() as connection:
+        with self._connection(ctx) as connection:
             moved = self._move(
                 connection, tenant, system_account(account, "issued"), account, amount, "grant"
             )
