@@ -231,7 +231,11 @@ def test_the_approval_queue_holds_only_what_the_approver_may_approve(client):
     assert [small, big] == [
         i["id"] for i in client.get("/approvals", headers=auth("carol")).json()["items"]
     ]
-    assert [] == client.get("/approvals", headers=auth("alice")).json()["items"]
+    # alice's token carries no invoices:approve: she is told so, not shown an empty queue.
+    refused = client.get("/approvals", headers=auth("alice"))
+    assert (403, "forbidden") == (refused.status_code, refused.json()["code"])
+    member = client.get("/approvals", headers=auth("alice", scopes=["invoices:approve"]))
+    assert [] == member.json()["items"]  # with the scope: the rules still leave nothing
 
 
 def test_the_page_size_is_capped_by_the_server(client):

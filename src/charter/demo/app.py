@@ -147,8 +147,9 @@ def _reference(event: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decision]:
+    key = charter.resources["invoices"].coerce(None, invoice_id)  # None: no row can have it
     with charter.session() as session:
-        invoice = session.get(Invoice, invoice_id)
+        invoice = None if key is None else session.get(Invoice, key)
         if invoice is None or invoice.tenant_id != actor.tenant_id:
             raise NotFound(f"invoices {invoice_id} was not found")
         return charter.allowed_actions(actor, invoice)
