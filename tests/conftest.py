@@ -60,6 +60,31 @@ def require_postgres() -> str:
     return PG_URL
 
 
+_redis_state: dict[str, str | None] = {}
+
+
+def require_redis() -> str:
+    """``CHARTER_REDIS_URL`` if Redis answers; under CI a failure, elsewhere a skip with why."""
+    if "reason" not in _redis_state:
+        try:
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+            try:
+                client.ping()
+                _redis_state["reason"] = None
+            finally:
+                client.close()
+        except Exception as exc:
+            _redis_state["reason"] = f"Redis unavailable at {REDIS_URL}: {exc.__class__.__name__}"
+    reason = _redis_state["reason"]
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"CI requires Redis: {reason}")
+        pytest.skip(reason)
+    return REDIS_URL
+
+
 _CHARTER_TABLES = ("charter_audit", "charter_audit_checkpoints", "charter_audit_links")
 
 

@@ -12,7 +12,7 @@ def test_the_public_names_are_pinned_and_sorted():
         "DecisionKind", "DomainError", "Forbidden", "HandlerFailed", "IdempotencyKeyInProgress",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused",
         "IdempotencyKeyUnsupported", "IdempotencyMode", "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
-        "PreconditionFailed", "R", "ReasonRequired", "ResourceSpec", "Rule",
+        "PreconditionFailed", "R", "RateLimited", "ReasonRequired", "ResourceSpec", "Rule",
         "StorageUnavailable", "Unauthenticated", "UnknownAction", "VerificationReport",
     ]  # fmt: skip
     assert expected == charter.__all__

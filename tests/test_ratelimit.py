@@ -59,23 +59,18 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def limited(tmp_path: Any, store: str, clock: Clock) -> Iterator[Callable[..., Charter]]:
+def limited(database_url: str, store: str, clock: Clock) -> Iterator[Callable[..., Charter]]:
+    """A Charter on SQLite or PostgreSQL whose rate limits count in ``store``."""
     made: list[Charter] = []
 
-    def make(limiter: RateLimiter | None = None, **options: Any) -> Charter:
-        url = f"sqlite:///{tmp_path / 'charter.db'}"
-        if not made:
-            from charter.migrate import upgrade
-            from charter.storage import make_engine
-
-            engine = make_engine(url)
-            upgrade(engine, extra_locations=("charter.demo:migrations",))
-            test_app.Base.metadata.create_all(engine)
-            engine.dispose()
+    def make(limiter: RateLimiter | None = None) -> Charter:
         limiter = limiter or RateLimiter(store, classes=CLASSES)
         charter = test_app.build(
-            Charter(database_url=url, audit_keys=AUDIT_KEYS, clock=clock, rate_limits=limiter)
-        )
+            Charter(
+                database_url=database_url, audit_keys=AUDIT_KEYS, clock=clock,
+                rate_limits=limiter,
+            )
+        )  # fmt: skip
         made.append(charter)
         return charter
 
@@ -312,3 +307,58 @@ def test_redis_down_a_fail_open_class_counts_here_and_writes_one_audited_warning
 def test_a_store_uri_with_a_password_is_never_shown():
     limiter = RateLimiter("redis://:hunter2-secret@127.0.0.1:1/0")
     assert "hunter2" not in repr(limiter)
+
+
+# -- races: exactly K of N concurrent callers pass -------------------------------------------
+
+
+def _hammer(url: str, calls: int, start: Any) -> int:
+    """One worker process: ``calls`` checks of one actor in one window; how many passed."""
+    limiter = RateLimiter(url, classes=[RateClass("write", "50/minute")])
+    cls, who = limiter.rate_class("write"), RateLimiter.who("acme", "alice")
+    start.wait()
+    passed = 0
+    for _ in range(calls):
+        try:
+            limiter.check(cls, who, START)
+            passed += 1
+        except RateLimited:
+            pass
+    return passed
+
+
+def test_200_concurrent_threads_against_a_limit_of_50_exactly_50_pass(store):
+    limiter = RateLimiter(store, classes=[RateClass("write", "50/minute")])
+    cls, who = limiter.rate_class("write"), RateLimiter.who("acme", "alice")
+    barrier = threading.Barrier(200)
+    passed: list[bool] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            limiter.check(cls, who, START)
+            passed.append(True)
+        except RateLimited:
+            passed.append(False)
+
+    threads = [threading.Thread(target=worker) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (50, 150) == (passed.count(True), passed.count(False))
+
+
+def test_8_processes_sharing_redis_against_a_limit_of_50_exactly_50_pass():
+    import multiprocessing
+
+    url = require_redis()
+    _flush_redis()
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start = manager.Event()
+        with context.Pool(8) as pool:
+            results = [pool.apply_async(_hammer, (url, 25, start)) for _ in range(8)]
+            start.set()
+            passed = [r.get(timeout=60) for r in results]
+    assert 50 == sum(passed)

@@ -21,6 +21,7 @@ Handler = Callable[..., Any]
 Locks = Callable[[Any], "Sequence[tuple[type[Any], Any]]"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+_RATE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # a rate class name (charter.ratelimit)
 
 
 def default_scope(name: str, resource: ResourceSpec | None, *, sensitive_read: bool) -> str:
@@ -71,6 +72,8 @@ class ActionSpec:
     idempotency: IdempotencyMode = IdempotencyMode.OPTIONAL
     by: str | None = None
     locks: Locks | None = None
+    #: The rate class it is counted against (None: its default, charter.ratelimit).
+    rate: str | None = None
 
     @property
     def mutates(self) -> bool:
@@ -96,6 +99,7 @@ class ActionSpec:
         idempotency: IdempotencyMode | None = None,
         by: str | None = None,
         locks: Locks | None = None,
+        rate: str | None = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -138,6 +142,11 @@ class ActionSpec:
             resource.check_unique(by, f"action {name}")
         if locks is not None and not callable(locks):
             raise ConfigurationError(f"action {name}: locks= must be a function of the input")
+        if rate is not None and (not isinstance(rate, str) or not _RATE.match(rate)):
+            raise ConfigurationError(
+                f"action {name}: rate= names a rate class (lowercase, such as 'export'), "
+                f"not {rate!r}"
+            )
         if scope is not None and (not isinstance(scope, str) or not scope.strip()):
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         if scope is None:
@@ -159,6 +168,7 @@ class ActionSpec:
             idempotency=idempotency,
             by=by,
             locks=locks,
+            rate=rate,
         )
 
     def validate(self, data: Any) -> BaseModel:

@@ -45,7 +45,9 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   └── WebhookRetryLater             503 webhook_retry_later   (transient; retry)
     ├── PaymentProviderError              502 payment_provider_error    demo.payment_client
     │   └── PaymentProviderUnavailable    503 payment_provider_unavailable
+    ├── RateLimited                       429 rate_limited          (Retry-After, RateLimit fields)
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
+    │   └── RateLimitUnavailable          503 rate_limit_unavailable    (a fail-closed class, store down)
     ├── StorageError                      500 storage_error
     └── AuditIntegrityError               500 audit_integrity_error
 """
@@ -70,6 +72,8 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",
+    "RateLimitUnavailable",
+    "RateLimited",
     "ReasonRequired",
     "StepExpired",
     "StorageError",
@@ -303,6 +307,24 @@ class StorageUnavailable(CharterError):
     def __init__(self, message: str | None = None, *, retry_after: int = 1, **attrs: Any) -> None:
         super().__init__(message, **attrs)
         self.headers["Retry-After"] = str(retry_after)
+
+
+class RateLimitUnavailable(StorageUnavailable):
+    """A fail-closed rate class's store (Redis) cannot be reached: refused, retry shortly."""
+
+    code = "rate_limit_unavailable"
+
+
+class RateLimited(CharterError):
+    """Over a rate class's limit (429); ``headers`` carry ``Retry-After`` and the RateLimit fields.
+
+    ``rate_class`` names the class, ``retry_after`` the seconds until a call may
+    pass again (see :mod:`charter.ratelimit`).
+    """
+
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
 
 
 class StorageError(CharterError):

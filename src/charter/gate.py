@@ -45,6 +45,8 @@ from .pipeline import Call, Pipeline, PipelineBuilder, StageFactory
 from .pipeline.run import run
 from .pipeline.runtime import Runtime
 from .policy import ActionPolicy, PermissionMatrix
+from .ratelimit import RateLimiter
+from .ratelimit.stage import limit_list
 from .registry import Registry
 from .resources import ResourceSpec, request_id_or_new
 from .storage import make_engine, translate_errors
@@ -81,6 +83,11 @@ class Charter:
     ``checkpoint_interval`` (60 s) or every ``checkpoint_entries`` entries,
     whichever comes first (:mod:`charter.audit.schedule`; both None: only when
     asked). :meth:`close` stops that and writes a last checkpoint.
+
+    Rate limits: ``rate_limits`` (``"memory://"`` for this process,
+    ``"redis://host:6379/0"`` shared, or a :class:`~charter.ratelimit.RateLimiter`
+    with classes of its own) counts every call per (tenant, actor, rate class)
+    before any other work (:mod:`charter.ratelimit`); None: no rate limits.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class Charter:
         audit_anchor: str | AuditAnchor | None = None,
         checkpoint_interval: timedelta | None = timedelta(seconds=60),
         checkpoint_entries: int | None = None,
+        rate_limits: str | RateLimiter | None = None,
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
@@ -137,7 +145,12 @@ class Charter:
             recovery_lease=recovery_lease,
             conflict_retries=conflict_retries,
         )
+        # Rate limits (charter.ratelimit): "memory://", "redis://...", a RateLimiter, or None.
+        self.rate_limiter = RateLimiter.of(rate_limits)
+        self.runtime.rate_limiter = self.rate_limiter
         self._builder = PipelineBuilder(self.runtime)
+        if self.rate_limiter is not None:
+            self.rate_limiter.bind(self._builder.committer.alone, clock)
         self._pipelines: dict[str, Pipeline] = {}
         self.anchor = anchor_from_uri(audit_anchor)
         self.checkpointer = AuditCheckpointer(
@@ -264,11 +277,16 @@ class Charter:
         channel: Channel | str = Channel.HTTP,
         request_id: str | None = None,
     ) -> tuple[list[Any], Any]:
-        """One page of the records ``actor`` may ``action`` (:func:`charter.data.list_records`)."""
+        """One page of the records ``actor`` may ``action`` (:func:`charter.data.list_records`).
+
+        With rate limits, each page counts as a read (an export's page as an export).
+        """
+        spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
+        if self.rate_limiter is not None:
+            limit_list(self.rate_limiter, spec, ctx)
         return data.list_records(
-            self._builder.committer, self.spec(action), self.policy_of(action),
-            self._context(actor, action, channel, request_id), limit=limit, after=after,
-        )  # fmt: skip
+            self._builder.committer, spec, self.policy_of(action), ctx, limit=limit, after=after
+        )
 
     def _context(
         self, actor: Actor, action: str, channel: Channel | str, request_id: str | None = None
@@ -313,6 +331,8 @@ class Charter:
 
         The engine is disposed if this Charter created it (``database_url=``).
         """
+        if self.rate_limiter is not None:
+            self.rate_limiter.close()  # the summaries of denials still being counted
         self.checkpointer.close()
         if self.anchor is not None:
             self.anchor.close()

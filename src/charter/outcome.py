@@ -24,3 +24,5 @@ class Outcome:
     resource_id: str | None = None
     version: int | None = None
     replayed: bool = False
+    #: The rate limit policies the call was counted against, for the ``RateLimit`` fields.
+    rate_limit: tuple[Any, ...] = ()

@@ -90,6 +90,7 @@ class Registry:
         idempotency: IdempotencyMode | str | None = None,
         by: str | None = None,
         locks: Locks | None = None,
+        rate: str | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
@@ -97,7 +98,8 @@ class Registry:
         is the locked target (``None`` for creations and record-less actions)
         and ``data`` the validated input model. ``by`` locates the target by a
         column unique within the tenant instead of the primary key; ``locks``
-        names the further records the action acts on (``ctx.locked``).
+        names the further records the action acts on (``ctx.locked``). ``rate``
+        names its rate class (default: by what it is, :mod:`charter.ratelimit`).
         """
 
         def register(handler: F) -> F:
@@ -118,6 +120,7 @@ class Registry:
                 idempotency=None if idempotency is None else IdempotencyMode(idempotency),
                 by=by,
                 locks=locks,
+                rate=rate,
             )
             return handler
 

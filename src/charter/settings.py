@@ -9,6 +9,8 @@
                            (or a plain path), another database's SQLAlchemy URL, or ``none``
 ``CHARTER_PAYMENTS_URL``   the payment provider's base URL (reference service)
 ``CHARTER_PAYMENTS_WEBHOOK_SECRET``  its Standard Webhooks secret(s) (``whsec_...``), newest first
+``CHARTER_RATE_LIMITS``    where rate limits are counted: ``memory://`` (the default, this
+                           process), ``redis://host:6379/0`` (shared), or ``none``
 
 The anchor's default. In development, with a SQLite database file, it is a
 JSON-lines file beside it (``charter-demo.db.anchor.jsonl``), so the demo's
@@ -67,6 +69,9 @@ class Settings:
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     #: ``CHARTER_AUDIT_ANCHOR`` as given (None: unset); see :attr:`audit_anchor_uri`.
     audit_anchor: str | None = None
+    #: ``CHARTER_RATE_LIMITS``: where rate limits are counted (``memory://``, ``redis://...``),
+    #: ``none`` for no rate limits (charter.ratelimit).
+    rate_limits: str | None = "memory://"
 
     @property
     def development(self) -> bool:
@@ -128,7 +133,13 @@ class Settings:
             token_secrets=secrets,
             payments_url=env.get("CHARTER_PAYMENTS_URL") or None,
             webhook_secrets=hooks,
+            rate_limits=_rate_limits(env.get("CHARTER_RATE_LIMITS", "memory://")),
         )
+
+
+def _rate_limits(value: str) -> str | None:
+    value = value.strip()
+    return None if value.lower() in ("", "none") else value
 
 
 def _environment(env: Mapping[str, str]) -> tuple[str, bool]:

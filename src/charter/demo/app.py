@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             audit_keys=settings.audit_keys,
             development=settings.development,
             audit_anchor=settings.audit_anchor_uri,
+            rate_limits=settings.rate_limits,
         )
     payments = PaymentClient(settings.payments_url) if settings.payments_url else None
     build_charter(charter, payments=payments)

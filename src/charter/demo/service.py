@@ -204,7 +204,8 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         return invoice_view(invoice)
 
     @charter.action(
-        "invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write", idempotency="required"
+        "invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write", idempotency="required",
+        rate="financial",  # stricter than a write, and refused (503) while Redis is down
     )
     def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Charge an approved invoice through the payment provider (exactly once)."""

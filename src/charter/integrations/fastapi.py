@@ -45,7 +45,9 @@ from ..errors import (
 from ..gate import Charter, Outcome
 from ..idempotency.keys import IdempotencyKeyInvalid, IdempotencyMode
 from ..pipeline.stages import MAX_REASON
+from ..ratelimit import rate_headers
 from . import strictjson
+from .ratelimit import AddressLimitMiddleware
 from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
 
@@ -311,6 +313,10 @@ class CharterRoutes:
         self.authenticate = authenticate
         self.channel = channel
         install_problem_handlers(app, problem_type_base=problem_type_base, auth_scheme=auth_scheme)
+        if charter.rate_limiter is not None:  # inside the request context: ids, body limit first
+            app.add_middleware(
+                AddressLimitMiddleware, limiter=charter.rate_limiter, clock=charter.clock
+            )
         app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
 
     async def actor(self, request: Request) -> Actor:
@@ -494,6 +500,7 @@ def outcome_response(
         headers["Location"] = location.format_map(values)
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"
+    headers.update(rate_headers(outcome.rate_limit))  # draft-ietf-httpapi-ratelimit-headers
     return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
 

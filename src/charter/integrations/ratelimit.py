@@ -2,7 +2,8 @@
 authentication work.
 
 Pure ASGI middleware, so the check runs before the route, the body, the
-authenticator. A request that carries no ``Authorization`` field counts
+authenticator. A request that carries no credential field (``Authorization``,
+or a signed webhook's ``webhook-signature`` / ``Stripe-Signature``) counts
 against the ``anonymous`` class of its client address at once; one that
 carries a credential is checked against the same count *without* adding to it
 (an address that has used up its allowance is refused before its token is even
@@ -32,6 +33,8 @@ from ..ratelimit import ANONYMOUS, RateLimiter
 __all__ = ["AddressLimitMiddleware", "peer_address"]
 
 PROBLEM_JSON = "application/problem+json"
+#: Header fields that carry a credential the app verifies (a bearer token, a webhook signature).
+CREDENTIAL_FIELDS = frozenset({b"authorization", b"webhook-signature", b"stripe-signature"})
 
 
 def peer_address(scope: Scope) -> str:
@@ -62,7 +65,7 @@ class AddressLimitMiddleware:
             return
         address = self.client_address(scope)[:64]
         who = RateLimiter.who(None, f"address:{address}")
-        credential = any(name.lower() == b"authorization" for name, _ in scope["headers"])
+        credential = any(name.lower() in CREDENTIAL_FIELDS for name, _ in scope["headers"])
         try:
             await run_in_threadpool(self._check, who, address, counted=not credential)
         except CharterError as error:

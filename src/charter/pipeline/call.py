@@ -89,6 +89,8 @@ class Call:
     writes: Writes = field(default_factory=Writes)
     outcome: Outcome | None = None
     phases: int = 0  # recovery points committed so far (multi-phase requests)
+    rate_limit: tuple[Any, ...] = ()  # the RateLimit fields' states (charter.ratelimit)
+    releases: tuple[Callable[[], None], ...] = ()  # run when the call ends, however it ends
 
     @property
     def data(self) -> BaseModel:

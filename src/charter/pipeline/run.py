@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from sqlalchemy.exc import DBAPIError
 
@@ -42,7 +43,18 @@ class _Contention(Exception):
 
 
 def run(pipeline: Pipeline, call: Call) -> Outcome:
-    """Run ``call`` through ``pipeline``: see the module docstring."""
+    """Run ``call`` through ``pipeline``; what its stages hold (a concurrency slot) is given
+    back however it ends, and the outcome carries the rate limit states (the RateLimit fields)."""
+    try:
+        outcome = _run(pipeline, call)
+    finally:
+        for release in call.releases:
+            release()
+    return replace(outcome, rate_limit=call.rate_limit) if call.rate_limit else outcome
+
+
+def _run(pipeline: Pipeline, call: Call) -> Outcome:
+    """The prepare stages, then the transaction, retried: see the module docstring."""
     for stage in pipeline.prepare:
         stage.run(call)
         if call.outcome is not None:  # answered without a transaction (a replay)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +21,9 @@ from ..policy import Readers
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, translate_errors
 from .tenancy import TenantGuard
+
+if TYPE_CHECKING:
+    from ..ratelimit.limiter import RateLimiter
 
 __all__ = ["Runtime"]
 
@@ -55,6 +58,8 @@ class Runtime:
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.outcomes = OutcomeCache()
+        #: Counts calls per (tenant, actor, rate class); None: no limits (Charter(rate_limits=)).
+        self.rate_limiter: RateLimiter | None = None
         self.tenancy = TenantGuard(resources)
         self.tenancy.install(self.sessions)
 

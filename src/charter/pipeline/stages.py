@@ -46,6 +46,7 @@ from ..idempotency.keys import (
 from ..idempotency.recovery import StepRunner, actor_snapshot
 from ..idempotency.store import claim_id_statement, release_statement
 from ..policy import ActionPolicy
+from ..ratelimit import stage as ratelimit
 from ..resources import ResourceSpec, request_id_or_new
 from .call import Call, Refusal, Stage, Touched
 from .loading import Loader
@@ -569,6 +570,7 @@ def _not_found(resource: ResourceSpec | None, target: Any) -> Refusal:
 
 #: The factories of the stages above, by name, in pipeline order (see build.DEFAULT_STAGES).
 FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
+    ("rate_limit", ratelimit.rate_limit),  # per (tenant, actor, class), before any work (429)
     ("validate", validate),
     ("replay", replay),
     ("claim", claim),

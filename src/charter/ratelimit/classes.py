@@ -102,7 +102,7 @@ DEFAULT_CLASSES: Mapping[str, RateClass] = {
         RateClass("write", "300/minute"),
         RateClass("financial", "60/minute", fail="closed"),
         RateClass("export", "10/minute", fail="closed", concurrency=2),
-        RateClass(ANONYMOUS, "60/minute"),
+        RateClass(ANONYMOUS, "120/minute"),  # per client address, before authentication
     )
 }
 

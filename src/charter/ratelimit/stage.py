@@ -15,12 +15,13 @@ import dataclasses
 from typing import Any
 
 from ..audit.entry import AuditEntry
+from ..context import ActionContext
 from ..pipeline.call import Call, Stage, entry_for
 from ..resources import request_id_or_new
 from .classes import default_class_of
-from .limiter import RateLimiter
+from .limiter import RateLimiter, RateState
 
-__all__ = ["rate_limit"]
+__all__ = ["denial_entry", "limit_list", "rate_limit"]
 
 RATE_LIMITED = "rate_limited"
 
@@ -51,6 +52,18 @@ def rate_limit(a: Any) -> Stage | None:
         call.rate_limit = (state, slot)
 
     return Stage("rate_limit", rate_limit, "prepare")
+
+
+def limit_list(limiter: RateLimiter, spec: Any, ctx: ActionContext) -> RateState:
+    """Count one page of a list of ``spec``'s records: a read (an export's page: an export)."""
+    declared = getattr(spec, "rate", None) or default_class_of(spec)
+    cls = limiter.rate_class(declared if declared == "export" else "read")
+    call = Call(spec, ctx)
+
+    def audit(detail: dict[str, object]) -> AuditEntry:
+        return denial_entry(call, {**detail, "list": True})
+
+    return limiter.check(cls, limiter.who(ctx.actor.tenant_id, ctx.actor.id), ctx.now, audit)
 
 
 def denial_entry(call: Call, detail: dict[str, object]) -> AuditEntry:

@@ -18,9 +18,10 @@ response headers need come from that same call:
   counted and, below the limit, the new slot added, in one ``EVALSHA``). A
   slot's expiry is what frees it when the worker holding it dies.
 
-The Redis client is built with short socket timeouts and no retries: when the
-store is down a call fails fast and the class's failure mode decides
-(:mod:`charter.ratelimit.limiter`).
+The Redis client is built with short timeouts (0.25 s to connect, 1 s per
+call), no retries, and a bounded blocking pool (a burst of threads waits for
+one of 64 connections rather than failing): when the store is down a call
+fails fast and the class's failure mode decides (:mod:`charter.ratelimit.limiter`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ from ..errors import ConfigurationError
 
 __all__ = ["Counters", "StoreFailed"]
 
-#: Seconds a Redis call may take before the store counts as unreachable.
-REDIS_TIMEOUT = 0.25
+#: The stores Charter counts in (``limits`` has more; their scripts are Redis's).
+SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
+#: Seconds a Redis connection may take to open before the store counts as unreachable.
+REDIS_CONNECT_TIMEOUT = 0.25
+#: Seconds a Redis call may take (and a caller may wait for a free connection).
+REDIS_TIMEOUT = 1.0
+#: Connections per process: past it, callers wait for one (never "too many connections").
+REDIS_CONNECTIONS = 64
 
 _ACQUIRE = """
 redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
@@ -58,9 +65,10 @@ class Counters:
     """Window counts and in-flight slots in one store (see the module docstring)."""
 
     def __init__(self, uri: str = "memory://") -> None:
-        if not isinstance(uri, str) or "://" not in uri:
+        if not isinstance(uri, str) or not uri.startswith(SCHEMES):
             raise ConfigurationError(
-                f"rate limit storage {uri!r} must be a URI such as memory:// or redis://host:6379/0"
+                f"rate limit storage {_redacted(str(uri))!r} must be a URI such as memory:// or "
+                "redis://host:6379/0 (schemes: " + ", ".join(SCHEMES) + ")"
             )
         self.uri = uri
         self.shared = not uri.startswith("memory://")
@@ -135,15 +143,18 @@ class Counters:
 def _options(uri: str) -> dict[str, Any]:
     if uri.startswith("memory://"):
         return {}
+    from redis import BlockingConnectionPool
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return {
-        "socket_timeout": REDIS_TIMEOUT,
-        "socket_connect_timeout": REDIS_TIMEOUT,
-        "retry": Retry(NoBackoff(), 0),
-        "key_prefix": "charter-rl",
-    }
+    pool = BlockingConnectionPool.from_url(
+        uri.replace("redis+unix://", "unix://"),
+        max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_TIMEOUT,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+    )
+    return {"connection_pool": pool, "retry": Retry(NoBackoff(), 0), "key_prefix": "charter-rl"}
 
 
 def _redacted(uri: str) -> str:
