@@ -99,9 +99,14 @@ def pg_schema() -> str:
             for table in (
                 *_CHARTER_TABLES,
                 "invoices",
+                "plan_upgrades",  # the reference service's plan-upgrade flows (demo_0004)
                 "charter_idempotency_outcomes",
                 "charter_idempotency",
                 "charter_webhook_messages",
+                "charter_ledger",  # credits (charter_0007)
+                "charter_credit_holds",
+                "charter_credit_accounts",
+                "charter_quota_counters",
             ):
                 conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
         upgrade(engine, extra_locations=DEMO_MIGRATIONS)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .credits import Credits
 from .errors import CharterError
 from .gate import Charter
 from .migrate import upgrade
@@ -32,6 +33,8 @@ policy_app = typer.Typer(help="Review the rules.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 idem_app = typer.Typer(help="Idempotency records.", no_args_is_help=True)
 app.add_typer(idem_app, name="idempotency")
+credits_app = typer.Typer(help="Credits, holds and the ledger.", no_args_is_help=True)
+app.add_typer(credits_app, name="credits")
 
 T = TypeVar("T")
 
@@ -414,6 +417,36 @@ def idempotency_resume(
     for key, outcome in results:
         console.print(f"{key}: {outcome}")
     console.print(f"resumed {len(results)} abandoned requests")
+
+
+@credits_app.command("verify")
+def credits_verify(
+    database_url: DatabaseOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check that each balance equals the sum of its ledger entries and that the ledger sums
+    to zero; exit 1 and name every account that does not."""
+    report = _call(database_url, lambda charter: Credits.of(charter).verify(), Settings.for_audit)
+    if as_json:
+        console.print_json(json.dumps(report.as_json()))
+    else:
+        for problem in report.problems:
+            console.print(f"[red]✗[/red] {problem.subject}: {problem.detail}", highlight=False)
+        status = "[green]balanced[/green]" if report.ok else "[red]UNBALANCED[/red]"
+        console.print(
+            f"{status}: {report.accounts} accounts, {report.movements} movements, "
+            f"{len(report.problems)} problems",
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@credits_app.command("sweep")
+def credits_sweep(database_url: DatabaseOption = None) -> None:
+    """Release every hold still pending past its expiry (its credits go back)."""
+    released = _call(database_url, lambda charter: Credits.of(charter).sweep(limit=10_000))
+    console.print(f"released {released} expired holds")
 
 
 @app.command("demo")

@@ -23,7 +23,8 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   ├── IdempotencyKeyMissing         400 idempotency_key_missing   idempotency.keys
     │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
     │   ├── IdempotencyKeyUnsupported     400 idempotency_key_unsupported   idempotency.keys
-    │   └── MalformedBody                 400 malformed_body        integrations.strictjson
+    │   ├── MalformedBody                 400 malformed_body        integrations.strictjson
+    │   └── InvalidAmount                 422 invalid_amount        (credits: not a positive int)
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)
@@ -35,6 +36,9 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys
     ├── ReplayedError                     (the stored error's code and status)  idempotency.keys
     ├── DomainError                       409 domain_error          (handlers raise subclasses)
+    ├── InsufficientCredits               402 insufficient_credits  (credits: balance too low)
+    ├── QuotaExceeded                     429 quota_exceeded        (credits: used up this period)
+    ├── HoldExpired                       409 hold_expired          (credits: capture after expiry)
     ├── HandlerFailed                     500 internal_error        (a handler crashed; rolled back)
     ├── WebhookError                      400 webhook_error         webhooks
     │   ├── WebhookHeadersMissing         400 webhook_headers_missing
@@ -45,6 +49,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   └── WebhookRetryLater             503 webhook_retry_later   (transient; retry)
     ├── PaymentProviderError              502 payment_provider_error    demo.payment_client
     │   └── PaymentProviderUnavailable    503 payment_provider_unavailable
+    ├── SenderFailed                      502 sender_failed         demo.sender
     ├── RateLimited                       429 rate_limited          (Retry-After, RateLimit fields)
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
     │   └── RateLimitUnavailable          503 rate_limit_unavailable    (a fail-closed class, store down)
@@ -66,12 +71,16 @@ __all__ = [
     "DomainError",
     "Forbidden",
     "HandlerFailed",
+    "HoldExpired",
+    "InsufficientCredits",
+    "InvalidAmount",
     "InvalidInput",
     "InvalidPage",
     "InvalidTransition",
     "NotFound",
     "PayloadTooLarge",
     "PreconditionFailed",
+    "QuotaExceeded",
     "RateLimitUnavailable",
     "RateLimited",
     "ReasonRequired",
@@ -294,6 +303,42 @@ class DomainError(CharterError):
     code = "domain_error"
     status = 409
     title = "The request cannot be carried out"
+
+
+class InvalidAmount(InvalidInput):
+    """An amount is not a positive whole number of minor units within the bound."""
+
+    code = "invalid_amount"
+    status = 422
+    title = "Invalid amount"
+
+
+class InsufficientCredits(CharterError):
+    """The account's balance does not cover the action's cost; nothing was charged or done."""
+
+    code = "insufficient_credits"
+    status = 402
+    title = "Insufficient credits"
+
+
+class QuotaExceeded(CharterError):
+    """The period's quota is used up; ``Retry-After`` says when the next period starts."""
+
+    code = "quota_exceeded"
+    status = 429
+    title = "Quota exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: int, **attrs: Any) -> None:
+        super().__init__(message, **attrs)
+        self.headers["Retry-After"] = str(max(1, retry_after))
+
+
+class HoldExpired(CharterError):
+    """A hold is no longer pending (expired, released): nothing was captured."""
+
+    code = "hold_expired"
+    status = 409
+    title = "The hold has expired"
 
 
 class StorageUnavailable(CharterError):

@@ -8,6 +8,7 @@
                            (:mod:`charter.audit.anchor`): ``file:///var/lib/charter/audit.anchor.jsonl``
                            (or a plain path), another database's SQLAlchemy URL, or ``none``
 ``CHARTER_PAYMENTS_URL``   the payment provider's base URL (reference service)
+``CHARTER_SENDER_URL``     the reminder sender's base URL (reference service)
 ``CHARTER_PAYMENTS_WEBHOOK_SECRET``  its Standard Webhooks secret(s) (``whsec_...``), newest first
 ``CHARTER_RATE_LIMITS``    where rate limits are counted: ``memory://`` (the default, this
                            process), ``redis://host:6379/0`` (shared), or ``none``
@@ -66,6 +67,7 @@ class Settings:
     token_secrets: tuple[str, ...] = field(default=(), repr=False)
     audit_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     payments_url: str | None = None
+    sender_url: str | None = None
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     #: ``CHARTER_AUDIT_ANCHOR`` as given (None: unset); see :attr:`audit_anchor_uri`.
     audit_anchor: str | None = None
@@ -132,6 +134,7 @@ class Settings:
             cls.for_audit(env),
             token_secrets=secrets,
             payments_url=env.get("CHARTER_PAYMENTS_URL") or None,
+            sender_url=env.get("CHARTER_SENDER_URL") or None,
             webhook_secrets=hooks,
             rate_limits=_rate_limits(env.get("CHARTER_RATE_LIMITS", "memory://")),
         )

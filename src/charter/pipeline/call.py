@@ -56,6 +56,8 @@ class Writes:
     entries: list[AuditEntry] = field(default_factory=list)
     outcome: dict[str, Any] | None = None
     before: list[Any] = field(default_factory=list)
+    #: The charged account's balance after the call's charge (None: nothing charged).
+    balance: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -136,6 +138,7 @@ class Call:
             request_id=self.ctx.request_id,
             resource_id=entry.resource_id if entry is not None else None,
             version=self.version,
+            balance=self.writes.balance,
         )
 
 
