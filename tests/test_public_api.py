@@ -9,10 +9,12 @@ def test_the_public_names_are_pinned_and_sorted():
     expected = [
         "A", "ActionContext", "ActionPolicy", "ActionSpec", "Actor", "ActorKind", "AuditProblem",
         "C", "Channel", "Charter", "CharterError", "ConfigurationError", "Conflict", "Decision",
-        "DecisionKind", "DomainError", "Forbidden", "HandlerFailed", "IdempotencyKeyInProgress",
+        "DecisionKind", "DomainError", "Forbidden", "HandlerFailed", "HoldExpired",
+        "IdempotencyKeyInProgress",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused",
-        "IdempotencyKeyUnsupported", "IdempotencyMode", "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
-        "PreconditionFailed", "R", "RateLimited", "ReasonRequired", "ResourceSpec", "Rule",
+        "IdempotencyKeyUnsupported", "IdempotencyMode", "InsufficientCredits", "InvalidAmount",
+        "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
+        "PreconditionFailed", "QuotaExceeded", "R", "RateLimited", "ReasonRequired", "ResourceSpec", "Rule",
         "StorageUnavailable", "Unauthenticated", "UnknownAction", "VerificationReport",
     ]  # fmt: skip
     assert expected == charter.__all__

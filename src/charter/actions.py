@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .credits.costs import Cost, as_cost, as_tags
+from .credits.quotas import Quota
 from .errors import ConfigurationError, InvalidInput
 from .idempotency.keys import IdempotencyMode
 from .resources import ResourceSpec
@@ -72,6 +74,8 @@ class ActionSpec:
     idempotency: IdempotencyMode = IdempotencyMode.OPTIONAL
     by: str | None = None
     locks: Locks | None = None
+    cost: Cost | Quota | None = None  # charged by the charge stage (charter.credits)
+    tags: frozenset[str] = frozenset()  # risk tags; a credit cost adds "financial"
     #: The rate class it is counted against (None: its default, charter.ratelimit).
     rate: str | None = None
 
@@ -100,6 +104,8 @@ class ActionSpec:
         by: str | None = None,
         locks: Locks | None = None,
         rate: str | None = None,
+        cost: Any = None,
+        tags: Any = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -151,6 +157,7 @@ class ActionSpec:
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         if scope is None:
             scope = default_scope(name, resource, sensitive_read=sensitive_read)
+        cost = as_cost(name, cost)
         return cls(
             name=name,
             handler=handler,
@@ -169,6 +176,8 @@ class ActionSpec:
             by=by,
             locks=locks,
             rate=rate,
+            cost=cost,
+            tags=as_tags(name, tags, cost),
         )
 
     def validate(self, data: Any) -> BaseModel:

@@ -91,6 +91,8 @@ class Registry:
         by: str | None = None,
         locks: Locks | None = None,
         rate: str | None = None,
+        cost: Any = None,
+        tags: Iterable[str] | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
@@ -99,7 +101,9 @@ class Registry:
         and ``data`` the validated input model. ``by`` locates the target by a
         column unique within the tenant instead of the primary key; ``locks``
         names the further records the action acts on (``ctx.locked``). ``rate``
-        names its rate class (default: by what it is, :mod:`charter.ratelimit`).
+        names its rate class (default: by what it is, :mod:`charter.ratelimit`). ``cost``
+        is charged inside the action's transaction (:mod:`charter.credits`);
+        ``tags`` are its risk tags (a credit cost adds ``financial``).
         """
 
         def register(handler: F) -> F:
@@ -121,6 +125,8 @@ class Registry:
                 by=by,
                 locks=locks,
                 rate=rate,
+                cost=cost,
+                tags=tags,
             )
             return handler
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ..actions import ActionSpec, refuse_nul
 from ..actor import Actor
+from ..credits import stage as credits
 from ..decision import Decision, DecisionKind
 from ..errors import (
     CharterError,
@@ -339,7 +340,8 @@ def handler(a: Assembly) -> Stage:
         try:
             call.body = spec.handler(ctx, call.record, call.data)
         except DomainError as exc:
-            if not call.keyed or TenantGuard.wrote(session):
+            if not call.keyed or TenantGuard.wrote(session) or call.writes.balance is not None:
+                # Something reached the database (a charge too): roll it all back.
                 raise Refusal(exc, call.decision, call.record) from exc
             _store_domain_error(runtime, committer, call, exc)
             raise
@@ -577,6 +579,7 @@ FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
     ("load", load),
     ("precondition", precondition),
     ("decide", decide),
+    ("charge", credits.charge),  # the cost, in this transaction (402 / 429)
     ("handler", handler),
     ("track", track),
     ("seal", seal),
