@@ -550,3 +550,56 @@ def test_charter_credits_verify_names_the_account_that_disagrees(tmp_path, monke
         assert 0 == runner.invoke(app, ["credits", "sweep"]).exit_code
     finally:
         engine.dispose()
+
+
+# -- statements, and a resumed request ---------------------------------------------------
+
+
+def test_a_charge_costs_one_statement_on_postgresql(gate, alice):
+    from sqlalchemy import event
+
+    charter, credits = gate
+    credits.grant("acme", 5)
+    charter.execute(alice, "credits.consume")  # warm
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(charter.engine, "before_cursor_execute", seen)
+    try:
+        charter.execute(alice, "credits.consume")
+    finally:
+        event.remove(charter.engine, "before_cursor_execute", seen)
+    if charter.runtime.postgres:
+        # The debit, the credit and the ledger row as one statement; the audit INSERT.
+        assert 2 == len(statements)
+    else:
+        # BEGIN IMMEDIATE; debit; credit; ledger row; audit INSERT.
+        assert 5 == len(statements)
+
+
+def test_a_request_resumed_after_its_outside_step_failed_is_charged_once(gate, alice):
+    charter, credits = gate
+    credits.grant("acme", 5)
+    calls: list[str] = []
+
+    @charter.action("credits.outside", allow=True, cost=2, idempotency="required")
+    def outside(ctx: Any, record: Any, data: Any) -> dict[str, Any]:
+        def step(key: str) -> str:
+            calls.append(key)
+            if len(calls) == 1:
+                raise RuntimeError("the provider did not answer")
+            return "done"
+
+        return {"result": ctx.external("step", step)}
+
+    with pytest.raises(HandlerFailed):
+        charter.execute(alice, "credits.outside", key="r1")
+    assert 3 == credits.balance("acme")  # charged with the first phase, which committed
+    outcome = charter.execute(alice, "credits.outside", key="r1")  # resumes at once
+    assert {"result": "done"} == outcome.body
+    assert [calls[0], calls[0]] == calls  # the same derived key
+    assert 3 == credits.balance("acme")
+    assert ["grant", "charge"] == [r.kind for r in ledger_rows(charter)]
+    assert credits.verify().ok

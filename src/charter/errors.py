@@ -36,6 +36,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys
     ├── ReplayedError                     (the stored error's code and status)  idempotency.keys
     ├── DomainError                       409 domain_error          (handlers raise subclasses)
+    │   └── SenderNotConfigured           409 sender_not_configured demo.sender
     ├── InsufficientCredits               402 insufficient_credits  (credits: balance too low)
     ├── QuotaExceeded                     429 quota_exceeded        (credits: used up this period)
     ├── HoldExpired                       409 hold_expired          (credits: capture after expiry)

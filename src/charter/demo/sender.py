@@ -35,9 +35,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from charter.errors import CharterError
+from charter.errors import CharterError, DomainError
 
-__all__ = ["ReminderSenderStub", "SenderClient", "SenderFailed", "main"]
+__all__ = ["ReminderSenderStub", "SenderClient", "SenderFailed", "SenderNotConfigured", "main"]
 
 HOST = "127.0.0.1"
 MAX_BODY_BYTES = 16 * 1024
@@ -50,6 +50,13 @@ class SenderFailed(CharterError):
     code = "sender_failed"
     status = 502
     title = "The reminder sender failed"
+
+
+class SenderNotConfigured(DomainError):
+    """The service runs without a reminder sender: nothing was held, charged or sent."""
+
+    code = "sender_not_configured"
+    title = "No reminder sender is configured"
 
 
 class _Message(BaseModel):
