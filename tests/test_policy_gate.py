@@ -116,6 +116,7 @@ def test_allowed_actions_lists_what_is_safe_next_with_reasons(demo):
         "invoice.find_by_charge": False,  # the same rule and scope as invoice.get
         "invoice.pay": False,
         "invoice.mark_paid": False,
+        "invoice.remind": False,  # needs invoices:write, which BOB's token lacks
     } == allowed
 
 

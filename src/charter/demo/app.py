@@ -14,6 +14,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
+from ..credits import Credits
 from ..decision import Decision
 from ..errors import NotFound
 from ..gate import Charter
@@ -25,6 +26,7 @@ from ..tokens import TokenSigner
 from ..webhooks import StandardWebhookVerifier
 from .models import Invoice
 from .payment_client import PaymentClient
+from .sender import SenderClient
 from .service import build_charter, directory, invoice_view, payments_partner
 
 __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
@@ -44,6 +46,8 @@ def demo_scopes(user: Actor) -> list[str]:
         scopes.append("invoices:approve")
     if "support" in user.roles:
         scopes.append("invoices:*")
+    if "admin" in user.roles:
+        scopes.append("credits:write")  # prepaid credits (credits.top_up)
     return scopes
 
 
@@ -59,7 +63,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             rate_limits=settings.rate_limits,
         )
     payments = PaymentClient(settings.payments_url) if settings.payments_url else None
-    build_charter(charter, payments=payments)
+    sender = SenderClient(settings.sender_url) if settings.sender_url else None
+    build_charter(charter, payments=payments, sender=sender)
     signer = TokenSigner(settings.token_secrets)
 
     @contextlib.asynccontextmanager
@@ -73,6 +78,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             charter.close()  # a last audit checkpoint, then the database
             if payments is not None:
                 payments.close()
+            if sender is not None:
+                sender.close()
 
     app = FastAPI(title="Charter reference service", version="0.1.0", lifespan=lifespan)
     app.state.charter = charter
@@ -92,6 +99,10 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
     routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
     routes.bind("GET", "/charges/{charge_id}/invoice", "invoice.find_by_charge", target="charge_id")
+    routes.bind("POST", "/invoices/{id}/remind", "invoice.remind")
+    routes.bind("GET", "/exports/invoices", "invoice.export", target=None)
+    routes.bind("POST", "/credits/top-up", "credits.top_up", target=None)
+    routes.bind("GET", "/credits", "credits.balance", target=None)
     routes.list("/invoices", "invoice.get", render=invoice_view)
     if settings.webhook_secrets:
         routes.webhook(
@@ -158,10 +169,12 @@ def _allowed(charter: Charter, actor: Actor, invoice_id: int) -> dict[str, Decis
 
 async def _maintenance(charter: Charter) -> None:
     """Periodic upkeep: finish abandoned multi-phase requests, sweep expired idempotency
-    records. (The audit checkpoints and their anchor are written by the Charter itself.)"""
+    records, release expired credit holds. (The audit checkpoints and their anchor are
+    written by the Charter itself.)"""
+    credits = Credits.of(charter)
     while True:
         await asyncio.sleep(MAINTENANCE_SECONDS)
-        for job in (charter.resume_abandoned, charter.purge_idempotency):
+        for job in (charter.resume_abandoned, charter.purge_idempotency, credits.sweep):
             try:
                 await run_in_threadpool(job)
             except Exception:

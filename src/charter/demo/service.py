@@ -12,23 +12,34 @@ Invoices move draft → submitted → approved. Who may do what:
 
 Support staff (``sam``) may act on behalf of members and approvers, with a
 reason, for reading and preparing invoices (grant ``support-for-staff``).
+
+Each tenant has prepaid credits (``credits.top_up`` by an admin, with a reason;
+``credits.balance``). ``invoice.remind`` sends a payment reminder through the
+outside sender for ``REMINDER_COST`` credits, held while the message is out:
+captured when the sender confirms, released when it fails or the hold expires.
+``invoice.export`` returns the tenant's invoices, ``EXPORTS_PER_DAY`` times per
+tenant per day (a period quota).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 
 from ..actor import Actor
 from ..context import ActionContext
-from ..errors import ConfigurationError
+from ..credits import Credits, Quota
+from ..errors import ConfigurationError, NotFound
 from ..fields import Amount
 from ..gate import Charter
 from ..policy import A, C, R
 from .models import Invoice, InvoiceState
 from .payment_client import PaymentClient
+from .sender import SenderClient, SenderFailed, SenderNotConfigured
 
 __all__ = [
     "DEMO_USERS",
@@ -119,7 +130,12 @@ def payments_partner(tenant: str) -> Actor:
     )
 
 
-def build_charter(charter: Charter, *, payments: PaymentClient | None = None) -> Charter:
+def build_charter(
+    charter: Charter,
+    *,
+    payments: PaymentClient | None = None,
+    sender: SenderClient | None = None,
+) -> Charter:
     charter.resource(
         Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
     )
@@ -235,7 +251,84 @@ def build_charter(charter: Charter, *, payments: PaymentClient | None = None) ->
         invoice.paid_at = ctx.now
         return invoice
 
+    _credits(charter, sender)
     return charter
+
+
+# -- prepaid credits and the export quota ---------------------------------------------------
+
+#: What one invoice reminder costs, in credits (the tenant's prepaid ``credits`` account).
+REMINDER_COST = 5
+#: How long a reminder's credits stay held while the sender has it: well past the
+#: request's recovery lease, so a resumed request still finds its hold.
+REMINDER_HOLD = timedelta(minutes=10)
+#: Exports per tenant per UTC day.
+EXPORTS_PER_DAY = 20
+MAX_EXPORT = 1000
+
+
+class TopUp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Strictly a JSON integer of credits: the ledger refuses 0, negatives and absurd sums.
+    credits: int = Field(strict=True)
+
+
+def _credits(charter: Charter, sender: SenderClient | None) -> None:
+    """Prepaid credits per tenant, a reminder that holds them, and a daily export quota."""
+    credits = Credits.of(charter)
+
+    @charter.action("credits.top_up", input=TopUp, allow=A.has_role("admin"),
+                    scope="credits:write", tags={"admin"}, reason_required=True)  # fmt: skip
+    def top_up(ctx: ActionContext, _: None, data: TopUp) -> dict[str, Any]:
+        """Add prepaid credits to the tenant's account (an admin, with a reason)."""
+        tenant = ctx.actor.tenant_id
+        credits.open(tenant, ctx=ctx)
+        return {"balance": credits.grant(tenant, data.credits, ctx=ctx)}
+
+    @charter.action("credits.balance", allow=ANY_STAFF, sensitive_read=True,
+                    scope="invoices:read")  # fmt: skip
+    def balance(ctx: ActionContext, _: None, __: BaseModel) -> dict[str, Any]:
+        """The tenant's prepaid credits: available and held by reminders in flight."""
+        tenant = ctx.actor.tenant_id
+        try:
+            return {
+                "available": credits.balance(tenant),
+                "held": credits.balance(tenant, "credits@held"),
+            }
+        except NotFound:
+            return {"available": 0, "held": 0}
+
+    @charter.action("invoice.remind", on=Invoice, allow=ANY_STAFF, scope="invoices:write",
+                    idempotency="required", tags={"financial", "irreversible"})  # fmt: skip
+    def remind(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
+        """Send a payment reminder through the outside sender; its credits are held meanwhile.
+
+        Phase 1 commits the hold with the step's recovery point; the sender's
+        confirmation captures it, its failure releases it, and a crash in between
+        leaves it to expire, when Charter releases it.
+        """
+        if sender is None:  # a refusal, not a crash: nothing is held or charged
+            raise SenderNotConfigured(
+                "this service has no reminder sender (CHARTER_SENDER_URL): nothing was sent"
+            )
+        hold = credits.hold(ctx, REMINDER_COST, name="reminder", expires_in=REMINDER_HOLD)
+        to, text = invoice.customer, f"Invoice {invoice.id}: {invoice.amount} {invoice.currency}"
+        try:
+            message = ctx.external("send", lambda key: sender.send(to, text, idempotency_key=key))
+        except SenderFailed:
+            credits.release(ctx, hold)
+            return {"sent": False, "charged": 0, "invoice": invoice.id}
+        credits.capture(ctx, hold)
+        return {"sent": True, "message": message, "charged": hold.amount, "invoice": invoice.id}
+
+    @charter.action("invoice.export", allow=ANY_STAFF, sensitive_read=True,
+                    scope="invoices:read", tags={"export"},
+                    cost=Quota("exports", limit=EXPORTS_PER_DAY, per="day"))  # fmt: skip
+    def export(ctx: ActionContext, _: None, __: BaseModel) -> dict[str, Any]:
+        """Every invoice of the tenant (up to 1000), at most 20 exports per tenant per day."""
+        assert ctx.session is not None
+        rows = ctx.session.scalars(select(Invoice).order_by(Invoice.id).limit(MAX_EXPORT))
+        return {"invoices": [invoice_view(i) for i in rows]}
 
 
 def reference_charter() -> Charter:
