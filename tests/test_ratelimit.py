@@ -54,6 +54,15 @@ def store(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def closing() -> Iterator[Callable[[RateLimiter], RateLimiter]]:
+    """``closing(RateLimiter(...))``: closed at teardown (its Redis connections with it)."""
+    made: list[RateLimiter] = []
+    yield lambda limiter: made.append(limiter) or limiter
+    for limiter in made:
+        limiter.close()
+
+
+@pytest.fixture
 def clock() -> Clock:
     return Clock()
 
@@ -217,8 +226,8 @@ def test_a_concurrency_class_allows_n_in_flight_and_frees_the_slot_when_the_call
     assert "internal_error" == getattr(failed.value, "code", None)
 
 
-def test_a_slot_whose_worker_died_frees_at_its_expiry(store, clock):
-    limiter = RateLimiter(store, classes=CLASSES)
+def test_a_slot_whose_worker_died_frees_at_its_expiry(store, clock, closing):
+    limiter = closing(RateLimiter(store, classes=CLASSES))
     slow = limiter.rate_class("slow")
     who = RateLimiter.who("acme", "alice")
     limiter.acquire(slow, who, clock.now)  # never released: the worker died
@@ -304,8 +313,8 @@ def test_redis_down_a_fail_open_class_counts_here_and_writes_one_audited_warning
     assert "127.0.0.1:1" in warning.detail["store"]
 
 
-def test_a_store_uri_with_a_password_is_never_shown():
-    limiter = RateLimiter("redis://:hunter2-secret@127.0.0.1:1/0")
+def test_a_store_uri_with_a_password_is_never_shown(closing):
+    limiter = closing(RateLimiter("redis://:hunter2-secret@127.0.0.1:1/0"))
     assert "hunter2" not in repr(limiter)
 
 
@@ -324,11 +333,12 @@ def _hammer(url: str, calls: int, start: Any) -> int:
             passed += 1
         except RateLimited:
             pass
+    limiter.close()
     return passed
 
 
-def test_200_concurrent_threads_against_a_limit_of_50_exactly_50_pass(store):
-    limiter = RateLimiter(store, classes=[RateClass("write", "50/minute")])
+def test_200_concurrent_threads_against_a_limit_of_50_exactly_50_pass(store, closing):
+    limiter = closing(RateLimiter(store, classes=[RateClass("write", "50/minute")]))
     cls, who = limiter.rate_class("write"), RateLimiter.who("acme", "alice")
     barrier = threading.Barrier(200)
     passed: list[bool] = []
@@ -362,3 +372,25 @@ def test_8_processes_sharing_redis_against_a_limit_of_50_exactly_50_pass():
             start.set()
             passed = [r.get(timeout=60) for r in results]
     assert 50 == sum(passed)
+
+
+def test_100_concurrent_threads_against_3_in_flight_slots_exactly_3_take_one(store, closing):
+    limiter = closing(RateLimiter(store, classes=[RateClass("slow", "1000/minute", concurrency=3)]))
+    slow, who = limiter.rate_class("slow"), RateLimiter.who("acme", "alice")
+    barrier = threading.Barrier(100)
+    taken: list[bool] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            limiter.acquire(slow, who, START)  # never released: each slot stays taken
+            taken.append(True)
+        except RateLimited:
+            taken.append(False)
+
+    threads = [threading.Thread(target=worker) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (3, 97) == (taken.count(True), taken.count(False))

@@ -285,7 +285,9 @@ class RateLimiter:
         self.denials.append(entry)
 
     def close(self) -> None:
+        """Summarise the denial windows still open, then close the store's connections."""
         self.denials.close()
+        self.counters.close()
 
 
 def window_of(cls: RateClass, now: datetime) -> tuple[datetime, datetime]:

@@ -136,6 +136,13 @@ class Counters:
             slots[token] = now + ttl
             return True, len(slots), 0.0
 
+    def close(self) -> None:
+        """Close the store's connections (a Redis pool); the in-process store has none."""
+        if self.shared:
+            connection: Any = self.storage.get_connection()  # type: ignore[attr-defined]
+            connection.close()
+            connection.connection_pool.disconnect()
+
     def _key(self, key: str) -> str:
         return f"{getattr(self.storage, 'key_prefix', 'LIMITS')}:{key}"
 
