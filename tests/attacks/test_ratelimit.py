@@ -198,3 +198,33 @@ def test_redis_unreachable_reads_fail_open_counted_here_with_one_audited_warning
     assert [200] * 6 + [429] == answers  # still limited, by this process
     (warning,) = outcomes(client, FAIL_OPEN)
     assert "charter.rate_limit" == warning.action
+
+
+def test_behind_a_proxy_the_address_is_the_one_the_proxy_names(database_url, store):
+    from fastapi import FastAPI
+
+    from charter.errors import Unauthenticated
+    from charter.integrations.fastapi import CharterRoutes
+
+    def forwarded(scope: Any) -> str:
+        headers = dict(scope["headers"])
+        return headers.get(b"x-forwarded-for", b"unknown").decode("latin-1").split(",")[0]
+
+    def refuse(request: Any) -> Any:
+        raise Unauthenticated("no credential")
+
+    charter = Charter(
+        database_url=database_url, audit_keys=SETTINGS.audit_keys, clock=Clock(),
+        rate_limits=RateLimiter(store, classes=CLASSES),
+    )  # fmt: skip
+    app = FastAPI()
+    CharterRoutes(app, charter, authenticate=refuse, client_address=forwarded)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            one = {"X-Forwarded-For": "192.0.2.1"}
+            seen = [client.get("/anything", headers=one).status_code for _ in range(4)]
+            assert [404, 404, 404, 429] == seen  # one client, behind the proxy's single peer
+            other = client.get("/anything", headers={"X-Forwarded-For": "192.0.2.2"})
+            assert 404 == other.status_code  # another client, counted apart
+    finally:
+        charter.close()

@@ -47,7 +47,7 @@ from ..idempotency.keys import IdempotencyKeyInvalid, IdempotencyMode
 from ..pipeline.stages import MAX_REASON
 from ..ratelimit import rate_headers
 from . import strictjson
-from .ratelimit import AddressLimitMiddleware
+from .ratelimit import AddressLimitMiddleware, peer_address
 from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
 
@@ -295,6 +295,9 @@ class CharterRoutes:
     >>> routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
 
     ``problem_type_base`` and ``auth_scheme``: see :func:`install_problem_handlers`.
+    ``client_address``: how a request's client address is read, for the per-address
+    limit of unauthenticated requests when the Charter has rate limits (default: the
+    ASGI peer; behind a proxy, read the header it sets).
     """
 
     def __init__(
@@ -307,6 +310,7 @@ class CharterRoutes:
         channel: Channel = Channel.HTTP,
         problem_type_base: str | None = None,
         auth_scheme: str | None = "Bearer",
+        client_address: Callable[[Scope], str] = peer_address,
     ) -> None:
         self.app = app
         self.charter = charter
@@ -315,8 +319,9 @@ class CharterRoutes:
         install_problem_handlers(app, problem_type_base=problem_type_base, auth_scheme=auth_scheme)
         if charter.rate_limiter is not None:  # inside the request context: ids, body limit first
             app.add_middleware(
-                AddressLimitMiddleware, limiter=charter.rate_limiter, clock=charter.clock
-            )
+                AddressLimitMiddleware, limiter=charter.rate_limiter, clock=charter.clock,
+                client_address=client_address,
+            )  # fmt: skip
         app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
 
     async def actor(self, request: Request) -> Actor:
