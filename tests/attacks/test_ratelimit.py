@@ -228,3 +228,15 @@ def test_behind_a_proxy_the_address_is_the_one_the_proxy_names(database_url, sto
             assert 404 == other.status_code  # another client, counted apart
     finally:
         charter.close()
+
+
+def test_a_flood_of_exports_does_not_ride_on_the_read_limit(service):
+    client, _ = service()
+    exports = [client.get("/exports/invoices", headers=auth("alice")) for _ in range(11)]
+    assert [200] * 10 + [429] == [e.status_code for e in exports]  # export: 10 a minute
+    assert (
+        '"export";q=10;w=60, "export-concurrency";q=2;qu="concurrent-requests"'
+        == (exports[0].headers["ratelimit-policy"])
+    )
+    assert '"export";q=10;w=60' == exports[10].headers["ratelimit-policy"]
+    assert 200 == client.get("/invoices", headers=auth("alice")).status_code  # reads still pass
