@@ -1,0 +1,544 @@
+"""Workflows: a transition is checked on the locked state, and only the gate writes the state."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import JSON, DateTime, String, insert, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from charter import (
+    A,
+    Charter,
+    ConfigurationError,
+    DecisionKind,
+    DomainError,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+    R,
+    StepExpired,
+    Transition,
+)
+from charter.audit.entry import audit_table
+from charter.testing import make_actor
+from charter.workflow import diagram
+
+from .conftest import AUDIT_KEYS
+from .test_pipeline import count_statements
+
+ALICE = make_actor("alice", "acme", "member")
+BOB = make_actor("bob", "acme", "approver")
+GINA = make_actor("gina", "globex", "member")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Ticket(Base):
+    __tablename__ = "test_wf_tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(24))
+    version: Mapped[int] = mapped_column(default=1)
+    note: Mapped[str | None] = mapped_column(String(200), default=None)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    steps: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+
+
+FLOW = (
+    Transition("ticket.open", "new", "open"),
+    Transition("ticket.approve", "open", "approved", guard=R.note.is_not_none()),
+    Transition("ticket.close", ("new", "open"), "closed"),
+)
+
+
+class Note(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def declare(charter: Charter, *, workflow: bool = True, **options: Any) -> Charter:
+    """Tickets: new → open → approved, or closed from new or open (a member opens, an
+    approver approves, the owner closes)."""
+    charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    if workflow:
+        charter.workflow(
+            Ticket, states=("new", "open", "approved", "closed"), initial="new",
+            transitions=options.pop("transitions", FLOW), **options,
+        )  # fmt: skip
+    charter.action("ticket.get", on=Ticket, allow=True, sensitive_read=True)(lambda c, t, d: {})
+
+    @charter.action("ticket.create", on=Ticket, creates=True, input=Note, allow=True)
+    def create(ctx: Any, _: None, data: Note) -> Ticket:
+        ticket = Ticket(owner=ctx.actor.id, note=data.note, state="new")
+        ctx.session.add(ticket)
+        return ticket
+
+    @charter.action("ticket.open", on=Ticket, allow=A.has_role("member") & (R.state == "new"))
+    def open_(ctx: Any, ticket: Ticket, _: Any) -> dict[str, str]:
+        return {"seen": ticket.state}  # the handler sees the new state
+
+    charter.action("ticket.approve", on=Ticket, allow=A.has_role("approver"))(
+        lambda ctx, t, d: {"state": t.state}
+    )
+    charter.action("ticket.close", on=Ticket, allow=R.owner == A.id)(lambda c, t, d: {})
+    return charter
+
+
+@pytest.fixture
+def tickets(database_url: str, disposing: Callable[[Any], Any]) -> Charter:
+    charter = disposing(declare(Charter(database_url=database_url, audit_keys=AUDIT_KEYS)))
+    Base.metadata.create_all(charter.engine)
+    return charter
+
+
+def new_ticket(charter: Charter, note: str | None = "n", actor: Any = ALICE) -> int:
+    return int(charter.execute(actor, "ticket.create", {"note": note}).resource_id)
+
+
+def state(charter: Charter, ticket: int) -> str:
+    with charter.session() as session:
+        found = session.get(Ticket, ticket)
+        assert found is not None
+        return found.state
+
+
+# -- the transition ---------------------------------------------------------------------
+
+
+def test_a_transition_moves_the_record_and_the_handler_sees_the_new_state(tickets):
+    ticket = new_ticket(tickets)
+    assert {"seen": "open"} == tickets.execute(ALICE, "ticket.open", target=ticket).body
+    assert "open" == state(tickets, ticket)
+    entry = tickets.history("test_wf_tickets", ticket)[-1]
+    assert ("new", "open", "ok") == (entry["state_before"], entry["state_after"], entry["outcome"])
+
+
+def test_a_step_out_of_order_is_409_naming_the_state_and_the_next_actions(tickets):
+    ticket = new_ticket(tickets)
+    with pytest.raises(InvalidTransition) as info:
+        tickets.execute(BOB, "ticket.approve", target=ticket)
+    error = info.value
+    assert (409, "invalid_transition") == (error.status, error.code)
+    assert {"state": "new", "allowed": ["ticket.open", "ticket.close"]} == error.attrs
+    assert "is new" in error.message
+    assert "ticket.open, ticket.close" in error.message
+    entry = tickets.history("test_wf_tickets", ticket)[-1]
+    assert ("deny", "workflow", "invalid_transition") == (
+        entry["decision"], entry["rule"], entry["outcome"],
+    )  # fmt: skip
+
+
+def test_the_state_is_checked_before_the_policy_even_when_a_rule_mentions_it(tickets):
+    ticket = new_ticket(tickets)
+    tickets.execute(ALICE, "ticket.open", target=ticket)
+    # ticket.open's rule says R.state == "new" too, and bob is no member: still 409, not 403.
+    with pytest.raises(InvalidTransition):
+        tickets.execute(BOB, "ticket.open", target=ticket)
+    with pytest.raises(Forbidden):  # possible, but not for him: the policy's 403
+        tickets.execute(BOB, "ticket.close", target=ticket)
+
+
+def test_load_comes_first_a_missing_or_foreign_record_is_404(tickets):
+    ticket = new_ticket(tickets)
+    tickets.execute(ALICE, "ticket.close", target=ticket)
+    with pytest.raises(NotFound):
+        tickets.execute(ALICE, "ticket.open", target=99999)
+    with pytest.raises(NotFound):  # another tenant's closed ticket: not found, not 409
+        tickets.execute(GINA, "ticket.open", target=ticket)
+
+
+def test_an_unreadable_records_state_is_not_told(database_url, disposing):
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    charter.workflow(Ticket, states=("new", "open", "approved", "closed"), initial="new",
+                     transitions=FLOW)  # fmt: skip
+    charter.action("ticket.get", on=Ticket, allow=R.owner == A.id, sensitive_read=True)(
+        lambda c, t, d: {}
+    )
+    charter.action("ticket.create", on=Ticket, creates=True, input=Note, allow=True)(
+        lambda ctx, _, d: ctx.session.add(Ticket(owner=ctx.actor.id, state="new")) or None
+    )
+    charter.action("ticket.approve", on=Ticket, allow=True)(lambda c, t, d: {})
+    Base.metadata.create_all(charter.engine)
+    with charter.runtime.sessions() as session:
+        session.add(Ticket(tenant_id="acme", owner="alice", state="new"))
+        session.commit()
+        ticket = session.query(Ticket).one().id
+    with pytest.raises(NotFound):  # bob may not read alice's ticket: not "it is new"
+        charter.execute(BOB, "ticket.approve", target=ticket)
+    with pytest.raises(InvalidTransition):
+        charter.execute(ALICE, "ticket.approve", target=ticket)
+
+
+def test_a_guard_in_the_policy_language_must_hold_for_the_step_to_be_possible(tickets):
+    ticket = new_ticket(tickets, note=None)
+    tickets.execute(ALICE, "ticket.open", target=ticket)
+    with pytest.raises(InvalidTransition, match=r"R\.note\.is_not_none\(\)"):
+        tickets.execute(BOB, "ticket.approve", target=ticket)
+    assert "open" == state(tickets, ticket)
+
+
+def test_a_final_state_allows_nothing_and_says_so(tickets):
+    ticket = new_ticket(tickets)
+    tickets.execute(ALICE, "ticket.close", target=ticket)
+    with pytest.raises(InvalidTransition, match="a final state") as info:
+        tickets.execute(ALICE, "ticket.close", target=ticket)
+    assert [] == info.value.attrs["allowed"]
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+
+APPROVERS = 50
+
+
+def _approve_all(charter: Charter, ticket: int, workers: int, barrier: Any) -> list[str]:
+    def approve(_: int) -> str:
+        barrier.wait()
+        try:
+            charter.execute(BOB, "ticket.approve", target=ticket)
+        except InvalidTransition:
+            return "invalid_transition"
+        return "ok"
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(approve, range(workers)))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_50_concurrent_approvals_on_threads_give_one_approval_and_49_clean_409s(tickets):
+    ticket = new_ticket(tickets)
+    tickets.execute(ALICE, "ticket.open", target=ticket)
+    results = _approve_all(tickets, ticket, APPROVERS, threading.Barrier(APPROVERS))
+    assert (1, APPROVERS - 1) == (results.count("ok"), results.count("invalid_transition"))
+    entries = tickets.history("test_wf_tickets", ticket)
+    assert 1 == sum(e["action"] == "ticket.approve" and e["outcome"] == "ok" for e in entries)
+    assert tickets.verify_audit().ok
+
+
+def _process_worker(url: str, ticket: int, threads: int, barrier: Any, out: Any) -> None:
+    charter = declare(Charter(database_url=url, audit_keys=AUDIT_KEYS))
+    try:
+        out.put(_approve_all(charter, ticket, threads, barrier))
+    finally:
+        charter.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_50_concurrent_approvals_from_10_processes_give_one_approval(tickets, database_url):
+    ticket = new_ticket(tickets)
+    tickets.execute(ALICE, "ticket.open", target=ticket)
+    context = multiprocessing.get_context("spawn")
+    processes, threads = 10, APPROVERS // 10
+    barrier, out = context.Barrier(APPROVERS), context.Queue()
+    workers = [
+        context.Process(target=_process_worker, args=(database_url, ticket, threads, barrier, out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [r for _ in workers for r in out.get(timeout=120)]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert (1, APPROVERS - 1) == (results.count("ok"), results.count("invalid_transition"))
+    assert "approved" == state(tickets, ticket)
+
+
+# -- only the gate writes the state -----------------------------------------------------------
+
+
+def test_a_handler_that_writes_the_state_is_refused_at_flush_and_nothing_is_written(
+    database_url, disposing
+):
+    charter = disposing(declare(Charter(database_url=database_url, audit_keys=AUDIT_KEYS)))
+
+    @charter.action("ticket.force", on=Ticket, allow=True)
+    def force(ctx: Any, ticket: Ticket, _: Any) -> None:
+        ticket.note = "forced"
+        ticket.state = "approved"
+
+    Base.metadata.create_all(charter.engine)
+    ticket = new_ticket(charter)
+    with pytest.raises(Forbidden, match="only change through its workflow"):
+        charter.execute(ALICE, "ticket.force", target=ticket)
+    assert "new" == state(charter, ticket)
+    with charter.session() as session:
+        assert "n" == session.get(Ticket, ticket).note  # the whole call rolled back
+    assert "workflow" == charter.history("test_wf_tickets", ticket)[-1]["rule"]
+
+
+def test_a_transition_cannot_write_another_records_state(database_url, disposing):
+    charter = disposing(declare(Charter(database_url=database_url, audit_keys=AUDIT_KEYS)))
+
+    @charter.action("ticket.open_both", on=Ticket, allow=True)
+    def both(ctx: Any, ticket: Ticket, _: Any) -> None:
+        other = ctx.session.get(Ticket, ticket.id + 1)
+        other.state = "open"
+
+    Base.metadata.create_all(charter.engine)
+    first, second = new_ticket(charter), new_ticket(charter)
+    with pytest.raises(Forbidden):
+        charter.execute(ALICE, "ticket.open_both", target=first)
+    assert ("new", "new") == (state(charter, first), state(charter, second))
+
+
+def test_a_record_created_in_another_state_than_the_initial_one_is_refused(tickets):
+    @tickets.action("ticket.import_one", on=Ticket, creates=True, allow=True)
+    def import_one(ctx: Any, _: None, __: Any) -> Ticket:
+        ticket = Ticket(owner="x", state="approved")
+        ctx.session.add(ticket)
+        return ticket
+
+    with pytest.raises(Forbidden):
+        tickets.execute(ALICE, "ticket.import_one")
+
+
+def test_bulk_updates_and_imports_of_the_state_are_refused(tickets):
+    ticket = new_ticket(tickets)
+
+    @tickets.action("ticket.bulk", on=None, allow=True)
+    def bulk(ctx: Any, _: None, __: Any) -> None:
+        ctx.session.execute(update(Ticket).where(Ticket.id == ticket).values(state="approved"))
+
+    @tickets.action("ticket.import_many", on=None, allow=True)
+    def import_many(ctx: Any, _: None, __: Any) -> None:
+        rows = [{"tenant_id": "acme", "owner": "x", "state": "approved", "version": 1}]
+        ctx.session.execute(insert(Ticket), rows)
+
+    @tickets.action("ticket.import_new", on=None, allow=True)
+    def import_new(ctx: Any, _: None, __: Any) -> None:
+        rows = [{"tenant_id": "acme", "owner": "x", "state": "new", "version": 1}]
+        ctx.session.execute(insert(Ticket), rows)
+
+    for action in ("ticket.bulk", "ticket.import_many"):
+        with pytest.raises(Forbidden):
+            tickets.execute(ALICE, action)
+    assert "new" == state(tickets, ticket)
+    tickets.execute(ALICE, "ticket.import_new")  # rows in the initial state may be imported
+
+
+def test_an_input_model_carrying_the_state_is_refused_at_declaration():
+    charter = declare(Charter(database_url="sqlite://", development=True))
+
+    class SetState(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        state: str
+
+    with pytest.raises(ConfigurationError, match="only the workflow of test_wf_tickets writes"):
+        charter.action("ticket.edit", on=Ticket, input=SetState, allow=True)(lambda c, t, d: {})
+
+
+def test_a_workflow_is_declared_before_its_actions_and_validated():
+    charter = declare(Charter(database_url="sqlite://", development=True), workflow=False)
+    with pytest.raises(ConfigurationError, match="before its actions"):
+        charter.workflow(Ticket, states=("new",), initial="new", transitions=())
+    fresh = Charter(database_url="sqlite://", development=True)
+    fresh.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    bad = [
+        dict(states=("new",), initial="old", transitions=()),
+        dict(states=("new",), initial="new", transitions=(Transition("t.x", "new", "gone"),)),
+        dict(states=("new", "new"), initial="new", transitions=()),
+        dict(states=("new",), initial="new", transitions=(), expires={"new": timedelta(1)}),
+    ]
+    for options in bad:
+        with pytest.raises(ConfigurationError):
+            fresh.workflow(Ticket, **options)
+
+
+def test_a_resource_without_a_workflow_keeps_writing_its_state_as_before(database_url, disposing):
+    charter = disposing(
+        declare(Charter(database_url=database_url, audit_keys=AUDIT_KEYS), workflow=False)
+    )
+
+    @charter.action("ticket.force", on=Ticket, allow=True)
+    def force(ctx: Any, ticket: Ticket, _: Any) -> None:
+        ticket.state = "approved"
+
+    Base.metadata.create_all(charter.engine)
+    ticket = new_ticket(charter)
+    charter.execute(ALICE, "ticket.force", target=ticket)
+    assert "approved" == state(charter, ticket)
+    assert "transition" not in charter.pipeline_of("ticket.force").names
+
+
+def test_only_the_actions_that_perform_a_transition_get_its_stages(tickets):
+    names = tickets.pipeline_of("ticket.approve").names
+    load = "claim_and_load" if tickets.runtime.postgres else "load"
+    assert names.index(load) < names.index("transition") < names.index("decide")
+    assert names.index("decide") < names.index("advance") < names.index("handler")
+    assert "transition" not in tickets.pipeline_of("ticket.get").names
+    assert "state_guard" in tickets.pipeline_of("ticket.get").names  # every action on it
+
+
+def test_a_declared_transition_adds_no_statement_to_a_hand_coded_state_check(
+    tickets, database_url, disposing
+):
+    hand = disposing(
+        declare(Charter(database_url=database_url, audit_keys=AUDIT_KEYS), workflow=False)
+    )
+
+    @hand.action("ticket.promote", on=Ticket, allow=True)
+    def promote(ctx: Any, ticket: Ticket, _: Any) -> None:
+        if ticket.state != "new":
+            raise DomainError("not new")
+        ticket.state = "open"
+
+    first, second = new_ticket(tickets), new_ticket(tickets)
+    declared = count_statements(
+        tickets, lambda: tickets.execute(ALICE, "ticket.open", target=first)
+    )
+    coded = count_statements(hand, lambda: hand.execute(ALICE, "ticket.promote", target=second))
+    assert coded == declared
+
+
+# -- allowed_actions and the matrix -------------------------------------------------------------
+
+
+def test_allowed_actions_tells_not_possible_now_from_not_allowed_for_you(tickets):
+    ticket = new_ticket(tickets)
+    with tickets.session() as session:
+        record = session.get(Ticket, ticket)
+    decisions = tickets.allowed_actions(BOB, record)
+    approve, open_, close = (
+        decisions[a] for a in ("ticket.approve", "ticket.open", "ticket.close")
+    )
+    assert (False, False, DecisionKind.INVALID_TRANSITION) == (
+        approve.allowed, approve.possible, approve.kind,
+    )  # fmt: skip
+    assert (False, True) == (open_.allowed, open_.possible)  # possible, but bob is no member
+    assert (False, True) == (close.allowed, close.possible)
+    assert tickets.allowed_actions(ALICE, record)["ticket.open"].allowed
+
+
+def test_the_matrix_and_the_sql_filter_know_the_workflow(tickets):
+    matrix = tickets.matrix(roles=["member", "approver"], states=["new", "open"])
+    assert "deny" == matrix.cell("approver", "ticket.approve", "new").outcome
+    assert "conditional" == matrix.cell("approver", "ticket.approve", "open").outcome  # the guard
+    from sqlalchemy import select
+
+    sql = str(tickets.filter(select(Ticket), BOB, "ticket.approve"))
+    assert "state" in sql
+
+
+# -- flows that span several requests ------------------------------------------------------------
+
+
+STEPS = (
+    Transition("ticket.open", "new", "open"),
+    Transition("ticket.approve", "open", "approved", requires=("ticket.open",)),
+    Transition("ticket.close", ("new", "open"), "closed"),
+)
+
+
+@pytest.fixture
+def flow(database_url: str, disposing: Callable[[Any], Any]) -> tuple[Charter, Clock]:
+    clock = Clock()
+    charter = disposing(
+        declare(
+            Charter(database_url=database_url, audit_keys=AUDIT_KEYS, clock=clock),
+            transitions=STEPS, deadline="deadline", log="steps",
+            expires={"new": timedelta(minutes=15), "open": timedelta(minutes=5)},
+        )
+    )  # fmt: skip
+    Base.metadata.create_all(charter.engine)
+    return charter, clock
+
+
+def test_each_step_has_a_deadline_and_a_late_step_is_refused(flow):
+    charter, clock = flow
+    ticket = new_ticket(charter)
+    clock.now += timedelta(minutes=14)
+    charter.execute(ALICE, "ticket.open", target=ticket)  # within 15 minutes of the start
+    clock.now += timedelta(minutes=5)
+    with pytest.raises(StepExpired) as info:  # the next one had 5 minutes
+        charter.execute(BOB, "ticket.approve", target=ticket)
+    assert (409, "step_expired") == (info.value.status, info.value.code)
+    assert "open" == state(charter, ticket)
+
+
+def test_the_terminal_step_verifies_the_earlier_steps_in_the_gates_own_log(flow):
+    charter, _ = flow
+    ticket = new_ticket(charter)
+    charter.execute(ALICE, "ticket.open", target=ticket)
+    with charter.session() as session:
+        log = session.get(Ticket, ticket).steps
+    assert [("ticket.open", "new", "open", "alice")] == [
+        (s["action"], s["from"], s["to"], s["by"]) for s in log
+    ]
+    # Someone moves the state with a hand-written statement (outside every guarantee):
+    with Session(charter.engine) as session:
+        session.execute(update(Ticket).where(Ticket.id == ticket).values(steps=[]))
+        session.commit()
+    with pytest.raises(InvalidTransition, match=r"needs ticket\.open completed first"):
+        charter.execute(BOB, "ticket.approve", target=ticket)
+
+
+def test_a_completed_flow_cannot_be_replayed(flow):
+    charter, _ = flow
+    ticket = new_ticket(charter)
+    charter.execute(ALICE, "ticket.open", target=ticket)
+    charter.execute(BOB, "ticket.approve", target=ticket)
+    for action, actor in (("ticket.approve", BOB), ("ticket.open", ALICE)):
+        with pytest.raises(InvalidTransition):
+            charter.execute(actor, action, target=ticket)
+
+
+def test_the_deadline_and_the_log_are_the_gates_to_write(flow):
+    charter, _ = flow
+
+    @charter.action("ticket.extend", on=Ticket, allow=True)
+    def extend(ctx: Any, ticket: Ticket, _: Any) -> None:
+        ticket.deadline = ctx.now + timedelta(days=365)
+
+    ticket = new_ticket(charter)
+    with pytest.raises(Forbidden):
+        charter.execute(ALICE, "ticket.extend", target=ticket)
+
+
+# -- the diagram ------------------------------------------------------------------------------
+
+
+def test_the_state_diagram_in_mermaid_and_dot():
+    charter = declare(Charter(database_url="sqlite://", development=True))
+    workflow = charter.workflows["test_wf_tickets"]
+    text = diagram(workflow, "mermaid")
+    assert text.startswith("stateDiagram-v2\n    [*] --> new\n")
+    assert "    new --> closed: ticket.close\n" in text
+    assert "    open --> closed" in text
+    assert "ticket.approve [guarded]" in text
+    assert "    approved --> [*]" in text
+    dot = diagram(workflow, "dot")
+    assert dot.startswith('digraph "test_wf_tickets" {')
+    assert '"open" -> "approved"' in dot
+    with pytest.raises(ValueError, match="mermaid, dot"):
+        diagram(workflow, "svg")
+
+
+def test_a_refused_transition_is_audited_even_though_the_call_rolled_back(tickets):
+    ticket = new_ticket(tickets)
+    with pytest.raises(InvalidTransition):
+        tickets.execute(BOB, "ticket.approve", target=ticket)
+    with tickets.engine.connect() as conn:
+        outcomes = conn.execute(audit_table.select().with_only_columns(audit_table.c.outcome)).all()
+    assert ("invalid_transition",) in [tuple(r) for r in outcomes]
