@@ -542,3 +542,20 @@ def test_a_refused_transition_is_audited_even_though_the_call_rolled_back(ticket
     with tickets.engine.connect() as conn:
         outcomes = conn.execute(audit_table.select().with_only_columns(audit_table.c.outcome)).all()
     assert ("invalid_transition",) in [tuple(r) for r in outcomes]
+
+
+def test_charter_workflow_show_prints_the_reference_services_diagrams():
+    from typer.testing import CliRunner
+
+    from charter.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["workflow", "show", "invoices", "--demo"])
+    assert 0 == shown.exit_code, shown.output
+    assert "    submitted --> void: invoice.void\n" in shown.output
+    dot = runner.invoke(app, ["workflow", "show", "plan_upgrades", "--demo", "--format", "dot"])
+    assert '"payment_captured" -> "complete" [label="plan_upgrade.complete"];' in dot.output
+    missing = runner.invoke(app, ["workflow", "show", "nope", "--demo"])
+    assert 2 == missing.exit_code
+    bad = runner.invoke(app, ["workflow", "show", "invoices", "--demo", "--format", "svg"])
+    assert 2 == bad.exit_code
