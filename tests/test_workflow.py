@@ -559,3 +559,12 @@ def test_charter_workflow_show_prints_the_reference_services_diagrams():
     assert 2 == missing.exit_code
     bad = runner.invoke(app, ["workflow", "show", "invoices", "--demo", "--format", "svg"])
     assert 2 == bad.exit_code
+
+
+def test_a_retried_transition_with_its_key_is_replayed_not_refused(tickets):
+    ticket = new_ticket(tickets)
+    first = tickets.execute(ALICE, "ticket.open", target=ticket, key="open-1")
+    again = tickets.execute(ALICE, "ticket.open", target=ticket, key="open-1")
+    assert (first.body, True) == (again.body, again.replayed)
+    with pytest.raises(InvalidTransition):  # a new request, not a retry: the step is done
+        tickets.execute(ALICE, "ticket.open", target=ticket, key="open-2")
