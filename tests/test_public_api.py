@@ -13,9 +13,11 @@ def test_the_public_names_are_pinned_and_sorted():
         "IdempotencyKeyInProgress",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused",
         "IdempotencyKeyUnsupported", "IdempotencyMode", "InsufficientCredits", "InvalidAmount",
-        "InvalidInput", "NoInput", "NotFound", "Outcome", "PolicySet",
-        "PreconditionFailed", "QuotaExceeded", "R", "RateLimited", "ReasonRequired", "ResourceSpec", "Rule",
-        "StorageUnavailable", "Unauthenticated", "UnknownAction", "VerificationReport",
+        "InvalidInput", "InvalidTransition", "NoInput", "NotFound", "Outcome", "PolicySet",
+        "PreconditionFailed", "QuotaExceeded", "R", "RateLimited", "ReasonRequired", "ResourceSpec",
+        "Rule",
+        "StepExpired", "StorageUnavailable", "Transition", "Unauthenticated", "UnknownAction",
+        "VerificationReport", "Workflow",
     ]  # fmt: skip
     assert expected == charter.__all__
     assert sorted(charter.__all__) == charter.__all__

@@ -20,11 +20,13 @@ from .errors import (
     InsufficientCredits,
     InvalidAmount,
     InvalidInput,
+    InvalidTransition,
     NotFound,
     PreconditionFailed,
     QuotaExceeded,
     RateLimited,
     ReasonRequired,
+    StepExpired,
     StorageUnavailable,
     Unauthenticated,
     UnknownAction,
@@ -40,6 +42,7 @@ from .idempotency import (
 )
 from .policy import A, ActionPolicy, C, PolicySet, R, Rule
 from .resources import ResourceSpec
+from .workflow import Transition, Workflow
 
 __all__ = [
     "A",
@@ -70,6 +73,7 @@ __all__ = [
     "InsufficientCredits",
     "InvalidAmount",
     "InvalidInput",
+    "InvalidTransition",
     "NoInput",
     "NotFound",
     "Outcome",
@@ -81,8 +85,11 @@ __all__ = [
     "ReasonRequired",
     "ResourceSpec",
     "Rule",
+    "StepExpired",
     "StorageUnavailable",
+    "Transition",
     "Unauthenticated",
     "UnknownAction",
     "VerificationReport",
+    "Workflow",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -14,6 +14,9 @@ from .credits.quotas import Quota
 from .errors import ConfigurationError, InvalidInput
 from .idempotency.keys import IdempotencyMode
 from .resources import ResourceSpec
+
+if TYPE_CHECKING:
+    from .workflow.model import Workflow
 
 __all__ = ["ActionSpec", "Handler", "Locks", "NoInput", "default_scope"]
 
@@ -76,6 +79,8 @@ class ActionSpec:
     locks: Locks | None = None
     cost: Cost | Quota | None = None  # charged by the charge stage (charter.credits)
     tags: frozenset[str] = frozenset()  # risk tags; a credit cost adds "financial"
+    #: The workflow of the action's resource, if it declares one (charter.workflow).
+    workflow: Workflow | None = None
     #: The rate class it is counted against (None: its default, charter.ratelimit).
     rate: str | None = None
 
@@ -103,9 +108,10 @@ class ActionSpec:
         idempotency: IdempotencyMode | None = None,
         by: str | None = None,
         locks: Locks | None = None,
-        rate: str | None = None,
+        workflow: Workflow | None = None,
         cost: Any = None,
         tags: Any = None,
+        rate: str | None = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -148,16 +154,18 @@ class ActionSpec:
             resource.check_unique(by, f"action {name}")
         if locks is not None and not callable(locks):
             raise ConfigurationError(f"action {name}: locks= must be a function of the input")
-        if rate is not None and (not isinstance(rate, str) or not _RATE.match(rate)):
-            raise ConfigurationError(
-                f"action {name}: rate= names a rate class (lowercase, such as 'export'), "
-                f"not {rate!r}"
-            )
         if scope is not None and (not isinstance(scope, str) or not scope.strip()):
             raise ConfigurationError(f"action {name}: scope must be a non-empty string")
         if scope is None:
             scope = default_scope(name, resource, sensitive_read=sensitive_read)
         cost = as_cost(name, cost)
+        if rate is not None and (not isinstance(rate, str) or not _RATE.match(rate)):
+            raise ConfigurationError(
+                f"action {name}: rate= names a rate class (lowercase, such as 'export'), "
+                f"not {rate!r}"
+            )
+        if workflow is not None:
+            _check_workflow(name, model, workflow, creates=creates, sensitive_read=sensitive_read)
         return cls(
             name=name,
             handler=handler,
@@ -175,9 +183,10 @@ class ActionSpec:
             idempotency=idempotency,
             by=by,
             locks=locks,
-            rate=rate,
+            workflow=workflow,
             cost=cost,
             tags=as_tags(name, tags, cost),
+            rate=rate,
         )
 
     def validate(self, data: Any) -> BaseModel:
@@ -211,6 +220,23 @@ class ActionSpec:
                 ),
                 errors=errors,
             ) from exc
+
+
+def _check_workflow(
+    name: str, model: type[BaseModel], workflow: Workflow, *, creates: bool, sensitive_read: bool
+) -> None:
+    """Only the gate writes a workflow's state: no input may carry it, no creation perform it."""
+    for field_name, info in model.model_fields.items():
+        names = {field_name, info.alias, info.validation_alias}
+        written = [c for c in workflow.guarded_columns if c in names]
+        if written:
+            raise ConfigurationError(
+                f"action {name}: input model {model.__name__} has a field {written[0]!r}, "
+                f"which only the workflow of {workflow.resource.name} writes (by transitions)"
+            )
+    if workflow.transition_of(name) is not None and (creates or sensitive_read):
+        kind = "creates a record" if creates else "is a sensitive read"
+        raise ConfigurationError(f"action {name} {kind}: it cannot perform a transition")
 
 
 def refuse_nul(data: Any, *, what: str) -> None:

@@ -34,6 +34,8 @@ app.add_typer(policy_app, name="policy")
 idem_app = typer.Typer(help="Idempotency records.", no_args_is_help=True)
 app.add_typer(idem_app, name="idempotency")
 credits_app = typer.Typer(help="Credits, holds and the ledger.", no_args_is_help=True)
+workflow_app = typer.Typer(help="Declared workflows.", no_args_is_help=True)
+app.add_typer(workflow_app, name="workflow")
 app.add_typer(credits_app, name="credits")
 
 T = TypeVar("T")
@@ -357,6 +359,29 @@ def policy_matrix(
         err.print("[red]error:[/red] --format is markdown, csv or json")
         raise typer.Exit(2)
     typer.echo(renderers[fmt](), nl=False)
+
+
+@workflow_app.command("show")
+def workflow_show(
+    resource: Annotated[str, typer.Argument(help="The resource, e.g. invoices.")],
+    fmt: Annotated[str, typer.Option("--format", help="mermaid or dot.")] = "mermaid",
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+) -> None:
+    """Print RESOURCE's state diagram (its states and the actions that move it)."""
+    from .workflow import diagram
+    from .workflow.diagram import FORMATS
+
+    charter = _load_app(_app_spec(app_spec, demo))
+    workflows = charter.workflows
+    if resource not in workflows:
+        declared = ", ".join(sorted(workflows)) or "none"
+        err.print(f"[red]error:[/red] {resource!r} has no workflow (workflows: {declared})")
+        raise typer.Exit(2)
+    if fmt not in FORMATS:
+        err.print(f"[red]error:[/red] --format is {' or '.join(FORMATS)}")
+        raise typer.Exit(2)
+    typer.echo(diagram(workflows[resource], fmt), nl=False)
 
 
 @app.command("pipeline")

@@ -50,6 +50,7 @@ from .ratelimit.stage import limit_list
 from .registry import Registry
 from .resources import ResourceSpec, request_id_or_new
 from .storage import make_engine, translate_errors
+from .workflow import Workflow, WorkflowGuard
 
 __all__ = ["Charter", "HandlerFailed", "Outcome"]
 
@@ -151,6 +152,7 @@ class Charter:
         self._builder = PipelineBuilder(self.runtime)
         if self.rate_limiter is not None:
             self.rate_limiter.bind(self._builder.committer.alone, clock)
+        self._workflow_guard = WorkflowGuard(registry.workflows, clock)
         self._pipelines: dict[str, Pipeline] = {}
         self.anchor = anchor_from_uri(audit_anchor)
         self.checkpointer = AuditCheckpointer(
@@ -177,6 +179,21 @@ class Charter:
     ) -> None:
         """Add a stage to every action's pipeline (before any action is declared)."""
         self._builder.insert(name, factory, before=before, after=after)
+
+    def workflow(self, model: type[Any], **options: Any) -> Workflow:
+        """Declare ``model``'s states and transitions, before its actions (:mod:`charter.workflow`).
+
+        Options: ``states``, ``initial``, ``transitions`` (:class:`~charter.Transition`
+        values), and for a flow that spans requests ``deadline``, ``expires`` and ``log``.
+        """
+        workflow = self._registry.workflow(model, **options)
+        self._workflow_guard.install(self.runtime.sessions)
+        return workflow
+
+    @property
+    def workflows(self) -> Mapping[str, Workflow]:
+        """The declared workflows, by resource name."""
+        return {w.resource.name: w for w in self._registry.workflows.values()}
 
     def _assemble(self, spec: ActionSpec, policy: ActionPolicy) -> None:
         self._pipelines[spec.name] = self._builder.build(spec, policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -10,12 +11,21 @@ from pydantic import BaseModel
 from .actions import ActionSpec, Handler, Locks
 from .actor import Actor
 from .context import ActionContext
-from .decision import Decision
+from .decision import Decision, DecisionKind
 from .errors import ConfigurationError, NotFound, UnknownAction
 from .idempotency.keys import IdempotencyMode
 from .impersonation import ImpersonationGrant, ImpersonationGrants
-from .policy import ActionPolicy, PermissionMatrix, PolicySet, Readers, Rule, permission_matrix
+from .policy import (
+    ActionPolicy,
+    PermissionMatrix,
+    PolicySet,
+    R,
+    Readers,
+    Rule,
+    permission_matrix,
+)
 from .resources import ResourceSpec
+from .workflow.model import Transition, Workflow
 
 __all__ = ["Registry"]
 
@@ -40,6 +50,8 @@ class Registry:
         self.impersonation = ImpersonationGrants()
         #: Who may read a record: its resource's sensitive reads (``conceal``).
         self.readers = Readers()
+        #: Declared workflows by mapped class (live: the workflow guard reads it).
+        self.workflows: dict[type[Any], Workflow] = {}
 
     # -- declarations --------------------------------------------------------------
 
@@ -72,6 +84,58 @@ class Registry:
         self._resource_names[spec.name] = spec
         return spec
 
+    def workflow(
+        self,
+        model: type[Any],
+        *,
+        states: Sequence[str],
+        initial: str,
+        transitions: Iterable[Transition],
+        deadline: str | None = None,
+        expires: Mapping[str, timedelta] | None = None,
+        log: str | None = None,
+    ) -> Workflow:
+        """Declare the states and transitions of a resource (:mod:`charter.workflow`).
+
+        Declare it after the resource and before the actions that perform its
+        transitions: each action's pipeline is assembled when it is declared.
+        """
+        resource = self._resources.get(model)
+        if resource is None:
+            raise ConfigurationError(
+                f"workflow: {getattr(model, '__name__', model)!r} is not a declared resource"
+            )
+        if model in self.workflows:
+            raise ConfigurationError(f"resource {resource.name} already has a workflow")
+        declared = [a for a in self._actions.values() if a.resource is resource]
+        if declared:
+            raise ConfigurationError(
+                f"workflow of {resource.name}: declare it before its actions "
+                f"({declared[0].name} is already declared)"
+            )
+        workflow = Workflow.declare(
+            resource, states=states, initial=initial, transitions=transitions,
+            deadline=deadline, expires=expires, log=log,
+        )  # fmt: skip
+        taken = [a for a in workflow.transitions if a in self._actions]
+        if taken:
+            raise ConfigurationError(
+                f"workflow of {resource.name}: {taken[0]} is already declared on another resource"
+            )
+        for move in workflow.transitions.values():
+            # The state condition as a rule too: lists and exports filter by it in SQL,
+            # and the permission matrix shows it. The gate's transition stage refuses a
+            # wrong state (409) before this rule could (403).
+            condition = getattr(R, workflow.column).not_in(move.sources)
+            if move.condition is not None:
+                condition = condition | ~move.condition
+            self.policy.deny(
+                move.action, condition, name=f"workflow:{move.action}",
+                message=f"{move.action} is not possible in this state.",
+            )  # fmt: skip
+        self.workflows[model] = workflow
+        return workflow
+
     def action(
         self,
         name: str,
@@ -90,9 +154,9 @@ class Registry:
         idempotency: IdempotencyMode | str | None = None,
         by: str | None = None,
         locks: Locks | None = None,
-        rate: str | None = None,
         cost: Any = None,
         tags: Iterable[str] | None = None,
+        rate: str | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
@@ -100,10 +164,10 @@ class Registry:
         is the locked target (``None`` for creations and record-less actions)
         and ``data`` the validated input model. ``by`` locates the target by a
         column unique within the tenant instead of the primary key; ``locks``
-        names the further records the action acts on (``ctx.locked``). ``rate``
-        names its rate class (default: by what it is, :mod:`charter.ratelimit`). ``cost``
+        names the further records the action acts on (``ctx.locked``). ``cost``
         is charged inside the action's transaction (:mod:`charter.credits`);
-        ``tags`` are its risk tags (a credit cost adds ``financial``).
+        ``tags`` are its risk tags (a credit cost adds ``financial``). ``rate``
+        names its rate class (default: by what it is, :mod:`charter.ratelimit`).
         """
 
         def register(handler: F) -> F:
@@ -124,9 +188,9 @@ class Registry:
                 idempotency=None if idempotency is None else IdempotencyMode(idempotency),
                 by=by,
                 locks=locks,
-                rate=rate,
                 cost=cost,
                 tags=tags,
+                rate=rate,
             )
             return handler
 
@@ -146,7 +210,14 @@ class Registry:
                     f"action {name}: {getattr(on, '__name__', on)!r} is not a declared resource; "
                     "call charter.resource(...) first"
                 )
-        spec = ActionSpec.declare(name, handler, resource=resource, **options)
+        elsewhere = [w for m, w in self.workflows.items() if m is not on and w.transition_of(name)]
+        if elsewhere:
+            raise ConfigurationError(
+                f"action {name}: the workflow of {elsewhere[0].resource.name} names it; "
+                f"declare it on={elsewhere[0].resource.model.__name__}"
+            )
+        workflow = self.workflows.get(on) if on is not None else None
+        spec = ActionSpec.declare(name, handler, resource=resource, workflow=workflow, **options)
         self._compile_policy(spec)
         if spec.sensitive_read and resource is not None:
             self.readers.add(self._policies[spec.name])
@@ -230,16 +301,26 @@ class Registry:
     def allowed_actions(
         self, actor: Actor, record: Any, ctx: ActionContext | None = None
     ) -> dict[str, Decision]:
-        """Every action on ``record``'s resource: allowed or not, and why (for UI buttons)."""
+        """Every action on ``record``'s resource: allowed or not, and why (for UI buttons).
+
+        On a resource with a workflow, an action its current state does not allow
+        is denied as ``invalid_transition`` (``Decision.possible`` is false: not
+        possible for anyone now), apart from the policy's "not allowed for you".
+        """
         resource = self._resources.get(type(record))
         if resource is None:
             raise ConfigurationError(f"{type(record).__name__} is not a declared resource")
         actor = self.impersonation.resolve(actor)
-        decisions = {
-            name: self._policies[name].decide(actor, record, ctx)
-            for name, spec in self._actions.items()
-            if spec.resource is resource and not spec.creates
-        }
+        workflow = self.workflows.get(type(record))
+        decisions = {}
+        for name, spec in self._actions.items():
+            if spec.resource is resource and not spec.creates:
+                impossible = _impossible(workflow, name, actor, record, ctx)
+                decisions[name] = (
+                    impossible
+                    if impossible is not None
+                    else self._policies[name].decide(actor, record, ctx)
+                )
         if (
             resource.conceal
             and not any(d.allowed for d in decisions.values())
@@ -252,7 +333,28 @@ class Registry:
     def matrix(
         self, *, roles: Sequence[str], states: Sequence[str] | None = None
     ) -> PermissionMatrix:
-        """Roles x actions x states -> allow, deny or conditional, for review."""
+        """Roles x actions x states -> allow, deny or conditional, for review.
+
+        A workflow's transitions are rules too (``workflow:<action>``): an action
+        its resource's workflow does not allow in a state is ``deny`` there.
+        """
         return permission_matrix(
             [self._policies[name] for name in self._actions], roles=roles, states=states
         )
+
+
+def _impossible(
+    workflow: Workflow | None, action: str, actor: Actor, record: Any, ctx: ActionContext | None
+) -> Decision | None:
+    """The denial of an action ``record``'s state does not allow, or None if it is possible."""
+    move = None if workflow is None else workflow.transition_of(action)
+    if workflow is None or move is None:
+        return None
+    now = ctx.now if ctx is not None else datetime.now(UTC)
+    error = workflow.refusal(move, record, actor, ctx, now)
+    if error is None:
+        return None
+    return Decision.deny(
+        DecisionKind.INVALID_TRANSITION, rule="workflow", reason=error.message,
+        public_reason=error.message,
+    )  # fmt: skip

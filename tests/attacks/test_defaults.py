@@ -296,8 +296,10 @@ def test_the_rule_column_is_filled_for_a_denial_no_named_rule_decided(reference)
     invoice = reference.post(
         "/invoices", json={"customer": "ACME", "amount": "10.00"}, headers=as_user("bob")
     ).json()["id"]
+    # Submitted, so approving is possible (a draft is 409 invalid_transition, rule "workflow").
+    assert 200 == reference.post(f"/invoices/{invoice}/submit", headers=as_user("bob")).status_code
     denied = reference.post(f"/invoices/{invoice}/approve", json={}, headers=as_user("bob"))
-    assert 403 == denied.status_code  # bob may read it: he is told he may not approve (a draft)
+    assert 403 == denied.status_code  # bob may read it: he is told he may not approve (his own)
     entry = reference.app_state.charter.history("invoices", invoice)[-1]
     assert ("deny", "default-deny") == (entry["decision"], entry["rule"])
     assert entry["detail"]["failed"]  # the conditions that failed, with their values

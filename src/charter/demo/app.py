@@ -41,7 +41,7 @@ MAINTENANCE_SECONDS = 60
 
 def demo_scopes(user: Actor) -> list[str]:
     """The scopes the demo issues per user (a real service asks the user to consent)."""
-    scopes = ["invoices:read", "invoices:write"]
+    scopes = ["invoices:read", "invoices:write", "plan:upgrade"]
     if "approver" in user.roles:
         scopes.append("invoices:approve")
     if "support" in user.roles:
@@ -98,6 +98,11 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
     routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
+    routes.bind("POST", "/invoices/{id}/void", "invoice.void")
+    routes.bind("POST", "/plan-upgrades", "plan_upgrade.start", target=None)
+    routes.bind("GET", "/plan-upgrades/{id}", "plan_upgrade.get")
+    for step in ("verify", "capture", "complete"):
+        routes.bind("POST", f"/plan-upgrades/{{id}}/{step}", f"plan_upgrade.{step}")
     routes.bind("GET", "/charges/{charge_id}/invoice", "invoice.find_by_charge", target="charge_id")
     routes.bind("POST", "/invoices/{id}/remind", "invoice.remind")
     routes.bind("GET", "/exports/invoices", "invoice.export", target=None)
@@ -129,7 +134,12 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         decisions = await run_in_threadpool(_allowed, charter, actor, id)
         return JSONResponse(
             {
-                name: {"allowed": d.allowed, "reason": d.public_reason if not d.allowed else None}
+                name: {
+                    "allowed": d.allowed,
+                    # False: not possible in the invoice's state, for anyone (its workflow).
+                    "possible": d.possible,
+                    "reason": d.public_reason if not d.allowed else None,
+                }
                 for name, d in decisions.items()
             }
         )

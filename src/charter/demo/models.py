@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import DateTime, Index, Numeric, String
+from sqlalchemy import JSON, DateTime, Index, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Invoice", "InvoiceState"]
+__all__ = ["Base", "Invoice", "InvoiceState", "PlanUpgrade", "UpgradeState"]
 
 
 class Base(DeclarativeBase):
@@ -21,6 +22,7 @@ class InvoiceState:
     APPROVED = "approved"
     PAYMENT_PENDING = "payment_pending"
     PAID = "paid"
+    VOID = "void"
 
 
 class Invoice(Base):
@@ -45,3 +47,28 @@ class Invoice(Base):
     approved_by: Mapped[str | None] = mapped_column(String(64), default=None)
     charge_id: Mapped[str | None] = mapped_column(String(64), default=None)
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class UpgradeState:
+    INITIATED = "initiated"
+    VERIFIED = "verified"
+    PAYMENT_CAPTURED = "payment_captured"
+    COMPLETE = "complete"
+
+
+class PlanUpgrade(Base):
+    """A plan-upgrade flow: one server-side record per upgrade, steps taken by its actor."""
+
+    __tablename__ = "plan_upgrades"
+
+    id: Mapped[str] = mapped_column(
+        String(32), primary_key=True
+    )  # random: knowing it grants nothing
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    actor_id: Mapped[str] = mapped_column(String(64))
+    plan: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(24), default=UpgradeState.INITIATED)
+    version: Mapped[int] = mapped_column(default=1)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    steps: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

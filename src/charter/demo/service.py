@@ -1,17 +1,28 @@
 """The reference service's rules and actions: multi-tenant invoicing.
 
-Invoices move draft → submitted → approved. Who may do what:
+Invoices move draft → submitted → approved → payment_pending → paid, or to
+void from draft or submitted: a declared workflow (``INVOICE_FLOW``), so a step
+out of order is 409 ``invalid_transition`` whoever asks, and the rules below
+say only *who* may take each step. Who may do what:
 
 * ``invoice.create`` — any member, approver or admin of the tenant;
 * ``invoice.submit`` — the invoice's creator or an admin, while it is a draft;
 * ``invoice.approve`` — an approver of the same tenant, not the creator, for an
   amount up to their approval limit, while it is submitted;
+* ``invoice.void`` — the invoice's creator or an admin, with a reason, while it is a
+  draft or submitted;
 * ``invoice.get`` — anyone of the tenant; a sensitive read, audited. The same
   rule filters ``GET /invoices`` in SQL, and the approval rule filters the
   approval queue ``GET /approvals``.
 
 Support staff (``sam``) may act on behalf of members and approvers, with a
 reason, for reading and preparing invoices (grant ``support-for-staff``).
+
+A plan upgrade is a flow that spans several requests (``UPGRADE_FLOW``):
+``plan_upgrade.start`` creates its server-side record, then ``verify``,
+``capture`` and ``complete``, each within 15 minutes of the step before; the
+terminal step checks that every earlier step was completed, in order. Only the
+actor who started an upgrade can see or continue it: its id authorizes nothing.
 
 Each tenant has prepaid credits (``credits.top_up`` by an admin, with a reason;
 ``credits.balance``). ``invoice.remind`` sends a payment reminder through the
@@ -23,9 +34,10 @@ tenant per day (a period quota).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -37,7 +49,8 @@ from ..errors import ConfigurationError, NotFound
 from ..fields import Amount
 from ..gate import Charter
 from ..policy import A, C, R
-from .models import Invoice, InvoiceState
+from ..workflow import Transition
+from .models import Invoice, InvoiceState, PlanUpgrade, UpgradeState
 from .payment_client import PaymentClient
 from .sender import SenderClient, SenderFailed, SenderNotConfigured
 
@@ -48,6 +61,7 @@ __all__ = [
     "invoice_view",
     "payments_partner",
     "reference_charter",
+    "upgrade_view",
 ]
 
 # The demo's user directory (a real service reads its user store).
@@ -87,6 +101,22 @@ class Approve(BaseModel):
     note: str | None = Field(default=None, max_length=500)
 
 
+class StartUpgrade(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan: Literal["pro", "enterprise"]
+
+
+def upgrade_view(upgrade: PlanUpgrade) -> dict[str, Any]:
+    return {
+        "id": upgrade.id,
+        "plan": upgrade.plan,
+        "state": upgrade.state,
+        "version": upgrade.version,
+        "deadline": None if upgrade.deadline is None else upgrade.deadline.isoformat(),
+        "steps": [s["action"] for s in upgrade.steps or ()],
+    }
+
+
 def invoice_view(invoice: Invoice) -> dict[str, Any]:
     return {
         "id": invoice.id,
@@ -104,22 +134,40 @@ def invoice_view(invoice: Invoice) -> dict[str, Any]:
 
 
 # The rules, once, as data: they decide, explain, filter lists in SQL and fill the matrix.
+# Which step is possible in which state is the workflow's (INVOICE_FLOW); who may take it
+# is the rules'.
 ANY_STAFF = A.has_role("member") | A.has_role("approver") | A.has_role("admin")
-CAN_SUBMIT = (R.state == InvoiceState.DRAFT) & ((R.created_by == A.id) | A.has_role("admin"))
-CAN_APPROVE = (
-    A.has_role("approver")
-    & (R.state == InvoiceState.SUBMITTED)
-    & (R.amount <= A.approval_limit)
-    & (R.created_by != A.id)
-)
+CAN_SUBMIT = (R.created_by == A.id) | A.has_role("admin")
+CAN_APPROVE = A.has_role("approver") & (R.amount <= A.approval_limit) & (R.created_by != A.id)
 CAN_READ = ANY_STAFF | A.has_role("support")
-CAN_PAY = A.has_role("admin") & (R.state == InvoiceState.APPROVED)
+CAN_PAY = A.has_role("admin")
+CAN_VOID = (R.created_by == A.id) | A.has_role("admin")
 # Only the payment provider, only through its signed webhook, only for the charge we made.
 PROVIDER_SETTLES = (
-    A.has_role("payments")
-    & (C.channel == "webhook")
-    & (R.state == InvoiceState.PAYMENT_PENDING)
-    & (R.charge_id == C.input.charge_id)
+    A.has_role("payments") & (C.channel == "webhook") & (R.charge_id == C.input.charge_id)
+)
+# A plan upgrade is its starter's alone (the tenant is implied: lookups are tenant-scoped).
+OWNS_UPGRADE = R.actor_id == A.id
+
+S = InvoiceState
+INVOICE_FLOW = (
+    Transition("invoice.submit", S.DRAFT, S.SUBMITTED),
+    Transition("invoice.approve", S.SUBMITTED, S.APPROVED),
+    Transition("invoice.pay", S.APPROVED, S.PAYMENT_PENDING),
+    Transition("invoice.mark_paid", S.PAYMENT_PENDING, S.PAID),
+    Transition("invoice.void", (S.DRAFT, S.SUBMITTED), S.VOID),
+)
+U = UpgradeState
+STEP_TIME = timedelta(minutes=15)
+UPGRADE_FLOW = (
+    Transition("plan_upgrade.verify", U.INITIATED, U.VERIFIED),
+    Transition("plan_upgrade.capture", U.VERIFIED, U.PAYMENT_CAPTURED),
+    Transition(
+        "plan_upgrade.complete",
+        U.PAYMENT_CAPTURED,
+        U.COMPLETE,
+        requires=("plan_upgrade.verify", "plan_upgrade.capture"),
+    ),
 )
 
 
@@ -138,6 +186,12 @@ def build_charter(
 ) -> Charter:
     charter.resource(
         Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
+    )
+    charter.workflow(
+        Invoice,
+        states=(S.DRAFT, S.SUBMITTED, S.APPROVED, S.PAYMENT_PENDING, S.PAID, S.VOID),
+        initial=S.DRAFT,
+        transitions=INVOICE_FLOW,
     )
     # Support may act for members and approvers (never for an admin), to read and to
     # prepare invoices. Approving on someone's behalf needs invoices:approve, which is
@@ -175,8 +229,7 @@ def build_charter(
 
     @charter.action("invoice.submit", on=Invoice, allow=CAN_SUBMIT, scope="invoices:write")
     def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
-        """Submit a draft invoice for approval."""
-        invoice.state = InvoiceState.SUBMITTED
+        """Submit a draft invoice for approval (the gate moves it to submitted)."""
         invoice.submitted_by = ctx.actor.subject.id
         return invoice
 
@@ -190,8 +243,7 @@ def build_charter(
         listable=True,
     )
     def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> Invoice:
-        """Approve a submitted invoice."""
-        invoice.state = InvoiceState.APPROVED
+        """Approve a submitted invoice (the gate moves it to approved)."""
         invoice.approved_by = ctx.actor.subject.id
         return invoice
 
@@ -220,14 +272,18 @@ def build_charter(
         return invoice_view(invoice)
 
     @charter.action(
-        "invoice.pay", on=Invoice, allow=CAN_PAY, scope="invoices:write", idempotency="required",
+        "invoice.pay",
+        on=Invoice,
+        allow=CAN_PAY,
+        scope="invoices:write",
+        idempotency="required",
         rate="financial",  # stricter than a write, and refused (503) while Redis is down
     )
     def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Charge an approved invoice through the payment provider (exactly once)."""
         if payments is None:
             raise ConfigurationError("the reference service runs without a payment provider")
-        invoice.state = InvoiceState.PAYMENT_PENDING  # phase 1, committed with a recovery point
+        # The gate moved it to payment_pending; phase 1 commits that with a recovery point.
         amount, currency = invoice.amount, invoice.currency
         reference = f"{invoice.tenant_id}:{invoice.id}"
         charge = ctx.external(
@@ -246,13 +302,67 @@ def build_charter(
         idempotency="required",
     )
     def mark_paid(ctx: ActionContext, invoice: Invoice, _: Settle) -> Invoice:
-        """The provider confirms the charge (webhook payment.settled)."""
-        invoice.state = InvoiceState.PAID
+        """The provider confirms the charge (webhook payment.settled); the gate marks it paid."""
         invoice.paid_at = ctx.now
         return invoice
 
+    @charter.action(
+        "invoice.void", on=Invoice, allow=CAN_VOID, scope="invoices:write", reason_required=True
+    )
+    def void(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
+        """Void a draft or submitted invoice, with a reason (the gate moves it to void)."""
+        return invoice
+
+    _plan_upgrades(charter)
     _credits(charter, sender)
     return charter
+
+
+def _plan_upgrades(charter: Charter) -> None:
+    """The plan-upgrade flow: a server-side record, each step an action (see the docstring)."""
+    charter.resource(
+        PlanUpgrade, tenant="tenant_id", state="state", version="version", view=upgrade_view
+    )
+    charter.workflow(
+        PlanUpgrade,
+        states=(U.INITIATED, U.VERIFIED, U.PAYMENT_CAPTURED, U.COMPLETE),
+        initial=U.INITIATED,
+        transitions=UPGRADE_FLOW,
+        deadline="deadline",
+        expires={U.INITIATED: STEP_TIME, U.VERIFIED: STEP_TIME, U.PAYMENT_CAPTURED: STEP_TIME},
+        log="steps",
+    )
+    scope = "plan:upgrade"
+
+    @charter.action("plan_upgrade.start", on=PlanUpgrade, input=StartUpgrade, creates=True,
+                    allow=ANY_STAFF, scope=scope)  # fmt: skip
+    def start(ctx: ActionContext, _: None, data: StartUpgrade) -> PlanUpgrade:
+        """Start an upgrade: the flow's record, owned by its actor (the gate sets its deadline)."""
+        assert ctx.session is not None
+        upgrade = PlanUpgrade(
+            id=secrets.token_hex(16), actor_id=ctx.actor.subject.id, plan=data.plan,
+            version=1, created_at=ctx.now,
+        )  # fmt: skip
+        ctx.session.add(upgrade)
+        return upgrade
+
+    @charter.action("plan_upgrade.get", on=PlanUpgrade, allow=OWNS_UPGRADE,
+                    sensitive_read=True, scope=scope)  # fmt: skip
+    def get_upgrade(ctx: ActionContext, upgrade: PlanUpgrade, _: BaseModel) -> dict[str, Any]:
+        """Read one's own upgrade (audited)."""
+        return upgrade_view(upgrade)
+
+    def step(ctx: ActionContext, upgrade: PlanUpgrade, _: BaseModel) -> PlanUpgrade:
+        """One step of the flow: the gate checks order and deadline and records it."""
+        return upgrade
+
+    for name in ("plan_upgrade.verify", "plan_upgrade.capture", "plan_upgrade.complete"):
+        charter.action(name, on=PlanUpgrade, allow=OWNS_UPGRADE, scope=scope)(step)
+
+
+def reference_charter() -> Charter:
+    """The reference service's declarations on an in-memory database (for review tools)."""
+    return build_charter(Charter(database_url="sqlite://", development=True))
 
 
 # -- prepaid credits and the export quota ---------------------------------------------------
@@ -329,8 +439,3 @@ def _credits(charter: Charter, sender: SenderClient | None) -> None:
         assert ctx.session is not None
         rows = ctx.session.scalars(select(Invoice).order_by(Invoice.id).limit(MAX_EXPORT))
         return {"invoices": [invoice_view(i) for i in rows]}
-
-
-def reference_charter() -> Charter:
-    """The reference service's declarations on an in-memory database (for review tools)."""
-    return build_charter(Charter(database_url="sqlite://", development=True))

@@ -49,6 +49,7 @@ from ..idempotency.store import claim_id_statement, release_statement
 from ..policy import ActionPolicy
 from ..ratelimit import stage as ratelimit
 from ..resources import ResourceSpec, request_id_or_new
+from ..workflow import stage as workflow
 from .call import Call, Refusal, Stage, Touched
 from .loading import Loader
 from .runtime import Runtime
@@ -578,10 +579,13 @@ FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
     ("claim", claim),
     ("load", load),
     ("precondition", precondition),
+    ("transition", workflow.transition),  # the locked state allows the step (409)
     ("decide", decide),
+    ("advance", workflow.advance),  # the gate sets the state (after the decision)
     ("charge", credits.charge),  # the cost, in this transaction (402 / 429)
     ("handler", handler),
     ("track", track),
+    ("state_guard", workflow.state_guard),  # only the gate wrote the state (workflows)
     ("seal", seal),
     ("commit", commit),
 )
