@@ -134,7 +134,7 @@ def refuse_unplanned(session: Session, workflow: Workflow, obj: Any) -> None:
 def state_write_refused(workflow: Workflow, column: str, how: str) -> Forbidden:
     name = workflow.resource.name
     return Forbidden(
-        f"The {column} of a {name} record can only change through its workflow's "
+        f"The {column} of a record of {name} can only change through its workflow's "
         "transitions (the action that performs the step).",
         decision=Decision.deny(
             DecisionKind.DENIED_BY_RULE,
