@@ -53,7 +53,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── SenderFailed                      502 sender_failed         demo.sender
     ├── RateLimited                       429 rate_limited          (Retry-After, RateLimit fields)
     ├── StorageUnavailable                503 storage_unavailable   (retryable)
-    │   └── RateLimitUnavailable          503 rate_limit_unavailable    (a fail-closed class, store down)
+    │   └── RateLimitUnavailable          503 rate_limit_unavailable    (fail-closed, store down)
     ├── StorageError                      500 storage_error
     └── AuditIntegrityError               500 audit_integrity_error
 """
