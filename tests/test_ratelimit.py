@@ -394,3 +394,23 @@ def test_100_concurrent_threads_against_3_in_flight_slots_exactly_3_take_one(sto
     for t in threads:
         t.join()
     assert (3, 97) == (taken.count(True), taken.count(False))
+
+
+def test_the_in_process_store_counts_per_window_and_forgets_expired_keys():
+    from charter.ratelimit.store import WindowCounts
+
+    threads = threading.active_count()
+    now = [100.0]
+    counts = WindowCounts(clock=lambda: now[0])
+    assert [1, 2, 3] == [counts.incr("w1", 60) for _ in range(3)]
+    assert 3 == counts.get("w1")
+    now[0] += 61  # the window expired: a key read again starts from zero
+    assert 0 == counts.get("w1")
+    assert 1 == counts.incr("w1", 60)
+    for i in range(WindowCounts.SWEEP_EVERY):  # keys of windows long gone are swept
+        counts.incr(f"old{i}", 1)
+    now[0] += 2
+    for _ in range(WindowCounts.SWEEP_EVERY):
+        counts.incr("live", 60)
+    assert len(counts._counts) <= 3  # only the live windows' keys are left
+    assert threads == threading.active_count()  # and counting started no thread
