@@ -82,6 +82,7 @@ def _charter(settings: Settings) -> Charter:
             audit_keys=settings.audit_keys,
             development=settings.development,
             audit_anchor=settings.audit_anchor_uri,
+            rate_limits=settings.rate_limits,  # the service the CLI serves (demo) is limited
         )
     except CharterError as exc:
         err.print(f"[red]error:[/red] {exc.message}")

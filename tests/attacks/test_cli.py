@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,17 @@ def test_make_demo_with_a_database_url_serves_instead_of_crashing(tmp_path):
                 assert time.monotonic() < deadline, "charter demo did not answer /healthz"
                 time.sleep(0.1)
         assert (200, "up") == (health.status_code, health.json()["database"])
+        # The service it serves is the reference service as configured: rate limited too.
+        token = re.search(r"export ALICE=(\S+)", (tmp_path / "demo.log").read_text())
+        assert token is not None
+        created = httpx.post(
+            f"http://127.0.0.1:{port}/invoices",
+            json={"customer": "ACME", "amount": "1.00"},
+            headers={"Authorization": f"Bearer {token.group(1)}"},
+            timeout=5,
+        )
+        assert 201 == created.status_code, created.text
+        assert "ratelimit" in created.headers  # was: charter demo ran without rate limits
     finally:
         proc.terminate()
         proc.wait(timeout=20)
