@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -133,28 +133,11 @@ class Actor:
         A claim only: the gate allows nothing under it until a declared grant
         does (:mod:`charter.impersonation`).
         """
-        return Actor(
-            id=self.id,
-            tenant=self.tenant,
-            kind=self.kind,
-            roles=self.roles,
-            scopes=self.scopes,
-            attributes=self.attributes,
-            on_behalf_of=subject,
-        )
+        return replace(self, on_behalf_of=subject, granted_scopes=None)
 
     def granted(self, scopes: frozenset[str] | None) -> Actor:
         """This impersonating actor with the scopes the gate's resolved grant allows."""
-        return Actor(
-            id=self.id,
-            tenant=self.tenant,
-            kind=self.kind,
-            roles=self.roles,
-            scopes=self.scopes,
-            attributes=self.attributes,
-            on_behalf_of=self.on_behalf_of,
-            granted_scopes=scopes,
-        )
+        return replace(self, granted_scopes=scopes)
 
     # -- scopes and roles --------------------------------------------------------------
 
