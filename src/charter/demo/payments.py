@@ -38,18 +38,14 @@ import queue
 import re
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from types import TracebackType
-from typing import Self
 
 import httpx
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -61,6 +57,7 @@ from starlette.routing import Route
 from charter.errors import ConfigurationError
 from charter.webhooks import StandardWebhookSigner
 
+from .loopback import LoopbackServer
 from .payment_client import Charge, PaymentClient, PaymentProviderError, PaymentProviderUnavailable
 
 __all__ = [
@@ -73,7 +70,6 @@ __all__ = [
     "main",
 ]
 
-HOST = "127.0.0.1"
 MAX_BODY_BYTES = 16 * 1024
 MAX_DELAY_MS = 60_000
 #: Seconds between a delivery's attempts (the first attempt is immediate).
@@ -387,7 +383,7 @@ def _create_app(state: _State, sender: _WebhookSender | None, max_body_bytes: in
     )
 
 
-class PaymentProviderStub:
+class PaymentProviderStub(LoopbackServer):
     """The stub provider, served by uvicorn on 127.0.0.1 from a background thread.
 
     ::
@@ -413,68 +409,32 @@ class PaymentProviderStub:
             if webhook_url is not None and webhook_secret is not None
             else None
         )
-        self._app = _create_app(self._state, self._sender, max_body_bytes)
-        self._startup_timeout = startup_timeout
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self.base_url: str | None = None
+        super().__init__(
+            _create_app(self._state, self._sender, max_body_bytes),
+            name="payment provider stub",
+            startup_timeout=startup_timeout,
+        )
 
     def __repr__(self) -> str:
         return f"PaymentProviderStub(base_url={self.base_url!r})"
 
-    def _bind(self, port: int) -> tuple[uvicorn.Server, socket.socket]:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((HOST, port))  # loopback only, by construction
-        except OSError:
-            sock.close()
-            raise
-        config = uvicorn.Config(
-            self._app,
-            lifespan="off",
-            ws="none",
-            log_config=None,  # do not reconfigure the host application's logging
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        return uvicorn.Server(config), sock
-
     def start(self, port: int = 0) -> str:
         """Serve on ``127.0.0.1:port`` (``0``: a free port); return the base URL once it answers."""
-        if self._server is not None:
-            raise RuntimeError("the stub is already running")
-        server, sock = self._bind(port)
-        self._server, self._socket = server, sock
-        if self._sender is not None:
-            self._sender.start()
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="payment-stub", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + self._startup_timeout
-        while not server.started:  # poll uvicorn's own readiness flag
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the payment provider stub did not start")
-            time.sleep(0.005)
-        self.base_url = f"http://{HOST}:{sock.getsockname()[1]}"
-        return self.base_url
+        if self._sender is None or self.running:
+            return super().start(port)  # (running: refused, the sender left alone)
+        self._sender.start()
+        try:
+            return super().start(port)
+        except BaseException:
+            if self._sender is not None:
+                self._sender.stop()
+            raise
 
     def stop(self) -> None:
         """Stop serving, deliver pending webhooks, release the port. Safe to call twice."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
+        super().stop()
         if self._sender is not None:
             self._sender.stop()
-        self._server = self._thread = self._socket = None
-        self.base_url = None
 
     def serve_forever(self, port: int) -> None:
         """Serve until SIGINT/SIGTERM, then stop cleanly (the ``python -m`` entry point).
@@ -494,19 +454,6 @@ class PaymentProviderStub:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-    def __enter__(self) -> Self:
-        if self._server is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # In-process views and controls, for tests (the HTTP endpoints do the same).
 

@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 import httpx
-import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,9 +33,10 @@ from starlette.routing import Route
 
 from charter.errors import CharterError, DomainError
 
+from .loopback import LoopbackServer
+
 __all__ = ["ReminderSenderStub", "SenderClient", "SenderFailed", "SenderNotConfigured", "main"]
 
-HOST = "127.0.0.1"
 MAX_BODY_BYTES = 16 * 1024
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -124,67 +121,14 @@ def _create_app(state: _State) -> Starlette:
     )
 
 
-class ReminderSenderStub:
+class ReminderSenderStub(LoopbackServer):
     """The stub sender, served by uvicorn on 127.0.0.1 from a background thread."""
 
     def __init__(self, *, startup_timeout: float = 10.0) -> None:
         self._state = _State()
-        self._app = _create_app(self._state)
-        self._startup_timeout = startup_timeout
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self.base_url: str | None = None
-
-    def start(self, port: int = 0) -> str:
-        """Serve on ``127.0.0.1:port`` (``0``: a free port); the base URL once it answers."""
-        if self._server is not None:
-            raise RuntimeError("the stub is already running")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((HOST, port))  # loopback only, by construction
-        config = uvicorn.Config(
-            self._app, lifespan="off", ws="none", log_config=None, log_level="warning",
-            access_log=False, timeout_graceful_shutdown=2,
-        )  # fmt: skip
-        server = uvicorn.Server(config)
-        self._server, self._socket = server, sock
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="sender-stub", daemon=True
+        super().__init__(
+            _create_app(self._state), name="reminder sender stub", startup_timeout=startup_timeout
         )
-        self._thread.start()
-        deadline = time.monotonic() + self._startup_timeout
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the reminder sender stub did not start")
-            time.sleep(0.005)
-        self.base_url = f"http://{HOST}:{sock.getsockname()[1]}"
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop serving and release the port. Safe to call twice."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
-        self.base_url = None
-
-    def __enter__(self) -> Self:
-        if self._server is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stats(self) -> dict[str, int]:
         with self._state.lock:
