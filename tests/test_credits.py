@@ -89,7 +89,11 @@ def build(url: str, clock: Any = None, *, pool: int | None = None) -> tuple[Char
     where: dict[str, Any] = {"database_url": url}
     if pool is not None:
         where = {"engine": make_engine(url, pool_size=pool, max_overflow=0)}
-    charter = Charter(audit_keys=AUDIT_KEYS, clock=clock or Clock(), development=True, **where)
+    # Hundreds of charges a minute by one actor: beyond the default financial rate
+    # class (60 a minute), which tests/test_ratelimit.py tests; off here.
+    charter = Charter(
+        audit_keys=AUDIT_KEYS, clock=clock or Clock(), development=True, rate_limits=None, **where
+    )
     credits = Credits.of(charter)
     return declare(charter, credits), credits
 
@@ -418,6 +422,23 @@ def test_verify_names_the_account_whose_balance_disagrees_with_the_ledger(gate, 
     assert ("sum", "CREDIT") in subjects
 
 
+@pytest.mark.parametrize("change", ["update", "delete"])
+def test_the_database_refuses_to_change_or_delete_a_ledger_row(gate, alice, change):
+    charter, credits = gate
+    credits.grant("acme", 10)
+    charter.execute(alice, "credits.consume")
+    rows = ledger_rows(charter)
+    statement = (
+        update(ledger_table).values(amount=ledger_table.c.amount + 1)
+        if change == "update"
+        else ledger_table.delete()
+    )
+    with pytest.raises(Exception, match="append-only"), charter.engine.begin() as c:
+        c.execute(statement)
+    assert rows == ledger_rows(charter)
+    assert credits.verify().ok
+
+
 # -- races (PostgreSQL, exact) ---------------------------------------------------------
 
 
@@ -508,6 +529,44 @@ def test_200_consumers_in_8_processes_against_what_covers_50_give_exactly_50(pg_
         assert [0] * processes == [p.exitcode for p in procs]
         successes = sum(results.get(timeout=5) for _ in procs)
         _assert_exact(charter, credits, action, successes)
+    finally:
+        charter.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_concurrent_refunds_and_charges_of_one_account_never_deadlock(pg_schema):
+    """A refund moves @spent -> account, a charge account -> @spent: one lock order for both."""
+    charter, credits = _pg(pg_schema)
+    alice, rounds = Actor.make("alice", "acme"), 60
+    try:
+        credits.open("acme")
+        credits.grant("acme", 10 * rounds)
+        for _ in range(rounds):
+            charter.execute(alice, "credits.spend", {"amount": 1})
+        charges = [r.id for r in ledger_rows(charter) if r.kind == "charge"]
+        start = threading.Barrier(8)
+
+        def refunds(share: list[int]) -> int:
+            start.wait()
+            for movement in share:
+                credits.refund("acme", movement)
+            return len(share)
+
+        def spends(n: int) -> int:
+            start.wait()
+            for _ in range(n):
+                charter.execute(alice, "credits.spend", {"amount": 1})
+            return n
+
+        with ThreadPoolExecutor(8) as pool:
+            done = [pool.submit(refunds, charges[i::4]) for i in range(4)]
+            done += [pool.submit(spends, rounds // 4) for _ in range(4)]
+            assert 2 * rounds == sum(f.result(timeout=120) for f in done)
+        with charter.engine.connect() as c:
+            kinds = dict(c.execute(select(ledger_table.c.kind, func.count()).group_by("kind")).all())
+        assert {"grant": 1, "charge": 2 * rounds, "refund": rounds} == kinds
+        assert 10 * rounds - rounds == credits.balance("acme")
+        assert credits.verify().ok
     finally:
         charter.engine.dispose()
 

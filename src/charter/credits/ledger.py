@@ -149,6 +149,16 @@ def _folded() -> Any:
 
 
 _FOLDED = _folded()
+# Both accounts of a movement, locked in name order: see move().
+_LOCK_PAIR = (
+    select(_a.c.id)
+    .where(
+        _a.c.tenant == bindparam("p_tenant"),
+        _a.c.name.in_([bindparam("p_debit_name"), bindparam("p_credit_name")]),
+    )
+    .order_by(_a.c.name)
+    .with_for_update()
+)
 
 
 def move(connection: Connection, movement: Movement, *, postgres: bool) -> Moved | None:
@@ -159,6 +169,15 @@ def move(connection: Connection, movement: Movement, *, postgres: bool) -> Moved
     """
     params = movement.params()
     if postgres:
+        # Row locks are taken in the order the statement updates: debit, then
+        # credit. Every movement locks its pair in name order instead (an account
+        # before its system accounts: ``credits`` < ``credits@spent``), so a
+        # refund or a release (system account -> account) cannot deadlock with a
+        # charge or a hold (account -> system account) of the same account. A
+        # charge and a hold are in that order already and pay nothing for it; the
+        # others (grant, refund, release, expiry) lock first, one statement more.
+        if movement.debit > movement.credit:
+            connection.execute(_LOCK_PAIR, params)
         row = connection.execute(_FOLDED, params).first()
         if row is None:
             return None
