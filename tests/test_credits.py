@@ -272,7 +272,8 @@ def test_a_period_quota_counts_per_tenant_and_starts_again_next_period(database_
 
 
 def test_a_quota_is_validated_at_declaration():
-    for bad in ({"limit": 0}, {"limit": True}, {"per": "week"}, {"name": "Bad name"}):
+    for bad in ({"limit": 0}, {"limit": True}, {"per": "week"}, {"name": "Bad name"},
+                {"uses": 6}):  # fmt: skip
         with pytest.raises(ConfigurationError):
             Quota(**{"name": "exports", "limit": 5, **bad})
 
@@ -345,6 +346,19 @@ def test_an_expired_hold_is_released_by_the_sweep_and_cannot_be_captured(gate, a
     assert 409 == caught.value.status
     assert [] == captured
     assert 10 == credits.balance("acme")
+    with charter.engine.connect() as c:
+        assert "expired" == c.execute(select(holds_table.c.state)).scalar_one()
+    assert credits.verify().ok
+
+
+def test_a_charge_that_only_an_expired_hold_blocks_releases_it_and_succeeds(gate, alice, clock):
+    charter, credits = gate
+    credits.grant("acme", 10)
+    _reserve(charter, credits, alice, 8)
+    with pytest.raises(InsufficientCredits):
+        charter.execute(alice, "credits.spend", {"amount": 5})  # the hold is still live
+    clock.now += timedelta(minutes=5)
+    assert 5 == charter.execute(alice, "credits.spend", {"amount": 5}).balance
     with charter.engine.connect() as c:
         assert "expired" == c.execute(select(holds_table.c.state)).scalar_one()
     assert credits.verify().ok

@@ -54,6 +54,10 @@ class Quota:
                 raise ConfigurationError(f"quota {self.name}: {field} must be an integer 1-10^9")
         if self.per not in PERIODS:
             raise ConfigurationError(f"quota {self.name}: per= must be one of {', '.join(PERIODS)}")
+        if self.uses > self.limit:  # no call could ever pass: a typo, refused at declaration
+            raise ConfigurationError(
+                f"quota {self.name}: one call uses {self.uses}, more than the limit {self.limit}"
+            )
 
     def period(self, now: datetime) -> str:
         """The key of the period ``now`` falls in (``2026-12-01`` for a day)."""

@@ -8,8 +8,11 @@ recovery point was charged in its first phase, which committed: it is not
 charged again either.
 
 The charge is one conditional statement (:func:`charter.credits.ledger.move`
-or :func:`charter.credits.quotas.consume_quota`); when it does not cover, the
-call is refused — 402 ``insufficient_credits`` or 429 ``quota_exceeded`` —
+or :func:`charter.credits.quotas.consume_quota`). When a debit does not cover,
+the account's holds past their expiry are released first (in the same
+transaction) and the debit tried once more, so expired holds never refuse a
+charge while waiting for the sweep; when it still does not cover, the call is
+refused — 402 ``insufficient_credits`` or 429 ``quota_exceeded`` —
 and the refusal is audited like a denial. The resulting balance (or the uses
 left in the period) is the outcome's ``balance``.
 """
@@ -24,6 +27,7 @@ from ..errors import CharterError, HandlerFailed, InsufficientCredits, QuotaExce
 from ..pipeline.call import Call, Refusal, Stage
 from ..pipeline.runtime import Runtime
 from .costs import Cost
+from .holds import sweep_expired
 from .ledger import Movement, move, system_account
 from .quotas import Quota, consume_quota
 
@@ -66,6 +70,13 @@ def _credit_stage(spec: ActionSpec, cost: Cost, postgres: bool) -> Stage:
         )  # fmt: skip
         assert call.connection is not None  # set by the runner for the transaction
         moved = move(call.connection, movement, postgres=postgres)
+        if moved is None and sweep_expired(
+            call.connection, now=ctx.now, postgres=postgres,
+            tenant=movement.tenant, account=cost.account,
+        ):  # fmt: skip
+            # Credits still reserved by holds past their expiry are the account's
+            # again: released now (in this transaction), not at the next sweep.
+            moved = move(call.connection, movement, postgres=postgres)
         if moved is None:
             raise Refusal(
                 InsufficientCredits(
