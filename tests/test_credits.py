@@ -577,7 +577,8 @@ def test_concurrent_refunds_and_charges_of_one_account_never_deadlock(pg_schema)
             done += [pool.submit(spends, rounds // 4) for _ in range(4)]
             assert 2 * rounds == sum(f.result(timeout=120) for f in done)
         with charter.engine.connect() as c:
-            kinds = dict(c.execute(select(ledger_table.c.kind, func.count()).group_by("kind")).all())
+            counted = select(ledger_table.c.kind, func.count()).group_by("kind")
+            kinds = dict(c.execute(counted).all())
         assert {"grant": 1, "charge": 2 * rounds, "refund": rounds} == kinds
         assert 10 * rounds - rounds == credits.balance("acme")
         assert credits.verify().ok
