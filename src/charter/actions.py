@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -18,7 +19,15 @@ from .resources import ResourceSpec
 if TYPE_CHECKING:
     from .workflow.model import Workflow
 
-__all__ = ["ActionSpec", "Handler", "Locks", "NoInput", "default_scope"]
+__all__ = [
+    "MAX_BATCH_LIMIT",
+    "ActionSpec",
+    "BulkMode",
+    "Handler",
+    "Locks",
+    "NoInput",
+    "default_scope",
+]
 
 Handler = Callable[..., Any]
 #: The further records an action acts on, located from its validated input:
@@ -27,6 +36,19 @@ Locks = Callable[[Any], "Sequence[tuple[type[Any], Any]]"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _RATE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # a rate class name (charter.ratelimit)
+#: The largest ``max_batch=`` a declaration may ask for (charter.data.bulk).
+MAX_BATCH_LIMIT = 100_000
+
+
+class BulkMode(StrEnum):
+    """How an action runs many items in one request (:mod:`charter.data.bulk`, AIP-233/235).
+
+    ``per_item``: one transaction per item, partial success stated per item.
+    ``all_or_nothing``: one transaction for the batch; any failing item fails it.
+    """
+
+    PER_ITEM = "per_item"
+    ALL_OR_NOTHING = "all_or_nothing"
 
 
 def default_scope(name: str, resource: ResourceSpec | None, *, sensitive_read: bool) -> str:
@@ -83,6 +105,10 @@ class ActionSpec:
     workflow: Workflow | None = None
     #: The rate class it is counted against (None: its default, charter.ratelimit).
     rate: str | None = None
+    #: Whether (and how) it takes many items in one request (None: it does not).
+    bulk: BulkMode | None = None
+    #: Its own largest batch (None: the Charter's ``max_batch``).
+    max_batch: int | None = None
 
     @property
     def mutates(self) -> bool:
@@ -112,6 +138,8 @@ class ActionSpec:
         cost: Any = None,
         tags: Any = None,
         rate: str | None = None,
+        bulk: BulkMode | str | None = None,
+        max_batch: int | None = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -166,6 +194,7 @@ class ActionSpec:
             )
         if workflow is not None:
             _check_workflow(name, model, workflow, creates=creates, sensitive_read=sensitive_read)
+        mode = _check_bulk(name, bulk, max_batch, sensitive_read=sensitive_read)
         return cls(
             name=name,
             handler=handler,
@@ -187,6 +216,8 @@ class ActionSpec:
             cost=cost,
             tags=as_tags(name, tags, cost),
             rate=rate,
+            bulk=mode,
+            max_batch=max_batch,
         )
 
     def validate(self, data: Any) -> BaseModel:
@@ -237,6 +268,34 @@ def _check_workflow(
     if workflow.transition_of(name) is not None and (creates or sensitive_read):
         kind = "creates a record" if creates else "is a sensitive read"
         raise ConfigurationError(f"action {name} {kind}: it cannot perform a transition")
+
+
+def _check_bulk(
+    name: str, bulk: Any, max_batch: Any, *, sensitive_read: bool
+) -> BulkMode | None:
+    """A bulk form is declared, never implied; a read has none (a list is the bulk read)."""
+    if bulk is None:
+        if max_batch is not None:
+            raise ConfigurationError(f"action {name}: max_batch= needs bulk=")
+        return None
+    try:
+        mode = BulkMode(bulk)
+    except ValueError:
+        raise ConfigurationError(
+            f"action {name}: bulk= is 'per_item' or 'all_or_nothing', not {bulk!r}"
+        ) from None
+    if sensitive_read:
+        # Reading many records by id is what lists and exports do, filtered in SQL.
+        raise ConfigurationError(f"action {name}: a sensitive read has no bulk form")
+    if max_batch is not None and (
+        isinstance(max_batch, bool)
+        or not isinstance(max_batch, int)
+        or not 1 <= max_batch <= MAX_BATCH_LIMIT
+    ):
+        raise ConfigurationError(
+            f"action {name}: max_batch= is a whole number from 1 to {MAX_BATCH_LIMIT}"
+        )
+    return mode
 
 
 def refuse_nul(data: Any, *, what: str) -> None:

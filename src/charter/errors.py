@@ -19,7 +19,10 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   ├── ReasonRequired                400 reason_required
     │   ├── InvalidPage                   400 invalid_page          (a list's cursor or limit)
     │   ├── PayloadTooLarge               413 payload_too_large
-    │   │   └── WebhookPayloadTooLarge    413 payload_too_large     webhooks
+    │   │   ├── WebhookPayloadTooLarge    413 payload_too_large     webhooks
+    │   │   └── BatchTooLarge             413 batch_too_large       data.batch
+    │   ├── BatchEmpty                    400 batch_empty           data.batch
+    │   ├── BulkUnsupported               400 bulk_unsupported      data.batch (no bulk= declared)
     │   ├── IdempotencyKeyMissing         400 idempotency_key_missing   idempotency.keys
     │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
     │   ├── IdempotencyKeyUnsupported     400 idempotency_key_unsupported   idempotency.keys
@@ -34,6 +37,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   └── InvalidTransition             409 invalid_transition    (not possible in this state)
     │       └── StepExpired               409 step_expired          (a flow's step came too late)
     ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys
+    ├── BatchFailed                       422 batch_failed          data.batch (all-or-nothing)
     ├── ReplayedError                     (the stored error's code and status)  idempotency.keys
     ├── DomainError                       409 domain_error          (handlers raise subclasses)
     │   └── SenderNotConfigured           409 sender_not_configured demo.sender

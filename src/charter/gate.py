@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import data
-from .actions import ActionSpec, Handler
+from .actions import MAX_BATCH_LIMIT, ActionSpec, Handler
 from .actor import Actor, Channel
 from .audit import (
     AuditAnchor,
@@ -35,6 +35,8 @@ from .audit import (
     verify,
 )
 from .context import ActionContext
+from .data.batch import BatchOutcome
+from .data.bulk import DEFAULT_MAX_BATCH, BatchRequest, Bulk
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, HandlerFailed
 from .idempotency.keys import DEFAULT_RETENTION
@@ -85,6 +87,9 @@ class Charter:
     whichever comes first (:mod:`charter.audit.schedule`; both None: only when
     asked). :meth:`close` stops that and writes a last checkpoint.
 
+    Bulk requests (:meth:`execute_many`): at most ``max_batch`` items (1,000), unless
+    an action declares its own.
+
     Rate limits: ``rate_limits`` (``"memory://"`` for this process,
     ``"redis://host:6379/0"`` shared, or a :class:`~charter.ratelimit.RateLimiter`
     with classes of its own) counts every call per (tenant, actor, rate class)
@@ -107,6 +112,7 @@ class Charter:
         audit_anchor: str | AuditAnchor | None = None,
         checkpoint_interval: timedelta | None = timedelta(seconds=60),
         checkpoint_entries: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
         rate_limits: str | RateLimiter | None = None,
     ) -> None:
         if (database_url is None) == (engine is None):
@@ -150,6 +156,7 @@ class Charter:
         self.rate_limiter = RateLimiter.of(rate_limits)
         self.runtime.rate_limiter = self.rate_limiter
         self._builder = PipelineBuilder(self.runtime)
+        self.bulk = Bulk(self.runtime, self._builder.committer, max_batch=_max_batch(max_batch))
         if self.rate_limiter is not None:
             self.rate_limiter.bind(self._builder.committer.alone, clock)
         self._workflow_guard = WorkflowGuard(registry.workflows, clock)
@@ -264,6 +271,36 @@ class Charter:
         )
         call = Call(spec, ctx, raw_input=input, target=target, expected_version=expected_version)
         return run(self._pipelines[spec.name], call)
+
+    def execute_many(
+        self,
+        actor: Actor,
+        action: str,
+        items: Sequence[Any],
+        *,
+        key: str | None = None,
+        reason: str | None = None,
+        channel: Channel | str = Channel.HTTP,
+        request_id: str | None = None,
+    ) -> BatchOutcome:
+        """Run ``action`` once per item, each through its whole pipeline (:mod:`charter.data.bulk`).
+
+        The action must be declared with ``bulk=``; ``key`` is the batch's one
+        idempotency key (in per-item mode item ``i`` also holds ``<key>#<i>``). An
+        all-or-nothing batch that fails raises :class:`~charter.data.batch.BatchFailed`.
+        """
+        spec = self.spec(action)
+        request = BatchRequest(
+            spec=spec,
+            pipeline=self._pipelines[spec.name],
+            actor=self._registry.impersonation.resolve(actor),
+            items=items,
+            key=key,
+            reason=reason,
+            channel=Channel(channel),
+            request_id=request_id_or_new(request_id),
+        )
+        return self.bulk.execute(request)
 
     # -- sessions and lists ------------------------------------------------------------
 
@@ -405,6 +442,12 @@ class Charter:
             except CharterError as exc:
                 results.append((row.key, exc.code))
         return results
+
+
+def _max_batch(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_LIMIT:
+        raise ConfigurationError(f"max_batch= is a whole number from 1 to {MAX_BATCH_LIMIT}")
+    return value
 
 
 def _audit_keys(

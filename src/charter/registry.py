@@ -157,6 +157,8 @@ class Registry:
         cost: Any = None,
         tags: Iterable[str] | None = None,
         rate: str | None = None,
+        bulk: str | None = None,
+        max_batch: int | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
@@ -168,6 +170,8 @@ class Registry:
         is charged inside the action's transaction (:mod:`charter.credits`);
         ``tags`` are its risk tags (a credit cost adds ``financial``). ``rate``
         names its rate class (default: by what it is, :mod:`charter.ratelimit`).
+        ``bulk`` (``"per_item"`` or ``"all_or_nothing"``) lets it take many items
+        in one request, at most ``max_batch`` (:mod:`charter.data.bulk`).
         """
 
         def register(handler: F) -> F:
@@ -191,6 +195,8 @@ class Registry:
                 cost=cost,
                 tags=tags,
                 rate=rate,
+                bulk=bulk,
+                max_batch=max_batch,
             )
             return handler
 

@@ -163,6 +163,8 @@ def entry_for(
         resource_id = None if target is None else str(target)[:128]
     if actor.scopes is None or actor.on_behalf_of is not None:
         detail = {**(detail or {}), **_credential(actor)}
+    if "batch" in ctx.extra:  # an item of a bulk request: its key and position (data.bulk)
+        detail = {**(detail or {}), "batch": ctx.extra["batch"]}
     return AuditEntry(
         at=ctx.now,
         tenant=actor.tenant_id,

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from sqlalchemy.exc import DBAPIError
 
+from ..audit.entry import AuditEntry
 from ..errors import Conflict, DomainError, Forbidden
 from ..idempotency.claims import ClaimTaken, answer_duplicate, store_refusal
 from ..idempotency.keys import IdempotencyKeyInProgress
@@ -31,7 +32,7 @@ from .build import Pipeline
 from .call import Call, Refusal
 from .tenancy import TenantGuard
 
-__all__ = ["run"]
+__all__ = ["refusal_entry", "run"]
 
 CLAIM_ATTEMPTS = 3
 #: PostgreSQL SQLSTATEs of a transaction that lost a race and may simply run again.
@@ -109,15 +110,7 @@ def transact(pipeline: Pipeline, call: Call) -> Outcome:
 
 def audit_refusal(pipeline: Pipeline, call: Call, refusal: Refusal) -> None:
     """Audit a refusal on its own: the call's transaction rolled back, its entry must not."""
-    decision, error, resource = refusal.decision, refusal.error, call.spec.resource
-    detail: dict[str, object] = {"message": error.message}
-    if decision is not None and not decision.allowed:
-        detail.update(kind=str(decision.kind), explanation=decision.reason)
-        if decision.failed:
-            detail["failed"] = list(decision.failed)
-    call.touched = []  # a refused call changed nothing
-    call.state_before = resource.state_of(refusal.record) if resource else None
-    entry = call.entry(error.code, decision=decision, record=refusal.record, detail=detail)
+    error, entry = refusal.error, refusal_entry(call, refusal)
     if not (call.keyed and isinstance(error, DomainError)):
         pipeline.committer.alone(entry)
         return
@@ -126,6 +119,19 @@ def audit_refusal(pipeline: Pipeline, call: Call, refusal: Refusal) -> None:
     with pipeline.committer.transaction() as (session, lease):
         store_refusal(pipeline.runtime, session, call, error, entry.resource_id)
         pipeline.committer.write(session, lease, [entry], None)
+
+
+def refusal_entry(call: Call, refusal: Refusal) -> AuditEntry:
+    """The audit entry of a refused call: the denial's explanation, nothing changed."""
+    decision, error, resource = refusal.decision, refusal.error, call.spec.resource
+    detail: dict[str, object] = {"message": error.message}
+    if decision is not None and not decision.allowed:
+        detail.update(kind=str(decision.kind), explanation=decision.reason)
+        if decision.failed:
+            detail["failed"] = list(decision.failed)
+    call.touched = []  # a refused call changed nothing
+    call.state_before = resource.state_of(refusal.record) if resource else None
+    return call.entry(error.code, decision=decision, record=refusal.record, detail=detail)
 
 
 @contextmanager
