@@ -8,6 +8,8 @@ import charter
 def test_the_public_names_are_pinned_and_sorted():
     expected = [
         "A", "ActionContext", "ActionPolicy", "ActionSpec", "Actor", "ActorKind", "AuditProblem",
+        "BatchEmpty", "BatchFailed", "BatchItem", "BatchOutcome", "BatchTooLarge", "BulkMode",
+        "BulkUnsupported",
         "C", "Channel", "Charter", "CharterError", "ConfigurationError", "Conflict", "Decision",
         "DecisionKind", "DomainError", "Forbidden", "HandlerFailed", "HoldExpired",
         "IdempotencyKeyInProgress",

@@ -5,10 +5,18 @@ Declare resources and actions on a :class:`Charter`, write rules with ``A``
 action, from every channel, through :meth:`Charter.execute`.
 """
 
-from .actions import ActionSpec, NoInput
+from .actions import ActionSpec, BulkMode, NoInput
 from .actor import Actor, ActorKind, Channel
 from .audit import AuditProblem, VerificationReport
 from .context import ActionContext
+from .data.batch import (
+    BatchEmpty,
+    BatchFailed,
+    BatchItem,
+    BatchOutcome,
+    BatchTooLarge,
+    BulkUnsupported,
+)
 from .decision import Decision, DecisionKind
 from .errors import (
     CharterError,
@@ -52,6 +60,13 @@ __all__ = [
     "Actor",
     "ActorKind",
     "AuditProblem",
+    "BatchEmpty",
+    "BatchFailed",
+    "BatchItem",
+    "BatchOutcome",
+    "BatchTooLarge",
+    "BulkMode",
+    "BulkUnsupported",
     "C",
     "Channel",
     "Charter",
