@@ -18,6 +18,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
     │   ├── InvalidPage                   400 invalid_page          (a list's cursor or limit)
+    │   │   └── InvalidCursor             400 invalid_cursor        (tampered, borrowed, expired)
     │   ├── PayloadTooLarge               413 payload_too_large
     │   │   ├── WebhookPayloadTooLarge    413 payload_too_large     webhooks
     │   │   └── BatchTooLarge             413 batch_too_large       data.batch
@@ -79,6 +80,7 @@ __all__ = [
     "HoldExpired",
     "InsufficientCredits",
     "InvalidAmount",
+    "InvalidCursor",
     "InvalidInput",
     "InvalidPage",
     "InvalidTransition",
@@ -226,6 +228,14 @@ class InvalidPage(InvalidInput):
     code = "invalid_page"
     status = 400
     title = "Invalid page request"
+
+
+class InvalidCursor(InvalidPage):
+    """A page cursor this list did not issue to this actor: tampered, borrowed, expired or
+    issued for another action, filter or sort (:mod:`charter.data.cursors`). Start again
+    from the first page; ``reason`` is ``expired`` or ``invalid``."""
+
+    code = "invalid_cursor"
 
 
 class PayloadTooLarge(InvalidInput):

@@ -37,6 +37,7 @@ from .audit import (
 from .context import ActionContext
 from .data.batch import BatchOutcome
 from .data.bulk import DEFAULT_MAX_BATCH, BatchRequest, Bulk
+from .data.visible import visibility
 from .decision import Decision
 from .errors import CharterError, ConfigurationError, HandlerFailed
 from .idempotency.keys import DEFAULT_RETENTION
@@ -114,6 +115,9 @@ class Charter:
         checkpoint_entries: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         rate_limits: str | RateLimiter | None = None,
+        cursor_keys: Mapping[str, str | bytes] | None = None,
+        cursor_ttl: timedelta = data.DEFAULT_TTL,
+        max_page: int = data.MAX_PAGE,
     ) -> None:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give Charter exactly one of database_url= or engine=")
@@ -157,6 +161,17 @@ class Charter:
         self.runtime.rate_limiter = self.rate_limiter
         self._builder = PipelineBuilder(self.runtime)
         self.bulk = Bulk(self.runtime, self._builder.committer, max_batch=_max_batch(max_batch))
+        # Field visibility on every outcome body (charter.policy.visibility).
+        self._builder.insert("visibility", visibility, after="track")
+        # Page cursors (charter.data.cursors): their own keys, or keys derived from the
+        # audit keys (a secret outside development) under the cursor label.
+        self.cursors = (
+            data.CursorSealer(cursor_keys, ttl=cursor_ttl, clock=clock)
+            if cursor_keys is not None
+            else data.CursorSealer.derived(_audit_keys(audit_keys, development),
+                                           ttl=cursor_ttl, clock=clock)
+        )  # fmt: skip
+        self.max_page = data.check_max_page(max_page, "Charter")
         if self.rate_limiter is not None:
             self.rate_limiter.bind(self._builder.committer.alone, clock)
         self._workflow_guard = WorkflowGuard(registry.workflows, clock)
@@ -327,20 +342,52 @@ class Charter:
         action: str,
         *,
         limit: int = data.DEFAULT_PAGE,
-        after: Any = None,
+        after: str | None = None,
+        sort: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        max_page: int | None = None,
         channel: Channel | str = Channel.HTTP,
         request_id: str | None = None,
-    ) -> tuple[list[Any], Any]:
+    ) -> data.Page:
         """One page of the records ``actor`` may ``action`` (:func:`charter.data.list_records`).
 
-        With rate limits, each page counts as a read (an export's page as an export).
+        ``limit`` is clamped to ``max_page`` (at most the Charter's); ``after`` is the
+        previous page's opaque ``next``; ``sort`` one visible column (``"-amount"``),
+        ``where`` equality filters on visible columns. With rate limits, each page
+        counts as a read (an export's page as an export).
         """
         spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
         if self.rate_limiter is not None:
             limit_list(self.rate_limiter, spec, ctx)
+        cap = self.max_page if max_page is None else min(max_page, self.max_page)
         return data.list_records(
-            self._builder.committer, spec, self.policy_of(action), ctx, limit=limit, after=after
-        )
+            self._builder.committer, spec, self.policy_of(action), ctx, limit=limit, after=after,
+            cursors=self.cursors, sort=sort, where=where, max_page=cap,
+        )  # fmt: skip
+
+    def export(
+        self,
+        actor: Actor,
+        action: str,
+        *,
+        format: str = "csv",
+        sort: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        fields: Sequence[str] | None = None,
+        channel: Channel | str = Channel.HTTP,
+        request_id: str | None = None,
+    ) -> data.ExportStream:
+        """Stream the records ``actor`` may ``action``, as CSV or JSON lines (:mod:`.data.export`).
+
+        Counted, charged and audited as started before this returns (429, 403 and
+        402 are raised here); iterate the stream for its chunks and close it
+        (or use it as a context manager): its end is audited, completed or aborted.
+        """
+        spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
+        return data.start_export(
+            self._pipelines[action], spec, self.policy_of(action), ctx,
+            format=format, sort=sort, where=where, fields=fields,
+        )  # fmt: skip
 
     def _context(
         self, actor: Actor, action: str, channel: Channel | str, request_id: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from .policy import (
     Rule,
     permission_matrix,
 )
+from .policy.visibility import check_visible
 from .resources import ResourceSpec
 from .workflow.model import Transition, Workflow
 
@@ -65,17 +67,22 @@ class Registry:
         name: str | None = None,
         view: Callable[[Any], Any] | None = None,
         conceal: bool = True,
+        visible: Mapping[str, Any] | None = None,
     ) -> ResourceSpec:
         """Declare a mapped class as a resource; ``tenant=None`` must be explicit.
 
         ``view`` renders a record as JSON when a handler returns the record itself
         (after the gate has bumped its version). ``conceal`` (default on): a denied
         action on a record the actor may not read answers 404, like a missing record.
+        ``visible``: fields only some actors see, ``{"bank_account": A.has_role("finance")}``
+        (:mod:`charter.policy.visibility`); hidden from everyone else in every output.
         """
         spec = ResourceSpec.declare(
             model, name=name, tenant=tenant, state=state, version=version, view=view,
             conceal=conceal,
         )  # fmt: skip
+        if visible:
+            spec = dataclasses.replace(spec, visible=check_visible(spec, visible))
         if model in self._resources:
             raise ConfigurationError(f"resource {model.__name__} is declared twice")
         if spec.name in self._resource_names:

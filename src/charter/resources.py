@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -112,6 +112,9 @@ class ResourceSpec:
     enumerated inside a tenant. "May read" means one of the resource's
     sensitive reads would be allowed on it; an actor who may read the record
     but not act on it still gets 403. The denial is audited as a denial.
+
+    ``visible`` names the fields only some actors may see (``visible=`` of
+    :meth:`Charter.resource`, :mod:`charter.policy.visibility`).
     """
 
     model: type[Any]
@@ -123,6 +126,9 @@ class ResourceSpec:
     view: Callable[[Any], Any] | None = None
     id_domain: ColumnDomain = ColumnDomain(None)  # the values an id can take (coerce_id)
     conceal: bool = True
+    #: Field visibility: (column, condition on the actor) pairs, checked by the registry
+    #: (charter.policy.visibility); a field whose condition fails is left out of every output.
+    visible: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     @classmethod
     def declare(

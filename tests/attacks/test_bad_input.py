@@ -118,9 +118,9 @@ def test_a_lookup_column_value_that_cannot_exist_is_an_audited_404(client):
 @pytest.mark.parametrize(
     "query", ["after=" + "9" * 40, f"after={2**31}", "after=abc", "after=\u0661", "after=1_0"]
 )
-def test_a_cursor_no_record_can_have_is_a_400(client, query):
+def test_a_cursor_the_service_did_not_issue_is_a_400(client, query):
     response = client.get(f"/invoices?{query}", headers=auth("alice"))
-    assert (400, "invalid_page") == (response.status_code, response.json()["code"])
+    assert (400, "invalid_cursor") == (response.status_code, response.json()["code"])
     assert "after" == response.json()["parameter"]
 
 

@@ -54,7 +54,10 @@ def client(database_url: str, sender: ReminderSenderStub, clock: Clock) -> Itera
         audit_keys={"k1": "test-audit-key-0123456789abcdef"},
         sender_url=sender.base_url,
     )
-    charter = Charter(database_url=database_url, audit_keys=settings.audit_keys, clock=clock)
+    # The quota alone: the export rate class (10 a minute) is tests/attacks/test_ratelimit.py's.
+    charter = Charter(
+        database_url=database_url, audit_keys=settings.audit_keys, clock=clock, rate_limits=None
+    )
     app = create_app(settings, charter=charter)
     with TestClient(app, raise_server_exceptions=False) as c:
         c.app_state = app.state  # type: ignore[attr-defined]
@@ -176,13 +179,13 @@ def test_only_an_admin_tops_up_and_never_without_a_reason(client):
 
 def test_the_daily_export_quota_holds_per_tenant_and_resets_next_day(client, clock):
     for _ in range(EXPORTS_PER_DAY):
-        assert 200 == client.get("/exports/invoices", headers=auth("alice")).status_code
-    over = client.get("/exports/invoices", headers=auth("bob"))
+        assert 200 == client.get("/invoices/export", headers=auth("alice")).status_code
+    over = client.get("/invoices/export", headers=auth("bob"))
     assert (429, "quota_exceeded") == (over.status_code, over.json()["code"])
     assert str(15 * 3600 + 1) == over.headers["Retry-After"]
-    assert 200 == client.get("/exports/invoices", headers=auth("gina")).status_code  # globex
+    assert 200 == client.get("/invoices/export", headers=auth("gina")).status_code  # globex
     clock.now += timedelta(days=1)
-    assert 200 == client.get("/exports/invoices", headers=auth("alice")).status_code
+    assert 200 == client.get("/invoices/export", headers=auth("alice")).status_code
 
 
 def test_a_flood_of_concurrent_exports_gets_exactly_the_quota(client):
@@ -191,7 +194,7 @@ def test_a_flood_of_concurrent_exports_gets_exactly_the_quota(client):
 
     def one(_: int) -> int:
         start.wait()
-        return int(client.get("/exports/invoices", headers=auth("alice")).status_code)
+        return int(client.get("/invoices/export", headers=auth("alice")).status_code)
 
     with ThreadPoolExecutor(n) as pool:
         codes = list(pool.map(one, range(n)))

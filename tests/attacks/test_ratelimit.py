@@ -232,7 +232,7 @@ def test_behind_a_proxy_the_address_is_the_one_the_proxy_names(database_url, sto
 
 def test_a_flood_of_exports_does_not_ride_on_the_read_limit(service):
     client, _ = service()
-    exports = [client.get("/exports/invoices", headers=auth("alice")) for _ in range(11)]
+    exports = [client.get("/invoices/export", headers=auth("alice")) for _ in range(11)]
     assert [200] * 10 + [429] == [e.status_code for e in exports]  # export: 10 a minute
     assert (
         '"export";q=10;w=60, "export-concurrency";q=2;qu="concurrent-requests"'

@@ -1,22 +1,196 @@
-"""Lists filtered by the same rules that decide: one page of the records an actor may act on."""
+"""Lists filtered by the same rules that decide: one page of the records an actor may act on.
+
+Every page is selected by the action's policy compiled to SQL, tenant
+included; no row is loaded and then dropped in Python. What the caller may
+choose is bounded and checked before any query:
+
+* the **page size**, capped by the server (AIP-158): a larger ``limit`` is
+  clamped to the cap and the :class:`Page` says the size it used; zero, a
+  negative or a non-integer size is 400 ``invalid_page``;
+* a **sort** on one visible, non-nullable column, ascending or descending
+  (``"-amount"``), always followed by the id, so the order is total and pages
+  are stable (keyset, not offset: a row inserted meanwhile shifts nothing);
+* a **filter**: equality on visible columns (at most :data:`MAX_FILTERS`),
+  each value coerced to its column's domain;
+* the **cursor** (``after``): the opaque ``next`` of the previous page of the
+  same list, as the same actor (:mod:`charter.data.cursors`).
+
+A hidden field (:mod:`charter.policy.visibility`) cannot be sorted or
+filtered by: it is refused as an unknown field is, so that neither its values
+nor its existence leak.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import Select, String
+from sqlalchemy import inspect as sa_inspect
 
 from ..actions import ActionSpec
+from ..actor import Actor
 from ..context import ActionContext
 from ..decision import Decision
 from ..errors import ConfigurationError, Forbidden, InvalidPage
 from ..pipeline.call import entry_for
 from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
-from ..resources import coerce_id
+from ..policy.visibility import hidden_fields, redact
+from ..resources import ColumnDomain, ResourceSpec
+from .cursors import CursorBinding, CursorSealer
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "list_records"]
+__all__ = [
+    "DEFAULT_PAGE",
+    "HARD_MAX_PAGE",
+    "MAX_FILTERS",
+    "MAX_PAGE",
+    "ListQuery",
+    "Page",
+    "check_max_page",
+    "list_records",
+]
 
-DEFAULT_PAGE = 50
-MAX_PAGE = 200  # server-enforced page cap: a caller cannot raise it
+DEFAULT_PAGE: Final = 50
+MAX_PAGE: Final = 200  # server-enforced page cap (Charter(max_page=)): a caller cannot raise it
+#: The largest cap a Charter or a route may configure.
+HARD_MAX_PAGE: Final = 1000
+MAX_FILTERS: Final = 8
+_SORTABLE_LENGTH: Final = 256  # a sort key longer than this would not fit a cursor
+
+
+def check_max_page(value: int, where: str) -> int:
+    """A configured page cap: an integer from 1 to :data:`HARD_MAX_PAGE`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= HARD_MAX_PAGE:
+        raise ConfigurationError(f"{where}: max_page must be an integer from 1 to {HARD_MAX_PAGE}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """A list's sort and filter, checked against the resource and the actor's visible fields.
+
+    ``sort`` is the column (``None``: the id), ``descending`` its direction,
+    ``where`` the equality filters as (column, coerced value), sorted by name.
+    """
+
+    resource: ResourceSpec
+    sort: str | None
+    descending: bool
+    where: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def parse(
+        cls,
+        resource: ResourceSpec,
+        hidden: frozenset[str],
+        *,
+        sort: str | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> ListQuery:
+        """Check ``sort`` (``"amount"``, ``"-amount"``) and ``where`` ({column: value})."""
+        column, descending = None, False
+        if sort is not None:
+            if not isinstance(sort, str):
+                raise InvalidPage("sort must be a field name", parameter="sort")
+            descending = sort.startswith("-")
+            name = sort[1:] if descending else sort
+            _visible_column(resource, hidden, name, "sort")
+            column = None if name == resource.id else name
+            if column is not None:
+                _check_sortable(resource, column)
+        filters: list[tuple[str, Any]] = []
+        if where:
+            if len(where) > MAX_FILTERS:
+                raise InvalidPage(f"at most {MAX_FILTERS} filters", parameter="filter")
+            for name, raw in where.items():
+                mapped = _visible_column(resource, hidden, name, f"filter.{name}")
+                value = _coerce(mapped, raw)
+                if value is None:
+                    raise InvalidPage(
+                        f"filter.{name}: no {name} can have this value",
+                        parameter=f"filter.{name}",
+                    )
+                filters.append((name, value))
+        return cls(resource, column, descending, tuple(sorted(filters, key=lambda f: f[0])))
+
+    @property
+    def plain(self) -> bool:
+        """Id order, ascending, unfiltered: the policy's own cached page statement serves it."""
+        return self.sort is None and not self.descending and not self.where
+
+    @property
+    def sort_key(self) -> str:
+        return ("-" if self.descending else "+") + (self.sort or self.resource.id)
+
+    def binding(self, action: str, actor: Actor) -> CursorBinding:
+        """What this list's cursors are sealed to: who, which action, which filter and sort."""
+        return CursorBinding(
+            tenant=actor.tenant_id, subject=actor.subject.id, real_actor=actor.id,
+            action=action, filter=self.where, sort=self.sort_key,
+        )  # fmt: skip
+
+    def position(self, record: Any) -> list[Any]:
+        """The keyset position of ``record``: its sort value (if not the id) and its id."""
+        key = [getattr(record, self.resource.id)]
+        return key if self.sort is None else [getattr(record, self.sort), *key]
+
+    def apply(self, stmt: Select[Any], position: list[Any] | None) -> Select[Any]:
+        """``stmt`` filtered, positioned after ``position`` and ordered (values bound)."""
+        spec = self.resource
+        id_column = spec.column(spec.id)
+        for name, value in self.where:
+            stmt = stmt.where(spec.column(name) == sa.bindparam(None, value))
+        after = operator.lt if self.descending else operator.gt
+        if position is not None:
+            if self.sort is None:
+                stmt = stmt.where(after(id_column, sa.bindparam(None, position[-1])))
+            else:
+                column, value = spec.column(self.sort), sa.bindparam(None, position[0])
+                stmt = stmt.where(
+                    sa.or_(
+                        after(column, value),
+                        sa.and_(column == value, after(id_column, position[-1])),
+                    )
+                )
+        order = [spec.column(self.sort)] if self.sort is not None else []
+        order.append(id_column)
+        return stmt.order_by(*(c.desc() if self.descending else c for c in order))
+
+    def describe(self) -> dict[str, Any]:
+        """For the audit entry: the sort and the filter (values shortened)."""
+        return {
+            "sort": self.sort_key,
+            "filter": {name: str(value)[:64] for name, value in self.where},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page: the records, the cursor of the next page (``None``: the last), the size used.
+
+    ``records`` are the mapped objects, for code on the server; anything sent
+    to the actor goes through :meth:`items`, which leaves out the fields the
+    actor may not see.
+    """
+
+    records: list[Any]
+    next: str | None
+    limit: int
+    hidden: frozenset[str]
+    resource: ResourceSpec
+
+    def items(self, render: Callable[[Any], Any] | None = None) -> list[Any]:
+        """The records rendered (``render``, or the resource's view), hidden fields left out."""
+        view = render or self.resource.render
+        return [redact(view(record), self.hidden) for record in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 def list_records(
@@ -27,45 +201,99 @@ def list_records(
     *,
     limit: int,
     after: Any,
-) -> tuple[list[Any], Any]:
-    """One page of the records ``ctx.actor`` may ``spec``, in id order (keyset paging).
+    cursors: CursorSealer,
+    sort: str | None = None,
+    where: Mapping[str, Any] | None = None,
+    max_page: int = MAX_PAGE,
+) -> Page:
+    """One page of the records ``ctx.actor`` may ``spec`` (keyset paging, see the module).
 
-    The page size is capped by the server at :data:`MAX_PAGE` whatever the
-    caller asks; the read is audited (one entry per page). Returns the rows and
-    the cursor of the next page (``None`` on the last page). A cursor that no
-    record's id can be (not an id of the primary key's column: ``ColumnDomain``)
-    or a limit that is not an integer is a 400 :class:`InvalidPage`, on every
-    database alike, before any query.
+    Audited: one entry per page, with the sort, the filter and the count. A
+    credential without the action's scope, or an impersonation no grant
+    allows, is a 403 saying so (audited), not an empty page.
     """
     resource = spec.resource
     if resource is None or not spec.listable:
         raise ConfigurationError(f"{spec.name} is not declared listable=True")
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        raise InvalidPage("the page limit must be an integer", parameter="limit")
-    limit = max(1, min(limit, MAX_PAGE))
-    key = None
-    if after is not None:
-        key = coerce_id(resource, after)
-        if key is None:
-            raise InvalidPage(
-                "the page cursor is invalid: pass the 'next' value of the previous page",
-                parameter="after",
-            )
-    denial = policy.credential_denial(ctx.actor)
+    size = page_size(limit, max_page)
+    actor = ctx.actor
+    hidden = hidden_fields(resource, actor, ctx)
+    query = ListQuery.parse(resource, hidden, sort=sort, where=where)
+    binding = query.binding(spec.name, actor)
+    position = None if after is None else cursors.open(after, binding)
+    if position is not None and len(position) != (1 if query.sort is None else 2):
+        raise InvalidPage("the page cursor is not valid for this list", parameter="after")
+    denial = policy.credential_denial(actor)
     if denial is not None:
         committer.alone(entry_for(spec, ctx, None, None, denial, "forbidden", None,
                                   detail={"explanation": denial.reason}))  # fmt: skip
         raise Forbidden(denial.public_reason, decision=denial)
-    # Built once per (actor shape, has cursor): values are parameters (ActionPolicy doc).
-    # Loaded by the ORM: adopting Core rows one by one (pipeline.loading.Adopter) pays
-    # for a single record but cost twice the ORM's bulk row loading on a 50-row page.
-    stmt, params = policy.page_statement(ctx.actor, ctx, limit=limit + 1, after=key)
+    stmt, params = _statement(policy, query, ctx, size + 1, position)
     with committer.transaction() as (session, lease):
         rows = list(session.execute(stmt, params).scalars())
-        page, more = rows[:limit], len(rows) > limit
-        entry = entry_for(
-            spec, ctx, None, None, Decision.allow("filter"), "ok", None,
-            detail={"listed": len(page), "after": None if after is None else str(after)[:64]},
-        )  # fmt: skip
+        page, more = rows[:size], len(rows) > size
+        detail = {"listed": len(page), "after": after is not None, **query.describe()}
+        entry = entry_for(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
+                          detail=detail)  # fmt: skip
         committer.write(session, lease, [entry], None)
-    return page, (resource.identity(page[-1]) if more and page else None)
+    cursor = cursors.seal(binding, query.position(page[-1])) if more and page else None
+    return Page(page, cursor, size, hidden, resource)
+
+
+def page_size(limit: Any, max_page: int) -> int:
+    """``limit`` clamped to the cap (AIP-158); not a positive integer: 400 ``invalid_page``."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidPage(
+            f"the page limit must be a whole number from 1 (larger than {max_page}: capped)",
+            parameter="limit",
+        )
+    return min(limit, max_page)
+
+
+def _statement(
+    policy: ActionPolicy, query: ListQuery, ctx: ActionContext, fetch: int, position: Any
+) -> tuple[Select[Any], dict[str, Any]]:
+    actor = ctx.actor
+    if query.plain:
+        # Built once per (actor shape, has cursor): values are parameters (ActionPolicy doc).
+        # Loaded by the ORM: adopting Core rows one by one (pipeline.loading.Adopter) pays
+        # for a single record but cost twice the ORM's bulk row loading on a 50-row page.
+        after = None if position is None else position[-1]
+        return policy.page_statement(actor, ctx, limit=fetch, after=after)
+    where, params = policy.bound_where(actor, ctx)
+    stmt = query.apply(sa.select(query.resource.model).where(where), position)
+    return stmt.limit(fetch), params
+
+
+def _visible_column(resource: ResourceSpec, hidden: frozenset[str], name: Any, param: str) -> Any:
+    """The mapped column ``name`` if the actor may see it; else as unknown as a missing one."""
+    columns: Any = sa_inspect(resource.model).columns
+    if not isinstance(name, str) or name in hidden or name not in columns:
+        shown = ", ".join(sorted(set(columns.keys()) - hidden))
+        raise InvalidPage(f"{param}: no such field (fields: {shown})", parameter=param)
+    return columns[name]
+
+
+def _check_sortable(resource: ResourceSpec, name: str) -> None:
+    column: Any = sa_inspect(resource.model).columns[name]
+    if column.nullable:
+        raise InvalidPage(
+            f"sort: {name} may be empty; sort by a field every record has", parameter="sort"
+        )
+    if isinstance(column.type, String) and (column.type.length or 10**9) > _SORTABLE_LENGTH:
+        raise InvalidPage(f"sort: {name} is too long a text to sort by", parameter="sort")
+
+
+def _coerce(column: Any, raw: Any) -> Any:
+    """A filter value as a value of ``column``, or None if no row can hold it."""
+    if raw is None or isinstance(raw, bool | dict | list):
+        return None
+    domain = ColumnDomain.of(column)
+    kind = domain.python_type
+    try:
+        if kind in (datetime, date) and isinstance(raw, str):
+            value: Any = kind.fromisoformat(raw)
+            return value if isinstance(value, kind) else None
+        return domain.coerce(raw)
+    except Exception:  # Decimal("x") is InvalidOperation, not a ValueError
+        return None

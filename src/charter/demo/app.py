@@ -94,6 +94,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
 
     routes = CharterRoutes(app, charter, authenticate=authenticate, max_body_bytes=64 * 1024)
     routes.bind("POST", "/invoices", "invoice.create", target=None)
+    # Before /invoices/{id}, which would otherwise take "export" for an id.
+    routes.export("/invoices/export", "invoice.export")  # streamed CSV / JSON lines
     routes.bind("GET", "/invoices/{id}", "invoice.get")
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
@@ -105,7 +107,6 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         routes.bind("POST", f"/plan-upgrades/{{id}}/{step}", f"plan_upgrade.{step}")
     routes.bind("GET", "/charges/{charge_id}/invoice", "invoice.find_by_charge", target="charge_id")
     routes.bind("POST", "/invoices/{id}/remind", "invoice.remind")
-    routes.bind("GET", "/exports/invoices", "invoice.export", target=None)
     routes.bind("POST", "/credits/top-up", "credits.top_up", target=None)
     routes.bind("GET", "/credits", "credits.balance", target=None)
     routes.list("/invoices", "invoice.get", render=invoice_view)

@@ -47,6 +47,8 @@ class Invoice(Base):
     approved_by: Mapped[str | None] = mapped_column(String(64), default=None)
     charge_id: Mapped[str | None] = mapped_column(String(64), default=None)
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    #: The customer's bank account (IBAN): only the finance role sees it (demo_0005).
+    bank_account: Mapped[str | None] = mapped_column(String(34), default=None)
 
 
 class UpgradeState:

@@ -211,6 +211,7 @@ def build_charter(
         allow=ANY_STAFF,
         scope="invoices:write",
         idempotency="optional",
+        bulk="per_item",  # POST /invoices/bulk: each invoice its own transaction
     )
     def create(ctx: ActionContext, _: None, data: CreateInvoice) -> Invoice:
         """Create a draft invoice."""
@@ -241,6 +242,7 @@ def build_charter(
         scope="invoices:approve",
         idempotency="optional",
         listable=True,
+        bulk="all_or_nothing",  # POST /invoices/bulk-approve: every invoice, or none
     )
     def approve(ctx: ActionContext, invoice: Invoice, _: Approve) -> Invoice:
         """Approve a submitted invoice (the gate moves it to approved)."""

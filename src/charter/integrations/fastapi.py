@@ -14,17 +14,19 @@ translates HTTP into ``Charter.execute`` and its outcome (or error) back:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import string
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -32,7 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..actions import ActionSpec
 from ..actor import Actor, Channel
-from ..data import DEFAULT_PAGE, MAX_PAGE
+from ..data import FORMATS as EXPORT_FORMATS
+from ..data import check_max_page
 from ..errors import (
     CharterError,
     ConfigurationError,
@@ -47,6 +50,7 @@ from ..idempotency.keys import IdempotencyKeyInvalid, IdempotencyMode
 from ..pipeline.stages import MAX_REASON
 from ..ratelimit import rate_headers
 from . import strictjson
+from .paging import LIST_PARAMETERS, list_query, stream_body
 from .ratelimit import AddressLimitMiddleware, peer_address
 from .strictjson import MalformedBody
 from .webhooks import WebhookReceiver
@@ -267,18 +271,6 @@ def idempotency_key(fields: list[str]) -> str | None:
     return "".join(key)
 
 
-def _page_limit(value: str | None) -> int:
-    """``?limit=``: ASCII digits only (``int()`` also reads ``"1_0"`` and Arabic-Indic digits)."""
-    if value is None:
-        return DEFAULT_PAGE
-    if not (value.isascii() and value.isdigit() and len(value) <= 9):
-        raise InvalidPage(
-            f"limit must be a whole number (at most {MAX_PAGE}; larger values are capped)",
-            parameter="limit",
-        )
-    return int(value)
-
-
 def _parse_if_match(value: str | None) -> int | None:
     if value is None:
         return None
@@ -393,45 +385,88 @@ class CharterRoutes:
             openapi_extra=extra,
         )
 
-    def list(self, path: str, action: str, *, render: Callable[[Any], Any]) -> None:
-        """``GET path?limit=&after=``: the records the caller may ``action``, filtered in SQL."""
+    def list(
+        self,
+        path: str,
+        action: str,
+        *,
+        render: Callable[[Any], Any],
+        max_page: int | None = None,
+    ) -> None:
+        """``GET path?limit=&after=&sort=&filter.<field>=``: the records the caller may ``action``.
+
+        Filtered in SQL; ``limit`` is clamped to ``max_page`` (at most the Charter's)
+        and the response's ``limit`` says the size used; ``next`` is the opaque
+        cursor of the next page (``after=``), for this caller and this query only.
+        """
         self.charter.spec(action)
+        cap = self.charter.max_page
+        if max_page is not None:
+            cap = min(check_max_page(max_page, f"route {path}"), cap)
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
-            limit = _page_limit(request.query_params.get("limit"))
-            after = request.query_params.get("after")
-            if after is not None and len(after) > 64:
-                raise InvalidPage("the page cursor is invalid", parameter="after")
-            rows, cursor = await run_in_threadpool(
-                self.charter.list_records,
-                actor,
-                action,
-                limit=limit,
-                after=after,
-                channel=self.channel,
-                request_id=request.state.request_id,
-            )
-            return JSONResponse(
-                {
-                    "items": [render(r) for r in rows],
-                    "next": cursor,
-                    "limit": min(max(limit, 1), MAX_PAGE),
-                }
-            )
+            query = list_query(request.query_params)
+            page = await run_in_threadpool(
+                functools.partial(
+                    self.charter.list_records, actor, action, **query, max_page=cap,
+                    channel=self.channel, request_id=request.state.request_id,
+                )
+            )  # fmt: skip
+            body = {"items": page.items(render), "next": page.next, "limit": page.limit}
+            return JSONResponse(body)
 
         endpoint.__name__ = f"list_{action.replace('.', '_')}"
-        page = [
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-            {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 64}},
-        ]
+        endpoint.__charter__ = {  # type: ignore[attr-defined]
+            "kind": "list", "action": action, "charter": self.charter, "page_cap": cap,
+        }  # fmt: skip
         self.app.add_api_route(
             path,
             endpoint,
             methods=["GET"],
             name=f"list:{action}",
-            openapi_extra={"parameters": page},
+            openapi_extra={"parameters": LIST_PARAMETERS},
         )
+
+    def export(self, path: str, action: str, *, formats: Sequence[str] = ("csv", "jsonl")) -> None:
+        """``GET path?format=&sort=&filter.<field>=``: stream what the caller may ``action``.
+
+        Counted, charged and audited before the first byte (a refusal is a
+        problem as usual); then the rows stream. A client that disconnects ends
+        the query, and the export is audited as aborted (:mod:`charter.data.export`).
+        """
+        self.charter.spec(action)
+        allowed = tuple(formats)
+        if not allowed or any(f not in EXPORT_FORMATS for f in allowed):
+            raise ConfigurationError(f"route {path}: formats are among {', '.join(EXPORT_FORMATS)}")
+
+        async def endpoint(request: Request) -> Response:
+            actor = await self.actor(request)
+            query = list_query(request.query_params, page=False)
+            format = request.query_params.get("format", allowed[0])
+            if format not in allowed:
+                raise InvalidPage(f"format is one of {', '.join(allowed)}", parameter="format")
+            stream = await run_in_threadpool(
+                functools.partial(
+                    self.charter.export, actor, action, format=format, **query,
+                    channel=self.channel, request_id=request.state.request_id,
+                )
+            )  # fmt: skip
+            name = f"{path.strip('/').replace('/', '-')}.{format}"
+            headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+            headers.update(rate_headers(stream.rate_limit))
+            return StreamingResponse(
+                stream_body(stream), media_type=stream.media_type, headers=headers,
+                background=BackgroundTask(run_in_threadpool, stream.close),
+            )  # fmt: skip
+
+        endpoint.__name__ = f"export_{action.replace('.', '_')}"
+        endpoint.__charter__ = {"kind": "export", "action": action, "charter": self.charter}  # type: ignore[attr-defined]
+        formats_doc = {"name": "format", "in": "query", "schema": {"enum": list(allowed)}}
+        self.app.add_api_route(
+            path, endpoint, methods=["GET"], name=f"export:{action}",
+            openapi_extra={"parameters": [formats_doc, *LIST_PARAMETERS[2:]]},
+        )  # fmt: skip
 
     def webhook(self, path: str, receiver: WebhookReceiver) -> None:
         """``POST path``: a partner's signed callback, verified on the raw body bytes."""
