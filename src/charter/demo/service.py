@@ -28,8 +28,9 @@ Each tenant has prepaid credits (``credits.top_up`` by an admin, with a reason;
 ``credits.balance``). ``invoice.remind`` sends a payment reminder through the
 outside sender for ``REMINDER_COST`` credits, held while the message is out:
 captured when the sender confirms, released when it fails or the hold expires.
-``invoice.export`` returns the tenant's invoices, ``EXPORTS_PER_DAY`` times per
-tenant per day (a period quota).
+``invoice.export`` streams the invoices the caller may read as CSV or JSON lines
+(``GET /invoices/export``), ``EXPORTS_PER_DAY`` times per tenant per day (a
+period quota), on the stricter ``export`` rate class.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 from ..actor import Actor
 from ..context import ActionContext
 from ..credits import Credits, Quota
+from ..credits.amounts import MAX_AMOUNT
 from ..errors import ConfigurationError, NotFound
 from ..fields import Amount
 from ..gate import Charter
@@ -74,6 +75,7 @@ DEMO_USERS: Mapping[tuple[str, str], Actor] = {
             "carol", "acme", roles={"admin", "approver"}, attributes={"approval_limit": 100000}
         ),
         Actor.make("sam", "acme", kind="support", roles={"support"}),
+        Actor.make("fiona", "acme", roles={"member", "finance"}),  # sees bank accounts
         Actor.make("gina", "globex", roles={"member"}),
         Actor.make("gary", "globex", roles={"approver"}, attributes={"approval_limit": 5000}),
     )
@@ -89,6 +91,8 @@ class CreateInvoice(BaseModel):
     customer: str = Field(min_length=1, max_length=200)
     amount: Amount  # strict: "1200.00" or 1200; never true, " 5 ", 5.5 or "1e3"
     currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    # The customer's IBAN (ISO 13616 shape): only the finance role reads it back.
+    bank_account: str | None = Field(default=None, pattern=r"^[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}$")
 
 
 class Settle(BaseModel):
@@ -130,6 +134,7 @@ def invoice_view(invoice: Invoice) -> dict[str, Any]:
         "submitted_by": invoice.submitted_by,
         "approved_by": invoice.approved_by,
         "charge_id": invoice.charge_id,
+        "bank_account": invoice.bank_account,  # finance only: FINANCE_FIELDS
     }
 
 
@@ -148,6 +153,9 @@ PROVIDER_SETTLES = (
 )
 # A plan upgrade is its starter's alone (the tenant is implied: lookups are tenant-scoped).
 OWNS_UPGRADE = R.actor_id == A.id
+# Fields only some actors see (charter.policy.visibility): left out of reads, lists,
+# exports and bulk results of everyone else, and refused as a sort or filter.
+FINANCE_FIELDS = {"bank_account": A.has_role("finance")}
 
 S = InvoiceState
 INVOICE_FLOW = (
@@ -185,8 +193,9 @@ def build_charter(
     sender: SenderClient | None = None,
 ) -> Charter:
     charter.resource(
-        Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view
-    )
+        Invoice, tenant="tenant_id", state="state", version="version", view=invoice_view,
+        visible=FINANCE_FIELDS,
+    )  # fmt: skip
     charter.workflow(
         Invoice,
         states=(S.DRAFT, S.SUBMITTED, S.APPROVED, S.PAYMENT_PENDING, S.PAID, S.VOID),
@@ -224,6 +233,7 @@ def build_charter(
             version=1,
             created_by=ctx.actor.subject.id,
             created_at=ctx.now,
+            bank_account=data.bank_account,
         )
         ctx.session.add(invoice)
         return invoice
@@ -280,6 +290,10 @@ def build_charter(
         scope="invoices:write",
         idempotency="required",
         rate="financial",  # stricter than a write, and refused (503) while Redis is down
+        # It moves money: tagged so (charter check holds it to that), and never on behalf
+        # of someone (support cannot act for an admin anyway; this says so in the rules).
+        tags={"financial"},
+        impersonation=False,
     )
     def pay(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Charge an approved invoice through the payment provider (exactly once)."""
@@ -376,13 +390,12 @@ REMINDER_COST = 5
 REMINDER_HOLD = timedelta(minutes=10)
 #: Exports per tenant per UTC day.
 EXPORTS_PER_DAY = 20
-MAX_EXPORT = 1000
 
 
 class TopUp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Strictly a JSON integer of credits: the ledger refuses 0, negatives and absurd sums.
-    credits: int = Field(strict=True)
+    credits: int = Field(strict=True, gt=0, le=MAX_AMOUNT)
 
 
 def _credits(charter: Charter, sender: SenderClient | None) -> None:
@@ -410,8 +423,10 @@ def _credits(charter: Charter, sender: SenderClient | None) -> None:
         except NotFound:
             return {"available": 0, "held": 0}
 
+    # It spends the tenant's credits and cannot be unsent: never on someone's behalf.
     @charter.action("invoice.remind", on=Invoice, allow=ANY_STAFF, scope="invoices:write",
-                    idempotency="required", tags={"financial", "irreversible"})  # fmt: skip
+                    idempotency="required", tags={"financial", "irreversible"},
+                    impersonation=False)  # fmt: skip
     def remind(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
         """Send a payment reminder through the outside sender; its credits are held meanwhile.
 
@@ -433,11 +448,9 @@ def _credits(charter: Charter, sender: SenderClient | None) -> None:
         credits.capture(ctx, hold)
         return {"sent": True, "message": message, "charged": hold.amount, "invoice": invoice.id}
 
-    @charter.action("invoice.export", allow=ANY_STAFF, sensitive_read=True,
-                    scope="invoices:read", tags={"export"},
+    @charter.action("invoice.export", on=Invoice, target=None, listable=True, allow=ANY_STAFF,
+                    sensitive_read=True, scope="invoices:read", tags={"export"},
                     cost=Quota("exports", limit=EXPORTS_PER_DAY, per="day"))  # fmt: skip
     def export(ctx: ActionContext, _: None, __: BaseModel) -> dict[str, Any]:
-        """Every invoice of the tenant (up to 1000), at most 20 exports per tenant per day."""
-        assert ctx.session is not None
-        rows = ctx.session.scalars(select(Invoice).order_by(Invoice.id).limit(MAX_EXPORT))
-        return {"invoices": [invoice_view(i) for i in rows]}
+        """Stream the invoices the caller may read (charter.export: GET /invoices/export)."""
+        raise ConfigurationError("invoice.export is streamed by charter.export, not executed")
