@@ -9,16 +9,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from charter import A, R
+from charter.ratelimit import DEFAULT_CLASSES, RateLimiter
 from charter.storage import make_engine
 
 PG_URL = os.environ.get(
     "CHARTER_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/charter_test"
 )
+
+
+def rate_limits() -> RateLimiter:
+    """Charter's default rate limits (in-process store, every default class and its failure
+    mode and concurrency), with limits no benchmark reaches: every op is a whole call, and the
+    ``rate_limit`` stage a default Charter runs is in the timed path."""
+    return RateLimiter(
+        "memory://",
+        classes=[replace(c, limit="1000000000/minute") for c in DEFAULT_CLASSES.values()],
+    )
+
 
 # The rule every policy benchmark measures: an approver of the invoice's tenant (the tenant
 # is built in), invoice submitted, amount within the actor's limit, not the creator.

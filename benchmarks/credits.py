@@ -73,7 +73,11 @@ def tenant(worker: int) -> str:
 
 
 def build_charter(url: str) -> Charter:
-    charter = Charter(engine=make_engine(url, pool_size=1, max_overflow=0), audit_keys=AUDIT_KEYS)
+    charter = Charter(
+        engine=make_engine(url, pool_size=1, max_overflow=0),
+        audit_keys=AUDIT_KEYS,
+        rate_limits=_common.rate_limits(),
+    )
 
     @charter.action(ACTION, allow=True, cost=1)
     def consume(ctx: Any, record: Any, data: Any) -> dict[str, Any]:

@@ -146,6 +146,7 @@ def build_charter(url: str, *, audited: bool = True) -> Charter:
         database_url=url,
         audit_keys=AUDIT_KEYS,
         audit_trail=None if audited else NullAuditTrail(),
+        rate_limits=_common.rate_limits(),
     )
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
 

@@ -140,7 +140,7 @@ def bump(ctx: ActionContext, item: Item, data: BumpInput) -> dict[str, int]:
 
 
 def build_charter(url: str, cls: type[Charter] = Charter) -> Charter:
-    charter = cls(database_url=url, audit_keys=AUDIT_KEYS)
+    charter = cls(database_url=url, audit_keys=AUDIT_KEYS, rate_limits=_common.rate_limits())
     charter.resource(Item, tenant="tenant_id", version="version")
     charter.action("bench.bump", on=Item, input=BumpInput, allow=is_member, idempotency="none")(
         bump

@@ -201,7 +201,9 @@ def filter_ratio(engine: sa.Engine, repeats: int) -> dict[str, Any] | None:
 
 
 def build_charter(url: str) -> Charter:
-    charter = Charter(database_url=url, audit_keys={"k1": AUDIT_KEY.decode()})
+    charter = Charter(
+        database_url=url, audit_keys={"k1": AUDIT_KEY.decode()}, rate_limits=_common.rate_limits()
+    )
     charter.resource(BenchPage, name="invoice", tenant="tenant_id", state="state")
 
     @charter.action("invoice.approve", on=BenchPage, allow=_common.APPROVER_RULE, listable=True)

@@ -78,7 +78,7 @@ class Approve(BaseModel):
 
 
 def build(url: str, *, declared: bool) -> Charter:
-    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS)
+    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS, rate_limits=_common.rate_limits())
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
     if declared:
         charter.workflow(

@@ -259,8 +259,13 @@ def test_every_action_has_a_class_exports_and_financial_ones_stricter_than_reads
     charter.close()
 
 
-def test_without_rate_limits_no_pipeline_has_the_stage():
+def test_rate_limits_are_on_by_default_and_off_only_when_the_code_says_so():
     charter = test_app.build(Charter(database_url="sqlite://", development=True))
+    assert all(charter.pipeline_of(a).names[0] == "rate_limit" for a in charter.actions)
+    assert charter.rate_limiter is not None
+    assert not charter.rate_limiter.counters.shared  # counted in this process
+    charter.close()
+    charter = test_app.build(Charter(database_url="sqlite://", development=True, rate_limits=None))
     assert not any("rate_limit" in charter.pipeline_of(a).names for a in charter.actions)
     charter.close()
 

@@ -94,7 +94,11 @@ class Charter:
     Rate limits: ``rate_limits`` (``"memory://"`` for this process,
     ``"redis://host:6379/0"`` shared, or a :class:`~charter.ratelimit.RateLimiter`
     with classes of its own) counts every call per (tenant, actor, rate class)
-    before any other work (:mod:`charter.ratelimit`); None: no rate limits.
+    before any other work (:mod:`charter.ratelimit`). They are on by default,
+    counted in this process with the default classes (``read`` 600, ``write``
+    300, ``financial`` 60, ``export`` 10 a minute per actor): a service that
+    runs several processes passes ``redis://``; ``None`` turns them off, a
+    choice the code states.
     """
 
     def __init__(
@@ -114,7 +118,7 @@ class Charter:
         checkpoint_interval: timedelta | None = timedelta(seconds=60),
         checkpoint_entries: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
-        rate_limits: str | RateLimiter | None = None,
+        rate_limits: str | RateLimiter | None = "memory://",
         cursor_keys: Mapping[str, str | bytes] | None = None,
         cursor_ttl: timedelta = data.DEFAULT_TTL,
         max_page: int = data.MAX_PAGE,
