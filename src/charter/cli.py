@@ -307,13 +307,9 @@ def _app_spec(app_spec: str | None, demo: bool) -> str:
     return app_spec
 
 
-def _load_app(spec: str) -> Charter:
-    """Import ``module:attribute`` (a Charter, or a callable that returns one).
-
-    Every ``--app`` command loads through here. The module is found from the
-    working directory, as uvicorn does (``--app service:charter`` needs no
-    ``PYTHONPATH=.``).
-    """
+def _import(spec: str, default: str) -> Any:
+    """Import ``module:attribute`` (``default`` if no attribute), found from the working
+    directory as uvicorn does (``service:charter`` needs no ``PYTHONPATH=.``)."""
     import importlib
 
     module_name, _, attribute = spec.partition(":")
@@ -321,9 +317,23 @@ def _load_app(spec: str) -> Charter:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        target = getattr(importlib.import_module(module_name), attribute or "charter")
-        charter = target() if callable(target) and not isinstance(target, Charter) else target
+        return getattr(importlib.import_module(module_name), attribute or default)
     except (ImportError, AttributeError, SyntaxError, CharterError) as exc:
+        err.print(f"[red]error:[/red] cannot load {spec!r}: {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _load_app(spec: str) -> Charter:
+    """Import ``module:attribute`` (a Charter, or a callable that returns one).
+
+    Every ``--app`` command loads through here. The module is found from the
+    working directory, as uvicorn does (``--app service:charter`` needs no
+    ``PYTHONPATH=.``).
+    """
+    target = _import(spec, "charter")
+    try:
+        charter = target() if callable(target) and not isinstance(target, Charter) else target
+    except CharterError as exc:
         err.print(f"[red]error:[/red] cannot load {spec!r}: {exc}")
         raise typer.Exit(2) from exc
     if not isinstance(charter, Charter):
@@ -473,6 +483,138 @@ def credits_sweep(database_url: DatabaseOption = None) -> None:
     """Release every hold still pending past its expiry (its credits go back)."""
     released = _call(database_url, lambda charter: Credits.of(charter).sweep(limit=10_000))
     console.print(f"released {released} expired holds")
+
+
+def _application(app_spec: str, charter_spec: str | None) -> Any:
+    """The inventory of APP (``charter check``/``report``): app, its Charter, this CLI."""
+    import inspect as _inspect
+
+    from .tools.inventory import inventory
+
+    target = _import(app_spec, "app")
+    try:
+        # A factory (create_app) is called; an app object is not (ASGI/WSGI apps are callable).
+        application = target() if _inspect.isfunction(target) else target
+        charter = _load_app(charter_spec) if charter_spec else None
+        return inventory(application, charter=charter, cli=app)
+    except CharterError as exc:
+        err.print(f"[red]error:[/red] {app_spec}: {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+AppArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="APP",
+        help="module:attribute of a FastAPI or Flask app (or of a function returning one).",
+    ),
+]
+CharterOption = Annotated[
+    str | None,
+    typer.Option("--charter", help="module:attribute of the Charter, if the app does not say."),
+]
+AcceptOption = Annotated[
+    str | None,
+    typer.Option("--accept", help="The reviewed accepted-findings file (JSON or YAML)."),
+]
+
+
+def _judged(inv: Any, accept: str | None) -> Any:
+    from .tools.accept import judge, load_accepted
+    from .tools.check import find
+
+    try:
+        return judge(find(inv), load_accepted(accept) if accept else ())
+    except CharterError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+@app.command("check")
+def check(
+    app_spec: AppArgument,
+    fmt: Annotated[str, typer.Option("--format", help="text, json or sarif.")] = "text",
+    accept: AcceptOption = None,
+    manifest: Annotated[
+        str | None,
+        typer.Option("--manifest", help="Write the security model's manifest to this file."),
+    ] = None,
+    frozen: Annotated[
+        bool,
+        typer.Option("--frozen", help="Fail if the manifest is out of date (do not write it)."),
+    ] = False,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write the results here, not stdout.")
+    ] = None,
+    charter_spec: CharterOption = None,
+) -> None:
+    """Inventory APP's routes, commands, webhooks and agent tools against its Charter and report
+    what bypasses or weakens the gate. Exit 1 on an error not accepted (or a stale --frozen
+    manifest), 2 on a usage error; warnings do not change the exit code."""
+    from .tools.formats import FORMATS, render
+    from .tools.manifest import compare, write_manifest
+
+    if fmt not in FORMATS:
+        err.print(f"[red]error:[/red] --format is {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    inv = _application(app_spec, charter_spec)
+    judged = _judged(inv, accept)
+    text = render(fmt, judged, inv)
+    if output:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        typer.echo(text, nl=False)
+    code = judged.exit_code
+    path = manifest or ("charter.lock.json" if frozen else None)
+    if path and frozen:
+        drift = compare(inv, path)
+        if not drift.fresh:
+            err.print(drift.summary(path), markup=False, highlight=False)
+            code = 1
+    elif path:
+        changed = write_manifest(inv, path)
+        err.print(f"manifest {path}: {'written' if changed else 'unchanged'}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report(
+    app_spec: AppArgument,
+    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file.")] = "report.html",
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Read audit statistics from this database (none: no charts)."
+        ),
+    ] = None,
+    accept: AcceptOption = None,
+    charter_spec: CharterOption = None,
+) -> None:
+    """Write APP's security model as one self-contained HTML page: actions, permission matrix,
+    workflows, route coverage and, with --database-url, audit statistics."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .storage import make_engine
+    from .tools.report import audit_stats, render_report
+
+    inv = _application(app_spec, charter_spec)
+    judged = _judged(inv, accept)
+    stats = None
+    if database_url:
+        engine = make_engine(database_url)
+        try:
+            with engine.connect() as connection:
+                stats = audit_stats(connection)
+        except (SQLAlchemyError, CharterError) as exc:
+            err.print(f"[red]error:[/red] cannot read the audit trail: {exc}")
+            raise typer.Exit(2) from exc
+        finally:
+            engine.dispose()
+    title = app_spec.partition(":")[0]
+    with open(output, "w", encoding="utf-8") as out:
+        out.write(render_report(inv, judged, stats=stats, title=title))
+    console.print(f"report written: {output}", highlight=False)
 
 
 @app.command("demo")

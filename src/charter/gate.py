@@ -43,6 +43,7 @@ from .errors import CharterError, ConfigurationError, HandlerFailed
 from .idempotency.keys import DEFAULT_RETENTION
 from .idempotency.recovery import DEFAULT_LEASE, actor_from_snapshot
 from .idempotency.store import idempotency_table, not_completed, purge
+from .impersonation import ImpersonationGrant
 from .outcome import Outcome
 from .pipeline import Call, Pipeline, PipelineBuilder, StageFactory
 from .pipeline.run import run
@@ -220,6 +221,11 @@ class Charter:
     def workflows(self) -> Mapping[str, Workflow]:
         """The declared workflows, by resource name."""
         return {w.resource.name: w for w in self._registry.workflows.values()}
+
+    @property
+    def impersonation_grants(self) -> tuple[ImpersonationGrant, ...]:
+        """The declared impersonation grants, in declaration order (for review tools)."""
+        return self._registry.impersonation.declared
 
     def _assemble(self, spec: ActionSpec, policy: ActionPolicy) -> None:
         self._pipelines[spec.name] = self._builder.build(spec, policy)

@@ -375,6 +375,8 @@ class CharterRoutes:
             return outcome_response(outcome, location, request.path_params)
 
         endpoint.__name__ = action.replace(".", "_")
+        # What `charter check` reads to tell Charter's adapters from other endpoints.
+        endpoint.__charter__ = {"kind": "action", "action": action, "charter": self.charter}  # type: ignore[attr-defined]
         extra = _operation_doc(spec, path, target, schema)
         self.app.add_api_route(
             path,
@@ -479,6 +481,7 @@ class CharterRoutes:
             return JSONResponse(result.body(), status_code=200)
 
         endpoint.__name__ = "webhook_" + path.strip("/").replace("/", "_")
+        endpoint.__charter__ = {"kind": "webhook", "receiver": receiver, "charter": self.charter}  # type: ignore[attr-defined]
         self.app.add_api_route(path, endpoint, methods=["POST"], name=f"webhook:{path}")
 
 
