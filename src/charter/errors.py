@@ -28,11 +28,14 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   ├── IdempotencyKeyInvalid         400 idempotency_key_invalid   idempotency.keys
     │   ├── IdempotencyKeyUnsupported     400 idempotency_key_unsupported   idempotency.keys
     │   ├── MalformedBody                 400 malformed_body        integrations.strictjson
+    │   ├── IfMatchInvalid                400 if_match_invalid      integrations.http
+    │   ├── UnsupportedMediaType          415 unsupported_media_type    integrations.http
     │   └── InvalidAmount                 422 invalid_amount        (credits: not a positive int)
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)
     ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
+    ├── PreconditionRequired              428 precondition_required integrations.http
     ├── Conflict                          409 conflict              (also: a deadlock that persists)
     │   ├── IdempotencyKeyInProgress      409 idempotency_key_in_progress   idempotency.keys
     │   └── InvalidTransition             409 invalid_transition    (not possible in this state)

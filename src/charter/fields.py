@@ -70,11 +70,15 @@ class StrictAmount:
                 raise ValueError(f"the amount must be more than {floor}")
             return number
 
+        # What the JSON Schema says is what parse accepts: the spelling, and above the floor
+        # (exactly for a floor of 0; other floors are checked by parse alone).
+        text = core_schema.str_schema(pattern=f"^{spelling.pattern}$")
+        if self.minimum == 0:
+            text["metadata"] = {"pydantic_js_updates": {"not": {"pattern": r"^0(\.0*)?$"}}}
+        whole_number = core_schema.int_schema(gt=self.minimum, le=10**whole - 1)
         return core_schema.no_info_plain_validator_function(
             parse,
-            json_schema_input_schema=core_schema.union_schema(
-                [core_schema.str_schema(pattern=f"^{spelling.pattern}$"), core_schema.int_schema()]
-            ),
+            json_schema_input_schema=core_schema.union_schema([text, whole_number]),
             serialization=core_schema.to_string_ser_schema(),
         )
 

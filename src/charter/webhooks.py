@@ -337,6 +337,11 @@ class WebhookVerifier:
         self.max_body_bytes = max_body_bytes
         self.max_header_length = max_header_length
 
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """The header fields this scheme reads (lowercase), all required: for API documents."""
+        return tuple(self._names)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(secrets=<{len(self._keys)} redacted>, "
