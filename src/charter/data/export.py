@@ -201,13 +201,16 @@ class _Export:
             with translate_errors(), self.pipeline.runtime.engine.connect() as connection:
                 stmt, params = self._statement()
                 result = connection.execution_options(yield_per=CHUNK_ROWS).execute(stmt, params)
-                encode = self._encoder()
-                if self.format == "csv":
-                    yield _csv_rows([self.fields])
-                for rows in result.partitions():
-                    self.ids.update("".join(f"{row[0]}\n" for row in rows).encode())
-                    self.rows += len(rows)
-                    yield encode(rows)
+                try:
+                    encode = self._encoder()
+                    if self.format == "csv":
+                        yield _csv_rows([self.fields])
+                    for rows in result.partitions():
+                        self.ids.update("".join(f"{row[0]}\n" for row in rows).encode())
+                        self.rows += len(rows)
+                        yield encode(rows)
+                finally:
+                    result.close()  # PostgreSQL: CLOSE the server-side cursor, ending the query
             outcome = COMPLETED
         except GeneratorExit:
             raise
