@@ -205,15 +205,23 @@ def test_a_failed_action_charges_nothing_keyed_or_not(gate, alice, fail):
     assert credits.verify().ok
 
 
-def test_a_replayed_action_is_charged_once(gate, alice):
+def test_a_replayed_action_is_charged_once_and_answers_the_original_balance(gate, alice, clock):
     charter, credits = gate
     credits.grant("acme", 5)
     first = charter.execute(alice, "credits.consume", {}, key="once")
     again = charter.execute(alice, "credits.consume", {}, key="once")
     assert (4, False) == (first.balance, first.replayed)
-    assert again.replayed
-    assert 4 == credits.balance("acme")
-    assert ["grant", "charge"] == [r.kind for r in ledger_rows(charter)]
+    assert (4, True) == (again.balance, again.replayed)
+    charter.execute(alice, "credits.consume", {}, key="twice")
+    # Another process (no cached outcome) replays from the stored outcome: the same balance.
+    cold, _ = build(charter.engine.url.render_as_string(hide_password=False), clock)
+    try:
+        replayed = cold.execute(alice, "credits.consume", {}, key="once")
+        assert (4, True) == (replayed.balance, replayed.replayed)
+    finally:
+        cold.engine.dispose()
+    assert 3 == credits.balance("acme")
+    assert ["grant", "charge", "charge"] == [r.kind for r in ledger_rows(charter)]
 
 
 def test_a_refund_is_a_ledger_movement_and_happens_once(gate, alice):

@@ -172,6 +172,7 @@ def replay_stored(
         request_id=call.ctx.request_id,
         resource_id=stored.resource_id,
         version=stored.version,
+        balance=stored.balance,
         replayed=True,
     )
 
@@ -186,6 +187,7 @@ def remember(
     outcome: str,
     resource_id: str | None,
     version: int | None = None,
+    balance: int | None = None,
 ) -> None:
     """Keep a just-committed outcome for replays (it expires with its record)."""
     if call.fingerprint is None:
@@ -195,7 +197,7 @@ def remember(
         call.ctx.idempotency_scope,
         StoredOutcome(
             call.fingerprint, call.spec.name, status, body, error, outcome, resource_id,
-            created + runtime.idempotency_retention, version,
+            created + runtime.idempotency_retention, version, balance,
         ),
     )  # fmt: skip
 
@@ -211,6 +213,7 @@ def outcome_of(call: Call, error: CharterError | None, resource_id: str | None) 
         resource_id=resource_id,
         now=call.ctx.now,
         version=call.version if error is None else None,
+        balance=call.writes.balance if error is None else None,
     )
 
 

@@ -110,6 +110,8 @@ outcome_table = Table(
     Column("resource_id", String(128), nullable=True),
     # The record's version after the call: a replay answers the original ETag.
     Column("version", Integer, nullable=True),
+    # The charged account's balance after the call: a replay answers the original balance.
+    Column("balance", BigInteger, nullable=True),
     Column("response_status", Integer, nullable=False),
     Column("response_body", JSON, nullable=True),
     Column("error", JSON, nullable=True),
@@ -135,6 +137,7 @@ class StoredOutcome:
     resource_id: str | None
     expires_at: datetime
     version: int | None = None
+    balance: int | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> StoredOutcome:
@@ -148,6 +151,7 @@ class StoredOutcome:
             resource_id=row.resource_id,
             expires_at=_aware(row.expires_at),
             version=row.version,
+            balance=None if row.balance is None else int(row.balance),
         )
 
 
@@ -158,7 +162,7 @@ def _aware(when: datetime) -> datetime:
 # A cached outcome, packed as a tuple of strings, ints and a datetime only: the
 # garbage collector stops tracking such tuples, so a full cache adds nothing to
 # every collection (a cache of dicts made long runs' first executions ~50% slower).
-_Packed = tuple[str, str, int, str, str | None, str, str | None, datetime, int | None]
+_Packed = tuple[str, str, int, str, str | None, str, str | None, datetime, int | None, int | None]
 
 
 class OutcomeCache:
@@ -186,10 +190,10 @@ class OutcomeCache:
                 del self._entries[scope]
                 return None
             self._entries.move_to_end(scope)
-        fp, action, status, body, error, outcome, resource_id, expires_at, version = packed
+        fp, action, status, body, error, outcome, resource_id, expires_at, version, balance = packed
         return StoredOutcome(
             fp, action, status, json.loads(body), json.loads(error) if error else None,
-            outcome, resource_id, expires_at, version,
+            outcome, resource_id, expires_at, version, balance,
         )  # fmt: skip
 
     def put(self, scope: tuple[str, str, str], stored: StoredOutcome) -> None:
@@ -201,7 +205,7 @@ class OutcomeCache:
         error = json.dumps(stored.error, default=str) if stored.error else None
         packed: _Packed = (
             stored.fingerprint, stored.action, stored.status, body, error, stored.outcome,
-            stored.resource_id, stored.expires_at, stored.version,
+            stored.resource_id, stored.expires_at, stored.version, stored.balance,
         )  # fmt: skip
         with self._lock:
             self._entries[scope] = packed
@@ -265,7 +269,7 @@ def claim_values(
 
 
 _OUTCOME_COLUMNS = (
-    "resource_id", "version", "response_status", "response_body", "error", "outcome",
+    "resource_id", "version", "balance", "response_status", "response_body", "error", "outcome",
     "completed_at",
 )  # fmt: skip
 
@@ -287,13 +291,14 @@ def completion_params(
     resource_id: str | None,
     now: datetime,
     version: int | None = None,
+    balance: int | None = None,
 ) -> dict[str, Any]:
     """Parameters of :func:`completion_statement`: the outcome stored under a claim."""
     tenant, subject, key = scope
     values = {
         "tenant": tenant, "subject": subject, "key": key, "response_status": status,
         "response_body": body, "error": error, "outcome": outcome, "resource_id": resource_id,
-        "completed_at": now, "version": version,
+        "completed_at": now, "version": version, "balance": balance,
     }  # fmt: skip
     return {f"u_{name}": value for name, value in values.items()}
 

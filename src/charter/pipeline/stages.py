@@ -539,6 +539,7 @@ def commit(a: Assembly) -> Stage:
             claims.remember(
                 runtime, call, status=call.spec.status, body=call.body, error=None,
                 outcome="ok", resource_id=entry.resource_id, version=call.version,
+                balance=call.writes.balance,
             )  # fmt: skip
 
     return Stage("commit", commit)

@@ -23,7 +23,8 @@ _MESSAGE = "charter_ledger is append-only: record a new movement instead"
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(
-            "CREATE OR REPLACE FUNCTION charter_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "CREATE OR REPLACE FUNCTION charter_ledger_append_only() RETURNS trigger "
+            "LANGUAGE plpgsql AS $$ "
             f"BEGIN RAISE EXCEPTION '{_MESSAGE}' USING ERRCODE = 'restrict_violation'; END $$"
         )
         op.execute(
