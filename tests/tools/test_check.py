@@ -360,6 +360,38 @@ def test_cli_commands_are_inventoried_with_their_markers():
     assert {"audit verify", "db upgrade"} <= {e.path for e in cli_entries(cli_app)}
 
 
+def test_an_action_only_an_operator_command_reaches_must_require_a_reason():
+    import typer
+
+    charter = _charter_with(A.has_role("clerk") & (R.owner_id == A.id))
+    charter.action("ledger.sweep", on=unsafe_app.Ledger, allow=R.owner_id == A.id,
+                   scope="ledgers:sweep")(unsafe_app._handler)  # fmt: skip
+    charter.action("ledger.purge", on=unsafe_app.Ledger, allow=R.owner_id == A.id,
+                   scope="ledgers:purge", reason_required=True)(unsafe_app._handler)  # fmt: skip
+    tool = typer.Typer()
+
+    @tool.command("run")
+    def run_action() -> None:
+        """Run any action as an operator."""
+
+    run_action.__charter__ = {"kind": "operator", "actions": "*"}  # type: ignore[attr-defined]
+
+    @tool.command("other")
+    def other() -> None:
+        """Not Charter's."""
+
+    app = FastAPI()
+    auth = lambda request: Actor.make("x", "t", scopes=())  # noqa: E731
+    CharterRoutes(app, charter, authenticate=auth).bind("POST", "/l/{id}/close", "ledger.close")
+    inv = inventory(app, cli=tool)
+    run = next(e for e in inv.entries if e.path == "run")
+    assert ("ledger.close", "ledger.purge", "ledger.sweep") == run.actions
+    found = pairs(find(inv))
+    assert ("CH007", "ledger.sweep") in found
+    assert ("CH007", "ledger.purge") not in found  # it requires a reason
+    assert ("CH007", "ledger.close") not in found  # a route reaches it too
+
+
 def test_the_charter_is_found_from_the_app_or_must_be_named():
     with pytest.raises(ConfigurationError, match="no Charter found"):
         charter_of(FastAPI())

@@ -310,10 +310,14 @@ def _action_findings(inv: Inventory, config: CheckConfig) -> Iterator[Finding]:
                 f"{spec.idempotency.value!r}, not 'required'",
                 where, {"tags": tags, "idempotency": spec.idempotency.value},
             )  # fmt: skip
-        if not spec.reason_required and ("admin" in spec.tags or privileged_only(policy, config)):
+        reaching = inv.reaching(name)
+        operators_only = bool(reaching) and all(e.source == "cli" for e in reaching)
+        if not spec.reason_required and (
+            "admin" in spec.tags or operators_only or privileged_only(policy, config)
+        ):
             why = "tagged admin" if "admin" in spec.tags else "reachable only by support/operators"
-            yield Finding("CH007", name, f"{name} is {why} but requires no reason", where,
-                          {"tags": tags, "rules": _rules_text(policy)})  # fmt: skip
+            facts = {"tags": tags, "rules": _rules_text(policy), "operators_only": operators_only}
+            yield Finding("CH007", name, f"{name} is {why} but requires no reason", where, facts)
         if risky and spec.impersonation:
             yield Finding(
                 "CH011", name,

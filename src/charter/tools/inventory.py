@@ -16,6 +16,7 @@ without a change here. An endpoint without a marker is not one of Charter's.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -232,8 +233,9 @@ def _actions_of(mark: Mapping[str, Any] | None) -> tuple[str, ...]:
 def cli_entries(cli: Any, *, prefix: str = "") -> Iterator[Entry]:
     """The commands of a Typer (or Click) application, by their full names (``audit verify``).
 
-    A command that runs actions through the gate marks its callback like an endpoint
-    (``__charter__ = {"kind": "operator", "actions": "*"}`` for one that runs any action).
+    A command that runs actions through the gate marks its callback like an endpoint:
+    ``__charter__ = {"kind": "operator", "actions": ["ledger.close"]}``, or ``"actions": "*"``
+    for one that runs any action (expanded by :func:`inventory`).
     """
     group = _click_group(cli)
     if group is None:
@@ -373,7 +375,14 @@ def inventory(
         )
     the_charter = charter if charter is not None else charter_of(app, entries)
     if cli is not None:
-        entries.extend(cli_entries(cli))
+        every = tuple(sorted(the_charter.actions))
+        # A command marked ``"actions": "*"`` runs any action (an operator's ``charter run``).
+        entries.extend(
+            dataclasses.replace(e, actions=every)
+            if e.marker is not None and e.marker.get("actions") == "*"
+            else e
+            for e in cli_entries(cli)
+        )
     entries.extend(_webhook_events(entries))
     return Inventory(the_charter, tuple(entries), tuple(agent_tools(the_charter)), kind)
 

@@ -49,8 +49,7 @@ table{border-collapse:collapse;width:100%;margin:6px 0}th,td{border:1px solid #d
 padding:4px 7px;text-align:left;vertical-align:top}th{background:#eef1f5;font-weight:600}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap}
 .allow{background:#c8ecd0;color:#0c4a1c}.deny{background:#f6c9c9;color:#6d1010}
-.conditional{background:#fde9b6;color:#5c4100}td>span.allow,td>span.deny,td>span.conditional{
-display:block;margin:-4px -7px;padding:4px 7px}.gate-no{background:#f6c9c9}
+.conditional{background:#fde9b6;color:#5c4100}.gate-no{background:#f6c9c9}
 .gate-yes{background:#c8ecd0}.error{color:#a40e0e;font-weight:600}.warning{color:#8a5a00;font-weight:600}
 .accepted{color:#4b5565}.summary span{display:inline-block;margin-right:18px}
 svg text{font:11px system-ui,sans-serif;fill:#1d2330}
@@ -106,12 +105,19 @@ def _columns(label: Any) -> list[Any]:
 # -- the page -------------------------------------------------------------------------------
 
 
-def _table(head: Iterable[str], rows: Iterable[Iterable[str]], *, raw: bool = False) -> str:
+Cell = str | tuple[str, str]  # text, or (CSS class of the cell, text)
+
+
+def _table(head: Iterable[str], rows: Iterable[Iterable[Cell]], *, raw: bool = False) -> str:
     """A table; cells are escaped unless ``raw`` (then the caller escaped them)."""
-    cell = (lambda v: v) if raw else escape
     out = ["<table><thead><tr>", *(f"<th>{escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for row in rows:
-        out.append("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>")
+        cells = []
+        for value in row:
+            css, text = value if isinstance(value, tuple) else ("", value)
+            text = text if raw else escape(text)
+            cells.append(f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -168,13 +174,13 @@ def _matrix(inv: Inventory) -> str:
         rows = []
         for action in matrix.actions:
             for state in matrix.states:
-                row = [f"<code>{escape(action)}</code>", escape(state or "*")]
+                row: list[Cell] = [f"<code>{escape(action)}</code>", escape(state or "*")]
                 for role in matrix.roles:
                     cell = matrix.cell(role, action, state)
                     text = escape(cell.outcome) + (
                         f"<br><code>{escape(cell.condition)}</code>" if cell.condition else ""
                     )
-                    row.append(f'<span class="{cell.outcome}">{text}</span>')
+                    row.append((cell.outcome, text))
                 rows.append(row)
         parts.append(f"<h3>{escape(resource)}</h3>")
         parts.append(_table(["action", "state", *matrix.roles], rows, raw=True))

@@ -8,6 +8,7 @@ SVG is escaped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from html import escape
 
 from ..workflow import Workflow
@@ -43,28 +44,36 @@ def _layers(workflow: Workflow) -> list[list[str]]:
 
 
 def workflow_svg(workflow: Workflow) -> str:
-    """The state diagram of ``workflow``: states left to right by layer, transitions as arrows."""
+    """The state diagram of ``workflow``: states left to right by layer, transitions as arrows.
+
+    Laid out in two passes: states and curves first, then the picture is fitted to what
+    was drawn (edges that skip layers bow above the row, those going back run below).
+    """
     layers = _layers(workflow)
+    labels = [t.action + (" [guarded]" if t.guard is not None else "")
+              for t in workflow.transitions.values()]  # fmt: skip
+    gap = max(LAYER_GAP, max((len(label) for label in labels), default=0) * _CHAR_W + 24)
     rows = max(len(layer) for layer in layers)
-    width = MARGIN * 2 + len(layers) * NODE_W + (len(layers) - 1) * LAYER_GAP
-    # Room above for the bows of edges that skip layers, below for those that go back.
-    bow = 34 * max(0, len(layers) - 2) + 40
-    height = MARGIN * 2 + rows * NODE_H + (rows - 1) * ROW_GAP + 2 * bow
     where: dict[str, tuple[float, float]] = {}
     for column, layer in enumerate(layers):
-        top = (height - (len(layer) * NODE_H + (len(layer) - 1) * ROW_GAP)) / 2
+        top = ((rows - len(layer)) * (NODE_H + ROW_GAP)) / 2
         for row, state in enumerate(layer):
-            where[state] = (MARGIN + column * (NODE_W + LAYER_GAP), top + row * (NODE_H + ROW_GAP))
-    terminal = set(workflow.terminal())
+            where[state] = (MARGIN + column * (NODE_W + gap), top + row * (NODE_H + ROW_GAP))
+    edges = _edges(workflow, where)
+    low = min([0.0, *(e.top for e in edges)]) - 16
+    high = max([rows * (NODE_H + ROW_GAP), *(e.bottom for e in edges)]) + 8
+    width = MARGIN * 2 + len(layers) * NODE_W + (len(layers) - 1) * gap + 60
+    height = high - low
+    name = escape(workflow.resource.name)
     parts = [
         f'<svg class="workflow" role="img" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" aria-label="workflow of '
-        f'{escape(workflow.resource.name)}">',
-        '<defs><marker id="arrow-' + escape(workflow.resource.name) + '" viewBox="0 0 10 10" '
-        'refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
+        f'viewBox="0 {low:.0f} {width:.0f} {height:.0f}" aria-label="workflow of {name}">',
+        f'<defs><marker id="arrow-{name}" viewBox="0 0 10 10" refX="9" refY="5" '
+        'markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
         '<path d="M0,0 L10,5 L0,10 z" fill="#445"/></marker></defs>',
     ]
-    parts.extend(_edges(workflow, where))
+    parts.extend(e.svg(f"url(#arrow-{name})") for e in edges)
+    terminal = set(workflow.terminal())
     for state, (x, y) in where.items():
         kind = "terminal" if state in terminal else ("initial" if state == workflow.initial else "")
         parts.append(
@@ -76,33 +85,64 @@ def workflow_svg(workflow: Workflow) -> str:
     return "".join(parts)
 
 
-def _edges(workflow: Workflow, where: dict[str, tuple[float, float]]) -> list[str]:
-    """Each transition as a quadratic curve: forward ones bow upwards by the layers they skip,
-    backward ones run below the states; parallel edges fan out."""
-    marker = f"url(#arrow-{escape(workflow.resource.name)})"
-    out: list[str] = []
+@dataclass(frozen=True, slots=True)
+class _Edge:
+    """One drawn transition: a quadratic curve from (sx, sy) to (ex, ey) through (cx, cy)."""
+
+    sx: float
+    sy: float
+    cx: float
+    cy: float
+    ex: float
+    ey: float
+    label: str
+    lx: float
+    ly: float
+    anchor: str = "middle"
+
+    @property
+    def top(self) -> float:
+        return min(self.sy, self.cy, self.ey, self.ly - 12)
+
+    @property
+    def bottom(self) -> float:
+        return max(self.sy, self.cy, self.ey, self.ly + 4)
+
+    def svg(self, marker: str) -> str:
+        return (
+            f'<path class="edge" d="M{self.sx:.1f},{self.sy:.1f} Q{self.cx:.1f},{self.cy:.1f} '
+            f'{self.ex:.1f},{self.ey:.1f}" marker-end="{marker}"/>'
+            f'<text class="edge-label" x="{self.lx:.1f}" y="{self.ly:.1f}" '
+            f'text-anchor="{self.anchor}">{escape(self.label)}</text>'
+        )
+
+
+def _edges(workflow: Workflow, where: dict[str, tuple[float, float]]) -> list[_Edge]:
+    """Each transition as a curve: forward ones bow upwards by the layers they skip, those
+    within a layer loop out to the right, backward ones run below; parallel ones fan out."""
+    out: list[_Edge] = []
     seen: dict[tuple[str, str], int] = {}
     for t in workflow.transitions.values():
+        label = t.action + (" [guarded]" if t.guard is not None else "")
         for source in t.sources:
             (x1, y1), (x2, y2) = where[source], where[t.target]
             fan = seen.get((source, t.target), 0)
             seen[(source, t.target)] = fan + 1
-            span = round(abs(x2 - x1) / (NODE_W + LAYER_GAP))
             if x2 > x1:  # forward: right side to left side
+                span = round((x2 - x1) / (NODE_W + LAYER_GAP)) if x2 - x1 > NODE_W else 1
                 sx, sy, ex, ey = x1 + NODE_W, y1 + NODE_H / 2, x2, y2 + NODE_H / 2
-                cy = (sy + ey) / 2 - (span - 1) * 34 - fan * 16
-            else:  # backward or within a layer: under the states
+                cx, cy = (sx + ex) / 2, (sy + ey) / 2 - max(0, span - 1) * 34 - fan * 16
+            elif x2 == x1:  # within a layer: out of the right side and back in
+                sx, sy, ex, ey = x1 + NODE_W, y1 + NODE_H / 2, x2 + NODE_W, y2 + NODE_H / 2
+                cx, cy = sx + 60 + fan * 16, (sy + ey) / 2
+            else:  # backward: under the states
                 sx, sy, ex, ey = x1 + NODE_W / 2, y1 + NODE_H, x2 + NODE_W / 2, y2 + NODE_H
-                cy = max(sy, ey) + 40 + fan * 16
-            cx = (sx + ex) / 2
-            ly = (sy + 2 * cy + ey) / 4  # the curve's midpoint
-            label = t.action + (" [guarded]" if t.guard is not None else "")
-            out.append(
-                f'<path class="edge" d="M{sx:.1f},{sy:.1f} Q{cx:.1f},{cy:.1f} {ex:.1f},{ey:.1f}" '
-                f'marker-end="{marker}"/>'
-                f'<text class="edge-label" x="{cx:.1f}" y="{ly - 5:.1f}" '
-                f'text-anchor="middle">{escape(label)}</text>'
-            )
+                cx, cy = (sx + ex) / 2, max(sy, ey) + 44 + fan * 16
+            lx, ly = (sx + 2 * cx + ex) / 4, (sy + 2 * cy + ey) / 4 - 5  # the curve's midpoint
+            if x2 == x1:  # beside the loop, not across the next layer's edges
+                out.append(_Edge(sx, sy, cx, cy, ex, ey, label, lx + 4, ly + 9, "start"))
+                continue
+            out.append(_Edge(sx, sy, cx, cy, ex, ey, label, lx, ly))
     return out
 
 
