@@ -17,6 +17,8 @@ from .data.batch import (
     BatchTooLarge,
     BulkUnsupported,
 )
+from .data.export import ExportStream
+from .data.lists import Page
 from .decision import Decision, DecisionKind
 from .errors import (
     CharterError,
@@ -27,6 +29,7 @@ from .errors import (
     HoldExpired,
     InsufficientCredits,
     InvalidAmount,
+    InvalidCursor,
     InvalidInput,
     InvalidTransition,
     NotFound,
@@ -76,6 +79,7 @@ __all__ = [
     "Decision",
     "DecisionKind",
     "DomainError",
+    "ExportStream",
     "Forbidden",
     "HandlerFailed",
     "HoldExpired",
@@ -87,11 +91,13 @@ __all__ = [
     "IdempotencyMode",
     "InsufficientCredits",
     "InvalidAmount",
+    "InvalidCursor",
     "InvalidInput",
     "InvalidTransition",
     "NoInput",
     "NotFound",
     "Outcome",
+    "Page",
     "PolicySet",
     "PreconditionFailed",
     "QuotaExceeded",
