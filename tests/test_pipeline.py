@@ -156,7 +156,8 @@ def test_pipeline_of_lists_the_stages_each_kind_of_action_runs(cards):
     load_keyed = ("claim_and_load",) if pg else ("claim", "load")
     tail = ("precondition", "decide", "handler", "track", "seal", "commit")
     # Rate limits are on by default (in this process): the first stage of every action.
-    assert ("rate_limit", "validate", "load", *tail) == names["doc.rename"]  # no key: no claim, no replay
+    # No key: no claim, no replay.
+    assert ("rate_limit", "validate", "load", *tail) == names["doc.rename"]
     assert ("rate_limit", "validate", "replay", *load_keyed, *tail) == names["doc.charge"]
     # A creation has no target to load or compare (its key is optional, the default);
     # a sensitive read is not keyed.

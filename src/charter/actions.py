@@ -270,9 +270,7 @@ def _check_workflow(
         raise ConfigurationError(f"action {name} {kind}: it cannot perform a transition")
 
 
-def _check_bulk(
-    name: str, bulk: Any, max_batch: Any, *, sensitive_read: bool
-) -> BulkMode | None:
+def _check_bulk(name: str, bulk: Any, max_batch: Any, *, sensitive_read: bool) -> BulkMode | None:
     """A bulk form is declared, never implied; a read has none (a list is the bulk read)."""
     if bulk is None:
         if max_batch is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "BatchTooLarge",
     "BulkUnsupported",
     "batch_fingerprint",
+    "batch_items",
     "item_fingerprint",
     "split_item",
 ]
@@ -236,6 +237,16 @@ class BatchOutcome:
             request_id=request_id,
             replayed=replayed,
         )
+
+
+def batch_items(body: Any) -> list[Any]:
+    """The items of a bulk request's body, ``{"items": [...]}``; any other member is refused."""
+    if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
+        raise InvalidInput(
+            'a bulk request\'s body is {"items": [...]}, with no other member',
+            errors=[{"loc": ["items"], "type": "missing", "msg": "a list of items is required"}],
+        )
+    return body["items"]
 
 
 def split_item(spec: ActionSpec, item: Any) -> tuple[Any, Any]:

@@ -75,6 +75,7 @@ from ..pipeline.build import Pipeline
 from ..pipeline.call import Call, Refusal
 from ..pipeline.run import CLAIM_ATTEMPTS, RETRYABLE, refusal_entry, run
 from ..pipeline.runtime import Runtime
+from ..pipeline.stages import check_reason
 from ..pipeline.tenancy import SCOPED, TenantGuard
 from ..pipeline.writes import Committer, finish
 from ..resources import ResourceSpec
@@ -147,6 +148,7 @@ class Bulk:
                 f"{spec.name} takes one item per call (it is not declared with bulk=)"
             )
         self._check_size(spec, request.items)
+        check_reason(spec, request.actor, request.reason)  # the batch's, once: before any item
         _check_batch_key(spec, request.key)
         items = [self._parse(spec, position, item) for position, item in enumerate(request.items)]
         fingerprint = None

@@ -16,17 +16,18 @@ from starlette.concurrency import run_in_threadpool
 from ..actor import Actor
 from ..credits import Credits
 from ..decision import Decision
-from ..errors import NotFound
+from ..errors import InsufficientCredits, NotFound, Unauthenticated
 from ..gate import Charter
 from ..integrations.fastapi import CharterRoutes
+from ..integrations.openapi import problem_responses
 from ..integrations.webhooks import WebhookReceiver, WebhookRoute
 from ..migrate import upgrade
 from ..settings import Settings
 from ..tokens import TokenSigner
 from ..webhooks import StandardWebhookVerifier
 from .models import Invoice
-from .payment_client import PaymentClient
-from .sender import SenderClient
+from .payment_client import PaymentClient, PaymentProviderError, PaymentProviderUnavailable
+from .sender import SenderClient, SenderFailed, SenderNotConfigured
 from .service import build_charter, directory, invoice_view, payments_partner
 
 __all__ = ["DEMO_MIGRATIONS", "create_app", "demo_scopes"]
@@ -94,19 +95,27 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
 
     routes = CharterRoutes(app, charter, authenticate=authenticate, max_body_bytes=64 * 1024)
     routes.bind("POST", "/invoices", "invoice.create", target=None)
+    routes.bulk("/invoices/bulk", "invoice.create")  # per item
+    routes.bulk("/invoices/bulk-approve", "invoice.approve")  # all or nothing
     # Before /invoices/{id}, which would otherwise take "export" for an id.
     routes.export("/invoices/export", "invoice.export")  # streamed CSV / JSON lines
     routes.bind("GET", "/invoices/{id}", "invoice.get")
     routes.bind("POST", "/invoices/{id}/submit", "invoice.submit")
     routes.bind("POST", "/invoices/{id}/approve", "invoice.approve")
-    routes.bind("POST", "/invoices/{id}/pay", "invoice.pay")
+    routes.bind(
+        "POST", "/invoices/{id}/pay", "invoice.pay",
+        errors=(PaymentProviderError, PaymentProviderUnavailable),
+    )  # fmt: skip
     routes.bind("POST", "/invoices/{id}/void", "invoice.void")
     routes.bind("POST", "/plan-upgrades", "plan_upgrade.start", target=None)
     routes.bind("GET", "/plan-upgrades/{id}", "plan_upgrade.get")
     for step in ("verify", "capture", "complete"):
         routes.bind("POST", f"/plan-upgrades/{{id}}/{step}", f"plan_upgrade.{step}")
     routes.bind("GET", "/charges/{charge_id}/invoice", "invoice.find_by_charge", target="charge_id")
-    routes.bind("POST", "/invoices/{id}/remind", "invoice.remind")
+    routes.bind(
+        "POST", "/invoices/{id}/remind", "invoice.remind",
+        errors=(SenderNotConfigured, SenderFailed, InsufficientCredits),
+    )  # fmt: skip
     routes.bind("POST", "/credits/top-up", "credits.top_up", target=None)
     routes.bind("GET", "/credits", "credits.balance", target=None)
     routes.list("/invoices", "invoice.get", render=invoice_view)
@@ -128,7 +137,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         )
     routes.list("/approvals", "invoice.approve", render=invoice_view)
 
-    @app.get("/invoices/{id}/actions")
+    @app.get("/invoices/{id}/actions", responses=problem_responses(Unauthenticated, NotFound))
     async def next_actions(id: int, request: Request) -> JSONResponse:
         """What the caller may do next with this invoice, and why not (for UI buttons)."""
         actor = await routes.actor(request)
@@ -145,7 +154,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             }
         )
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "The database is unreachable."}})
     async def healthz() -> JSONResponse:
         def ping() -> None:
             with charter.engine.connect() as conn:

@@ -19,9 +19,8 @@ import logging
 import re
 import string
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
-from urllib.parse import quote
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,39 +31,41 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..actions import ActionSpec
 from ..actor import Actor, Channel
 from ..data import FORMATS as EXPORT_FORMATS
 from ..data import check_max_page
+from ..data.batch import batch_items
 from ..errors import (
     CharterError,
     ConfigurationError,
     InvalidInput,
     InvalidPage,
     PayloadTooLarge,
-    PreconditionFailed,
     Unauthenticated,
 )
 from ..gate import Charter, Outcome
-from ..idempotency.keys import IdempotencyKeyInvalid, IdempotencyMode
-from ..pipeline.stages import MAX_REASON
 from ..ratelimit import rate_headers
-from . import strictjson
+from . import bulkapi, openapi
+from .http import (
+    IDEMPOTENCY_HEADER,
+    PROBLEM_JSON,
+    REASON_HEADER,
+    REQUEST_ID_HEADER,
+    expected_version,
+    idempotency_key,
+    json_body,
+    outcome_headers,
+)
 from .paging import LIST_PARAMETERS, list_query, stream_body
 from .ratelimit import AddressLimitMiddleware, peer_address
-from .strictjson import MalformedBody
+from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
 
-__all__ = ["CharterRoutes", "install_problem_handlers", "problem_response"]
+__all__ = ["CharterRoutes", "idempotency_key", "install_problem_handlers", "problem_response"]
 
 log = logging.getLogger("charter.http")
 
-PROBLEM_JSON = "application/problem+json"
-REQUEST_ID_HEADER = "X-Request-ID"
-REASON_HEADER = "X-Charter-Reason"
-IDEMPOTENCY_HEADER = "Idempotency-Key"  # draft-ietf-httpapi-idempotency-key-header
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ETAG = re.compile(r'^(?:W/)?"(\d{1,18})"$')
 _UNSOUND_FIELD = re.compile(rb"[\x00\r\n]")
 
 Authenticator = Callable[[Request], Actor | Awaitable[Actor]]
@@ -179,9 +180,13 @@ class RequestContextMiddleware:
     value is invalid and dangerous), so none reaches the gate or the database.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, path_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        #: Larger limits of single paths (a bulk route's: its batch's), read at each request.
+        self.path_limits = path_limits if path_limits is not None else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -204,11 +209,12 @@ class RequestContextMiddleware:
             error: CharterError = _HTTPProblem(400, "A header field holds NUL, CR or LF.")
             await self._refuse(scope, send_with_id, error)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
         declared = headers.get("content-length")
         if declared is not None and (
-            not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_body_bytes
+            not (declared.isascii() and declared.isdigit()) or int(declared) > limit
         ):
-            error = PayloadTooLarge(f"The body exceeds {self.max_body_bytes} bytes.")
+            error = PayloadTooLarge(f"The body exceeds {limit} bytes.")
             await self._refuse(scope, send_with_id, error)
             return
         received = 0
@@ -218,8 +224,8 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLarge(f"The body exceeds {self.max_body_bytes} bytes.")
+                if received > limit:
+                    raise PayloadTooLarge(f"The body exceeds {limit} bytes.")
             return message
 
         await self.app(scope, limited_receive, send_with_id)
@@ -237,47 +243,6 @@ class RequestContextMiddleware:
 
 async def _empty_receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
-
-
-def idempotency_key(fields: list[str]) -> str | None:
-    """The request's key: one ``Idempotency-Key`` field, an RFC 8941 sf-string or a bare token.
-
-    draft-ietf-httpapi-idempotency-key-header defines the field as an sf-string, so
-    ``"abc"`` and ``abc`` are one key (two executions otherwise). Two fields are
-    refused: a retry that sent only the second one would be a new request.
-    """
-    if not fields:
-        return None
-    if len(fields) > 1:
-        raise IdempotencyKeyInvalid("Send one Idempotency-Key field, not several.")
-    value = fields[0].strip()
-    if len(value) < 2 or not (value.startswith('"') and value.endswith('"')):
-        return value
-    inner, key, escaped = value[1:-1], [], False
-    for char in inner:  # RFC 8941 §4.2.5: only \" and \\ are escapes
-        if escaped:
-            if char not in '"\\':
-                raise IdempotencyKeyInvalid("The Idempotency-Key string has an invalid escape.")
-            key.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            raise IdempotencyKeyInvalid("The Idempotency-Key string has an unescaped quote.")
-        else:
-            key.append(char)
-    if escaped:
-        raise IdempotencyKeyInvalid("The Idempotency-Key string ends inside an escape.")
-    return "".join(key)
-
-
-def _parse_if_match(value: str | None) -> int | None:
-    if value is None:
-        return None
-    match = _ETAG.match(value.strip())
-    if not match:
-        raise PreconditionFailed('If-Match must be an ETag such as "3" (from a previous response)')
-    return int(match.group(1))
 
 
 class CharterRoutes:
@@ -308,13 +273,21 @@ class CharterRoutes:
         self.charter = charter
         self.authenticate = authenticate
         self.channel = channel
+        self.auth_scheme = auth_scheme
+        self._routes = RouteTable()
+        self._bound: set[str] = set()
         install_problem_handlers(app, problem_type_base=problem_type_base, auth_scheme=auth_scheme)
+        openapi.install(app, rate_limited=charter.rate_limiter is not None, auth_scheme=auth_scheme)
         if charter.rate_limiter is not None:  # inside the request context: ids, body limit first
             app.add_middleware(
                 AddressLimitMiddleware, limiter=charter.rate_limiter, clock=charter.clock,
                 client_address=client_address,
             )  # fmt: skip
-        app.add_middleware(RequestContextMiddleware, max_body_bytes=max_body_bytes)
+        self.max_body_bytes = max_body_bytes
+        self._body_limits: dict[str, int] = {}  # the middleware reads it: bulk() adds to it
+        app.add_middleware(
+            RequestContextMiddleware, max_body_bytes=max_body_bytes, path_limits=self._body_limits
+        )
 
     async def actor(self, request: Request) -> Actor:
         """The request's actor, from ``authenticate``: always a credential (a scope set)."""
@@ -336,14 +309,22 @@ class CharterRoutes:
         *,
         target: str | None = "id",
         location: str | None = None,
+        if_match: bool | Literal["required"] | None = None,
+        errors: Iterable[type[CharterError]] = (),
     ) -> None:
         """Route ``method path`` to ``action``; ``target`` names the path parameter with the id.
 
         ``location`` is the created record's URL template for the 201's ``Location``
         (``{id}`` and the path's own parameters); a creating action defaults to
         ``<path>/{id}``. A replay answers the original ``Location`` and ``ETag``.
+        ``if_match="required"``: a request without ``If-Match`` is refused with 428
+        (``None``: read when sent, documented where the record has a version).
+        ``errors``: the Charter errors the handler itself raises, for the OpenAPI
+        document (the gate's own are derived from the declaration). A route whose
+        method and path another route of the app already serves is refused.
         """
         spec = self.charter.spec(action)  # fails at start-up for an unknown action
+        method = method.upper()
         if location is None and spec.creates:
             location = path.rstrip("/") + "/{id}"
         if location is not None:
@@ -354,12 +335,19 @@ class CharterRoutes:
                     f"route {path}: location {location!r} names {', '.join(sorted(unknown))}, "
                     "which is neither {id} nor a parameter of the path"
                 )
-        has_body = method.upper() in ("POST", "PUT", "PATCH")
-        schema = spec.input.model_json_schema() if has_body else None
+        if target is not None and f"{{{target}}}" not in path and spec.target is not None:
+            raise ConfigurationError(f"route {path} for {action}: no path parameter {{{target}}}")
+        self._claim(method, path, action)
+        has_body = method in ("POST", "PUT", "PATCH")
+        require_if_match = if_match == "required"
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
-            body = await _json_body(request) if has_body else None
+            body = (
+                json_body(await request.body(), request.headers.get("content-type"))
+                if has_body
+                else None
+            )
             outcome: Outcome = await run_in_threadpool(
                 self.charter.execute,
                 actor,
@@ -370,22 +358,78 @@ class CharterRoutes:
                 reason=request.headers.get(REASON_HEADER),
                 channel=self.channel,
                 request_id=request.state.request_id,
-                expected_version=_parse_if_match(request.headers.get("if-match")),
+                expected_version=expected_version(
+                    spec, request.headers.getlist("if-match"), required=require_if_match
+                ),
             )
             return outcome_response(outcome, location, request.path_params)
 
         endpoint.__name__ = action.replace(".", "_")
         # What `charter check` reads to tell Charter's adapters from other endpoints.
         endpoint.__charter__ = {"kind": "action", "action": action, "charter": self.charter}  # type: ignore[attr-defined]
-        extra = _operation_doc(spec, path, target, schema)
+        extra = openapi.action_operation(
+            spec,
+            method=method,
+            path=path,
+            target=target,
+            rate_limited=self.charter.rate_limiter is not None,
+            if_match=if_match,
+            location=location is not None,
+            errors=errors,
+            auth_scheme=self.auth_scheme,
+        )
         self.app.add_api_route(
             path,
             endpoint,
-            methods=[method.upper()],
+            methods=[method],
             name=action,
+            status_code=spec.status,
             summary=(spec.handler.__doc__ or action).strip().splitlines()[0],
             openapi_extra=extra,
         )
+
+    def action(
+        self,
+        action: str,
+        *,
+        if_match: bool | Literal["required"] | None = None,
+        errors: Iterable[type[CharterError]] = (),
+    ) -> str:
+        """Route ``action`` where the naming rule puts it (:mod:`charter.integrations.routing`).
+
+        ``POST /invoices/{id}/approve`` for ``invoice.approve``, ``POST /invoices`` for
+        a creating action, ``GET /invoices/{id}`` for ``invoice.get``. Returns the path.
+        """
+        route = action_route(self.charter.spec(action))
+        self.bind(
+            route.method, route.path, action, target=route.target, if_match=if_match,
+            errors=errors,
+        )  # fmt: skip
+        return route.path
+
+    def generate(
+        self, *, only: Iterable[str] | None = None, exclude: Iterable[str] = ()
+    ) -> dict[str, str]:
+        """Route every declared action (or ``only`` these) by the naming rule; ``{action: path}``.
+
+        Actions already bound on this app are skipped, so hand bindings made first win;
+        two actions the rule puts on one route are refused at start-up.
+        """
+        skip = set(exclude) | self._bound
+        names = list(only) if only is not None else sorted(self.charter.actions)
+        routes = {name: action_route(self.charter.spec(name)) for name in names if name not in skip}
+        order = sorted(routes, key=lambda name: route_order(routes[name].path))
+        return {name: self.action(name) for name in order}
+
+    def _claim(self, method: str, path: str, action: str) -> None:
+        """Refuse a second route on ``method path``: the app's own, or one bound before."""
+        for route in self.app.router.routes:  # the app's own routes, in the router's order
+            format_ = getattr(route, "path_format", None)
+            for other in getattr(route, "methods", None) or ():
+                if format_ is not None and (other, format_) not in self._routes:
+                    self._routes.claim(other, format_, getattr(route, "name", format_))
+        self._routes.claim(method, path, action)
+        self._bound.add(action)
 
     def list(
         self,
@@ -402,6 +446,7 @@ class CharterRoutes:
         cursor of the next page (``after=``), for this caller and this query only.
         """
         self.charter.spec(action)
+        self._claim("GET", path, f"list:{action}")
         cap = self.charter.max_page
         if max_page is not None:
             cap = min(check_max_page(max_page, f"route {path}"), cap)
@@ -427,8 +472,11 @@ class CharterRoutes:
             endpoint,
             methods=["GET"],
             name=f"list:{action}",
-            openapi_extra={"parameters": LIST_PARAMETERS},
-        )
+            openapi_extra=openapi.list_operation(
+                self.charter.spec(action), parameters=LIST_PARAMETERS,
+                rate_limited=self.charter.rate_limiter is not None, auth_scheme=self.auth_scheme,
+            ),
+        )  # fmt: skip
 
     def export(self, path: str, action: str, *, formats: Sequence[str] = ("csv", "jsonl")) -> None:
         """``GET path?format=&sort=&filter.<field>=``: stream what the caller may ``action``.
@@ -465,9 +513,66 @@ class CharterRoutes:
         endpoint.__name__ = f"export_{action.replace('.', '_')}"
         endpoint.__charter__ = {"kind": "export", "action": action, "charter": self.charter}  # type: ignore[attr-defined]
         formats_doc = {"name": "format", "in": "query", "schema": {"enum": list(allowed)}}
+        streamed = {
+            "description": "The rows, streamed in the format asked for.",
+            "content": {EXPORT_FORMATS[f]: {"schema": {"type": "string"}} for f in allowed},
+        }
+        doc = openapi.list_operation(
+            self.charter.spec(action), parameters=[formats_doc, *LIST_PARAMETERS[2:]],
+            rate_limited=self.charter.rate_limiter is not None, auth_scheme=self.auth_scheme,
+            success=streamed,
+        )  # fmt: skip
+        doc["operationId"] = f"export:{action}"
         self.app.add_api_route(
-            path, endpoint, methods=["GET"], name=f"export:{action}",
-            openapi_extra={"parameters": [formats_doc, *LIST_PARAMETERS[2:]]},
+            path, endpoint, methods=["GET"], name=f"export:{action}", openapi_extra=doc,
+        )  # fmt: skip
+
+    def bulk(self, path: str, action: str, *, item_bytes: int = 1024) -> None:
+        """``POST path`` with ``{"items": [...]}``: each item through ``action``'s pipeline.
+
+        The body limit of ``path`` is the batch's: ``item_bytes`` per item of the
+        largest batch (at least the app's own limit), so a full batch is not a 413.
+
+        The action must be declared with ``bulk=`` (:mod:`charter.data.bulk`). One
+        ``Idempotency-Key`` covers the batch. The answer is 200 with a result per item
+        (per-item mode, partial success stated), or every item applied; a failed
+        all-or-nothing batch is a 422 ``batch_failed`` problem listing each failure.
+        """
+        spec = self.charter.spec(action)
+        if spec.bulk is None:
+            raise ConfigurationError(f"route {path}: {action} is not declared with bulk=")
+        largest = spec.max_batch or self.charter.bulk.max_batch
+        if "{" in path:
+            raise ConfigurationError(f"route {path}: a bulk route's path has no parameters")
+        self._claim("POST", path, f"bulk:{action}")
+        self._body_limits[path] = max(self.max_body_bytes, largest * item_bytes)
+
+        async def endpoint(request: Request) -> Response:
+            actor = await self.actor(request)
+            body = json_body(await request.body(), request.headers.get("content-type"))
+            items = batch_items(body)
+            batch = await run_in_threadpool(
+                functools.partial(
+                    self.charter.execute_many, actor, action, items,
+                    key=idempotency_key(request.headers.getlist(IDEMPOTENCY_HEADER)),
+                    reason=request.headers.get(REASON_HEADER), channel=self.channel,
+                    request_id=request.state.request_id,
+                )
+            )  # fmt: skip
+            headers = dict(rate_headers(batch.rate_limit))
+            if batch.replayed:
+                headers["Idempotent-Replayed"] = "true"
+            return JSONResponse(batch.as_json(), headers=headers)
+
+        endpoint.__name__ = f"bulk_{action.replace('.', '_')}"
+        endpoint.__charter__ = {"kind": "bulk", "action": action, "charter": self.charter}  # type: ignore[attr-defined]
+        self.app.add_api_route(
+            path, endpoint, methods=["POST"], name=f"bulk:{action}",
+            summary=f"Many {action} in one request ({spec.bulk})",
+            openapi_extra=bulkapi.bulk_operation(
+                spec, path=path, max_batch=largest, auth_scheme=self.auth_scheme,
+                rate_limited=self.charter.rate_limiter is not None,
+            ),
         )  # fmt: skip
 
     def webhook(self, path: str, receiver: WebhookReceiver) -> None:
@@ -482,76 +587,19 @@ class CharterRoutes:
 
         endpoint.__name__ = "webhook_" + path.strip("/").replace("/", "_")
         endpoint.__charter__ = {"kind": "webhook", "receiver": receiver, "charter": self.charter}  # type: ignore[attr-defined]
-        self.app.add_api_route(path, endpoint, methods=["POST"], name=f"webhook:{path}")
-
-
-def _operation_doc(
-    spec: ActionSpec, path: str, target: str | None, schema: dict[str, Any] | None
-) -> dict[str, Any]:
-    """What FastAPI cannot see of a bound route, for its OpenAPI operation.
-
-    The endpoint reads the request itself, so its path parameters (the target as
-    its column's type), the headers the gate reads and the body's schema are
-    declared here; without them a schema-driven client (or Schemathesis) cannot
-    call the route at all.
-    """
-    parameters: list[dict[str, Any]] = []
-    for name in re.findall(r"{(\w+)}", path):
-        column: dict[str, Any] = {"type": "string"}
-        if name == target and spec.resource is not None:
-            domain = spec.resource.domain(spec.by)
-            if domain.python_type is int:  # its range, so generated ids probe both ends
-                column = {"type": "integer", "minimum": domain.low, "maximum": domain.high}
-            elif domain.max_length is not None:
-                column = {"type": "string", "maxLength": domain.max_length}
-        parameters.append({"name": name, "in": "path", "required": True, "schema": column})
-    if spec.idempotency is not IdempotencyMode.NONE:
-        parameters.append(
-            {
-                "name": IDEMPOTENCY_HEADER,
-                "in": "header",
-                "required": spec.idempotency is IdempotencyMode.REQUIRED,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            }
+        self._claim("POST", path, f"webhook:{path}")
+        verifier = receiver.verifier
+        doc = openapi.webhook_operation(
+            verifier.header_names, max_header_length=verifier.max_header_length
         )
-    if target is not None and spec.resource is not None and spec.resource.version is not None:
-        parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"}})
-    parameters.append(
-        {
-            "name": REASON_HEADER,
-            "in": "header",
-            "required": spec.reason_required,
-            "schema": {"type": "string", "maxLength": MAX_REASON},
-        }
-    )
-    doc: dict[str, Any] = {"parameters": parameters}
-    if schema:
-        doc["requestBody"] = {"content": {"application/json": {"schema": schema}}}
-    return doc
+        self.app.add_api_route(
+            path, endpoint, methods=["POST"], name=f"webhook:{path}", openapi_extra=doc
+        )
 
 
 def outcome_response(
     outcome: Outcome, location: str | None = None, params: Mapping[str, Any] | None = None
 ) -> JSONResponse:
     """The outcome as JSON: ``ETag`` (the record's version), ``Location`` (a 201's record)."""
-    headers = {}
-    if outcome.version is not None:
-        headers["ETag"] = f'"{outcome.version}"'
-    if location is not None and outcome.status == 201 and outcome.resource_id is not None:
-        values = {name: quote(str(value), safe="") for name, value in (params or {}).items()}
-        values["id"] = quote(outcome.resource_id, safe="")
-        headers["Location"] = location.format_map(values)
-    if outcome.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    headers.update(rate_headers(outcome.rate_limit))  # draft-ietf-httpapi-ratelimit-headers
+    headers = outcome_headers(outcome, location, params)
     return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw:
-        return {}
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if content_type not in ("application/json", "") and not content_type.endswith("+json"):
-        raise MalformedBody("Send the body as application/json.")
-    return strictjson.loads(raw)

@@ -56,7 +56,7 @@ from .runtime import Runtime
 from .tenancy import TenantGuard
 from .writes import Committer, finish
 
-__all__ = ["FACTORIES", "MAX_REASON", "Assembly"]
+__all__ = ["FACTORIES", "MAX_REASON", "Assembly", "check_reason"]
 
 log = logging.getLogger("charter")
 
@@ -103,7 +103,7 @@ def validate(a: Assembly) -> Stage:
         ctx = call.ctx
         ctx.idempotency_key = _check_key(spec, ctx.idempotency_key)
         ctx.input = data = spec.validate(call.raw_input)
-        ctx.reason = _check_reason(spec, ctx.actor, ctx.reason)
+        ctx.reason = check_reason(spec, ctx.actor, ctx.reason)
         ctx.request_id = request_id_or_new(ctx.request_id)
         if spec.target not in (None, "argument"):
             call.target = getattr(data, str(spec.target))
@@ -151,7 +151,8 @@ def _check_key(spec: ActionSpec, key: str | None) -> str | None:
     return key
 
 
-def _check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | None:
+def check_reason(spec: ActionSpec, actor: Actor, reason: str | None) -> str | None:
+    """The call's reason, stripped; 400 ``reason_required`` when missing, too long or NUL."""
     if reason is not None:
         reason = reason.strip()
         if len(reason) > MAX_REASON:
