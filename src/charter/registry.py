@@ -316,6 +316,9 @@ class Registry:
     ) -> dict[str, Decision]:
         """Every action on ``record``'s resource: allowed or not, and why (for UI buttons).
 
+        Actions on the record only: not its resource's creations, nor the actions
+        declared on it without a target (an export of the resource's records).
+
         On a resource with a workflow, an action its current state does not allow
         is denied as ``invalid_transition`` (``Decision.possible`` is false: not
         possible for anyone now), apart from the policy's "not allowed for you".
@@ -327,7 +330,7 @@ class Registry:
         workflow = self.workflows.get(type(record))
         decisions = {}
         for name, spec in self._actions.items():
-            if spec.resource is resource and not spec.creates:
+            if spec.resource is resource and not spec.creates and spec.target is not None:
                 impossible = _impossible(workflow, name, actor, record, ctx)
                 decisions[name] = (
                     impossible
