@@ -220,7 +220,8 @@ class HandAudit:
     included, so the table's ``(stream, seq)`` chain is honoured).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, action: str = ACTION, resource_type: str = Invoice.__tablename__) -> None:
+        self.action, self.resource_type = action, resource_type
         self.key_id, secret = next(iter(AUDIT_KEYS.items()))
         self.key = secret.encode()
         self.stream = uuid.uuid4().hex
@@ -242,8 +243,8 @@ class HandAudit:
             "real_actor": None,
             "scopes": sorted(actor.scopes or ()),
             "channel": "http",
-            "action": ACTION,
-            "resource_type": Invoice.__tablename__,
+            "action": self.action,
+            "resource_type": self.resource_type,
             "resource_id": str(resource_id),
             "reason": None,
             "decision": "allow",
