@@ -364,15 +364,15 @@ class Charter:
         ``limit`` is clamped to ``max_page`` (at most the Charter's); ``after`` is the
         previous page's opaque ``next``; ``sort`` one visible column (``"-amount"``),
         ``where`` equality filters on visible columns. With rate limits, each page
-        counts as a read (an export's page as an export).
+        counts as a read (an export's page as an export), and the page's
+        ``rate_limit`` holds what its ``RateLimit`` fields say.
         """
         spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
-        if self.rate_limiter is not None:
-            limit_list(self.rate_limiter, spec, ctx)
+        limited = () if self.rate_limiter is None else (limit_list(self.rate_limiter, spec, ctx),)
         cap = self.max_page if max_page is None else min(max_page, self.max_page)
         return data.list_records(
             self._builder.committer, spec, self.policy_of(action), ctx, limit=limit, after=after,
-            cursors=self.cursors, sort=sort, where=where, max_page=cap,
+            cursors=self.cursors, sort=sort, where=where, max_page=cap, rate_limit=limited,
         )  # fmt: skip
 
     def export(

@@ -175,7 +175,8 @@ class Page:
 
     ``records`` are the mapped objects, for code on the server; anything sent
     to the actor goes through :meth:`items`, which leaves out the fields the
-    actor may not see.
+    actor may not see. ``rate_limit``: the states of the page's ``RateLimit``
+    fields (:func:`charter.ratelimit.rate_headers`; empty without rate limits).
     """
 
     records: list[Any]
@@ -183,6 +184,7 @@ class Page:
     limit: int
     hidden: frozenset[str]
     resource: ResourceSpec
+    rate_limit: tuple[Any, ...] = ()
 
     def items(self, render: Callable[[Any], Any] | None = None) -> list[Any]:
         """The records rendered (``render``, or the resource's view), hidden fields left out."""
@@ -205,6 +207,7 @@ def list_records(
     sort: str | None = None,
     where: Mapping[str, Any] | None = None,
     max_page: int = MAX_PAGE,
+    rate_limit: tuple[Any, ...] = (),
 ) -> Page:
     """One page of the records ``ctx.actor`` may ``spec`` (keyset paging, see the module).
 
@@ -237,7 +240,7 @@ def list_records(
                           detail=detail)  # fmt: skip
         committer.write(session, lease, [entry], None)
     cursor = cursors.seal(binding, query.position(page[-1])) if more and page else None
-    return Page(page, cursor, size, hidden, resource)
+    return Page(page, cursor, size, hidden, resource, rate_limit)
 
 
 def page_size(limit: Any, max_page: int) -> int:

@@ -25,6 +25,7 @@ __all__ = ["create_app", "routes"]
 def routes(ext: CharterFlask) -> CharterFlask:
     """The reference service's routes (those of charter.demo.app that need no outside service)."""
     ext.bind("POST", "/invoices", "invoice.create", target=None)
+    ext.export("/invoices/export", "invoice.export")  # before /invoices/{id}, as on FastAPI
     ext.bind("GET", "/invoices/{id}", "invoice.get")
     for verb in ("submit", "approve", "void"):
         ext.bind("POST", f"/invoices/{{id}}/{verb}", f"invoice.{verb}")

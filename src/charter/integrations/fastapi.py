@@ -39,7 +39,6 @@ from ..errors import (
     CharterError,
     ConfigurationError,
     InvalidInput,
-    InvalidPage,
     PayloadTooLarge,
     Unauthenticated,
 )
@@ -56,7 +55,14 @@ from .http import (
     json_body,
     outcome_headers,
 )
-from .paging import LIST_PARAMETERS, list_query, stream_body
+from .paging import (
+    LIST_PARAMETERS,
+    export_format,
+    export_formats,
+    export_headers,
+    list_query,
+    stream_body,
+)
 from .ratelimit import AddressLimitMiddleware, peer_address
 from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
@@ -461,7 +467,7 @@ class CharterRoutes:
                 )
             )  # fmt: skip
             body = {"items": page.items(render), "next": page.next, "limit": page.limit}
-            return JSONResponse(body)
+            return JSONResponse(body, headers=rate_headers(page.rate_limit))
 
         endpoint.__name__ = f"list_{action.replace('.', '_')}"
         endpoint.__charter__ = {  # type: ignore[attr-defined]
@@ -486,27 +492,21 @@ class CharterRoutes:
         the query, and the export is audited as aborted (:mod:`charter.data.export`).
         """
         self.charter.spec(action)
-        allowed = tuple(formats)
-        if not allowed or any(f not in EXPORT_FORMATS for f in allowed):
-            raise ConfigurationError(f"route {path}: formats are among {', '.join(EXPORT_FORMATS)}")
+        allowed = export_formats(formats, path)
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
             query = list_query(request.query_params, page=False)
-            format = request.query_params.get("format", allowed[0])
-            if format not in allowed:
-                raise InvalidPage(f"format is one of {', '.join(allowed)}", parameter="format")
+            format = export_format(request.query_params, allowed)
             stream = await run_in_threadpool(
                 functools.partial(
                     self.charter.export, actor, action, format=format, **query,
                     channel=self.channel, request_id=request.state.request_id,
                 )
             )  # fmt: skip
-            name = f"{path.strip('/').replace('/', '-')}.{format}"
-            headers = {"Content-Disposition": f'attachment; filename="{name}"'}
-            headers.update(rate_headers(stream.rate_limit))
             return StreamingResponse(
-                stream_body(stream), media_type=stream.media_type, headers=headers,
+                stream_body(stream), media_type=stream.media_type,
+                headers=export_headers(path, stream, format),
                 background=BackgroundTask(run_in_threadpool, stream.close),
             )  # fmt: skip
 

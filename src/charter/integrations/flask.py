@@ -11,7 +11,7 @@ The extension keeps no application state of its own: each application's
 Charter, authenticator and settings live in ``app.extensions["charter"]``, so
 one extension object serves several applications in one process, each with its
 own Charter (and database). Declarations made on the extension (``bind``,
-``action``, ``generate``, ``list``, ``webhook``) are applied to every
+``action``, ``generate``, ``list``, ``export``, ``webhook``) are applied to every
 application it is initialized on, before or after.
 
 The same HTTP semantics as the FastAPI adapter, from the same module
@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from flask import Flask, Response, current_app, g, jsonify, request
@@ -44,6 +44,7 @@ from werkzeug.exceptions import HTTPException
 from ..actor import Actor, Channel
 from ..errors import CharterError, ConfigurationError, PayloadTooLarge, Unauthenticated
 from ..gate import Charter
+from ..ratelimit import rate_headers
 from .flask_cli import charter_commands, current_charter
 from .http import (
     IDEMPOTENCY_HEADER,
@@ -56,7 +57,7 @@ from .http import (
     outcome_headers,
     request_id,
 )
-from .paging import list_query
+from .paging import export_format, export_formats, export_headers, list_query
 from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
 
@@ -234,11 +235,46 @@ class CharterFlask:
                     actor, action, **query, channel=state.channel,
                     request_id=g.charter_request_id,
                 )  # fmt: skip
-                return jsonify({"items": page.items(render), "next": page.next,
-                                "limit": page.limit})  # fmt: skip
+                response = jsonify({"items": page.items(render), "next": page.next,
+                                    "limit": page.limit})  # fmt: skip
+                response.headers.update(rate_headers(page.rate_limit))
+                return response
 
             view.__charter__ = {"kind": "list", "action": action, "charter": state.charter}  # type: ignore[attr-defined]
             app.add_url_rule(_rule(path), f"charter:list:{action}", view, methods=["GET"])
+
+        self._declare(declare)
+
+    def export(self, path: str, action: str, *, formats: Sequence[str] = ("csv", "jsonl")) -> None:
+        """``GET path?format=&sort=&filter.<field>=``: stream what the caller may ``action``.
+
+        As the FastAPI adapter's: counted, charged and audited before the first byte,
+        then streamed; the WSGI server's close of the response (the end, or a client
+        gone) closes the stream, which audits the export completed or aborted.
+        """
+        allowed = export_formats(formats, path)
+
+        def declare(app: Flask) -> None:
+            state: _State = app.extensions["charter"]
+            state.charter.spec(action)
+            state.routes.claim("GET", path, f"export:{action}")
+
+            def view() -> Response:
+                state = _state()
+                actor = _actor(state)
+                query = list_query(request.args, page=False)
+                format = export_format(request.args, allowed)
+                stream = state.charter.export(
+                    actor, action, format=format, **query, channel=state.channel,
+                    request_id=g.charter_request_id,
+                )  # fmt: skip
+                response = Response(stream, content_type=stream.media_type)
+                response.call_on_close(stream.close)
+                response.headers.update(export_headers(path, stream, format))
+                return response
+
+            view.__charter__ = {"kind": "export", "action": action, "charter": state.charter}  # type: ignore[attr-defined]
+            app.add_url_rule(_rule(path), f"charter:export:{action}", view, methods=["GET"])
 
         self._declare(declare)
 

@@ -9,17 +9,26 @@ reads ``"1_0"`` and Arabic-Indic digits), ``?after=`` at most
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Final
 
 import anyio
 from starlette.concurrency import run_in_threadpool
 
-from ..data import DEFAULT_PAGE, ExportStream
+from ..data import DEFAULT_PAGE, FORMATS, ExportStream
 from ..data.cursors import MAX_CURSOR
-from ..errors import InvalidCursor, InvalidPage
+from ..errors import ConfigurationError, InvalidCursor, InvalidPage
+from ..ratelimit import rate_headers
 
-__all__ = ["LIST_PARAMETERS", "list_query", "page_limit", "stream_body"]
+__all__ = [
+    "LIST_PARAMETERS",
+    "export_format",
+    "export_formats",
+    "export_headers",
+    "list_query",
+    "page_limit",
+    "stream_body",
+]
 
 _FILTER: Final = "filter."
 #: The OpenAPI parameters of a list (an export takes the last two).
@@ -53,6 +62,31 @@ def list_query(params: Mapping[str, str], *, page: bool = True) -> dict[str, Any
             )
         query.update(limit=page_limit(params.get("limit")), after=after)
     return query
+
+
+def export_formats(formats: Iterable[str], path: str) -> tuple[str, ...]:
+    """An export route's formats (the first is the default): some, each one Charter writes."""
+    allowed = tuple(formats)
+    if not allowed or any(f not in FORMATS for f in allowed):
+        raise ConfigurationError(f"route {path}: formats are among {', '.join(FORMATS)}")
+    return allowed
+
+
+def export_format(params: Mapping[str, str], allowed: tuple[str, ...]) -> str:
+    """``?format=``: one of the route's formats (400 ``invalid_page`` otherwise)."""
+    format = params.get("format", allowed[0])
+    if format not in allowed:
+        raise InvalidPage(f"format is one of {', '.join(allowed)}", parameter="format")
+    return format
+
+
+def export_headers(path: str, stream: ExportStream, format: str) -> dict[str, str]:
+    """An export's response fields: the file's name, and the ``RateLimit`` fields of its start."""
+    name = f"{path.strip('/').replace('/', '-')}.{format}"
+    return {
+        "Content-Disposition": f'attachment; filename="{name}"',
+        **rate_headers(stream.rate_limit),
+    }
 
 
 async def stream_body(stream: ExportStream) -> AsyncIterator[bytes]:
