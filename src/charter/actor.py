@@ -17,6 +17,7 @@ class ActorKind(StrEnum):
     PARTNER = "partner"
     SUPPORT = "support"
     SYSTEM = "system"
+    OPERATOR = "operator"  # a person at the command line, from an operator directory
 
 
 class Channel(StrEnum):

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .credits import Credits
-from .errors import CharterError
+from .errors import CharterError, ConfigurationError
 from .gate import Charter
 from .migrate import upgrade
 from .settings import Settings
@@ -615,6 +616,193 @@ def report(
     with open(output, "w", encoding="utf-8") as out:
         out.write(render_report(inv, judged, stats=stats, title=title))
     console.print(f"report written: {output}", highlight=False)
+
+
+# -- operators: charter run / export / import (charter.integrations.operator, .batch) ------------
+
+OperatorsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--operators",
+        envvar="CHARTER_OPERATORS",
+        help="The operator directory: a .json or .toml file, or module:attribute "
+        "(default: `operators` in the --app module; the reference service's with --demo).",
+    ),
+]
+AsOption = Annotated[str, typer.Option("--as", help="The operator who acts (its directory id).")]
+ReasonOption = Annotated[
+    str, typer.Option("--reason", help="Why (mandatory; recorded in the audit trail).")
+]
+OPERATOR_COMMAND = {"kind": "command", "actions": "*"}  # charter check: it reaches every action
+
+
+def _operator_gate(
+    app_spec: str | None, demo: bool, database_url: str | None, operators: str | None
+) -> tuple[Charter, Any]:
+    """The Charter and the operator directory an operator command acts through."""
+    from .integrations.operator import OperatorDirectory
+
+    if demo:
+        from .demo.service import build_charter
+
+        charter = build_charter(_charter(_settings(database_url)))
+        default: Any = _import("charter.demo.operators:operators", "operators")
+    else:
+        spec = _app_spec(app_spec, demo)
+        charter = _load_app(spec)
+        default = getattr(sys.modules.get(spec.partition(":")[0]), "operators", None)
+    source = operators
+    try:
+        if source is not None and source.endswith((".json", ".toml")):
+            return charter, OperatorDirectory.from_file(source)
+        found = _import(source, "operators") if source is not None else default
+        if found is None:
+            raise ConfigurationError(
+                "no operator directory: give --operators FILE.json|FILE.toml|module:attribute, "
+                "set CHARTER_OPERATORS, or define `operators` in the --app module"
+            )
+        return charter, OperatorDirectory.of(found)
+    except CharterError as exc:
+        charter.close()
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def _usage(exc: CharterError) -> typer.Exit:
+    """A refusal of the command line itself (nothing ran): exit 2, or 1 for an unknown operator."""
+    from .integrations.operator import UnknownOperator
+
+    err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+    return typer.Exit(1 if isinstance(exc, UnknownOperator) else 2)
+
+
+@app.command("run")
+def run_command(
+    action: Annotated[str, typer.Argument(help="The action, e.g. invoice.void.")],
+    as_: AsOption,
+    reason: ReasonOption,
+    input_: Annotated[
+        str | None, typer.Option("--input", help="JSON, @file or @- (stdin); at most 1 MiB.")
+    ] = None,
+    target: Annotated[str | None, typer.Option("--target", help="The record's id.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="An idempotency key.")] = None,
+    operators: OperatorsOption = None,
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run ACTION through the gate as an operator, on channel cli, with a reason; print the
+    outcome and its audit entry as JSON. Exit 1 when refused, 2 on a usage error."""
+    from .integrations import operator as ops
+
+    charter, directory = _operator_gate(app_spec, demo, database_url, operators)
+    try:
+        try:
+            actor = directory.resolve(as_)
+            ran = ops.run_action(charter, actor, action, ops.parse_input(input_),
+                                 reason=reason, target=target, key=key)  # fmt: skip
+        except CharterError as exc:
+            raise _usage(exc) from exc
+    finally:
+        charter.close()
+    typer.echo(ops.dumps(ran.as_json()))
+    if ran.error is not None:
+        raise _fail(ran.error)
+
+
+run_command.__charter__ = OPERATOR_COMMAND  # type: ignore[attr-defined]
+
+
+@app.command("export")
+def export_command(
+    action: Annotated[str, typer.Argument(help="The export action, e.g. invoice.export.")],
+    as_: AsOption,
+    reason: ReasonOption,
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    sort: Annotated[str | None, typer.Option("--sort", help="A field; -field descending.")] = None,
+    filters: Annotated[
+        list[str] | None, typer.Option("--filter", help="field=value (repeatable).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+    operators: OperatorsOption = None,
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Stream ACTION's export as an operator through the same path as HTTP (counted, charged,
+    audited at start and end). With -o, the file appears only once the export completed."""
+    from .integrations import operator as ops
+
+    charter, directory = _operator_gate(app_spec, demo, database_url, operators)
+    part = f"{output}.part" if output else None
+    try:
+        try:
+            actor = directory.resolve(as_)
+            where = ops.parse_filters(filters or ())
+            ops.require_reason(reason)
+        except CharterError as exc:
+            raise _usage(exc) from exc
+        with open(part, "wb") if part else nullcontext(sys.stdout.buffer) as out:
+            done = ops.export_to(charter, actor, action, out, reason=reason, format=fmt,
+                                 sort=sort, where=where)  # fmt: skip
+        if part and output:
+            os.replace(part, output)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    finally:
+        charter.close()
+        if part and os.path.exists(part):
+            os.unlink(part)
+    err.print(f"exported {done.rows} rows ({done.digest})", highlight=False)
+
+
+export_command.__charter__ = OPERATOR_COMMAND  # type: ignore[attr-defined]
+
+
+@app.command("import")
+def import_command(
+    file: Annotated[str, typer.Argument(help="A .csv (header row first) or .jsonl file.")],
+    action: Annotated[str, typer.Option("--action", help="The action each row runs.")],
+    as_: AsOption,
+    reason: ReasonOption,
+    import_id: Annotated[
+        str | None, typer.Option("--import-id", help="Names this import (default: file name).")
+    ] = None,
+    results: Annotated[
+        str | None, typer.Option("--results", help="Each row's result (.jsonl or .csv).")
+    ] = None,
+    target_column: Annotated[
+        str | None, typer.Option("--target-column", help="The column of the record id (id).")
+    ] = None,
+    operators: OperatorsOption = None,
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run each row of FILE through ACTION as an operator, on channel batch, once: an import
+    run again replays the rows already applied. Exit 1 if any row was not applied."""
+    from .integrations import batch
+
+    charter, directory = _operator_gate(app_spec, demo, database_url, operators)
+    try:
+        try:
+            summary = batch.import_file(
+                charter, directory.resolve(as_), action, file, reason=reason,
+                import_id=import_id, target_column=target_column, results=results,
+                progress=batch.terminal_progress if console.is_terminal else None,
+            )  # fmt: skip
+        except CharterError as exc:
+            raise _usage(exc) from exc
+    finally:
+        charter.close()
+    console.print(summary.text(), highlight=False, markup=False)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+import_command.__charter__ = OPERATOR_COMMAND  # type: ignore[attr-defined]
 
 
 @app.command("demo")

@@ -15,6 +15,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     CharterError                          500 charter_error
     ├── ConfigurationError                500 configuration_error   (at start-up)
     ├── Unauthenticated                   401 unauthenticated
+    │   └── UnknownOperator               401 unknown_operator      integrations.operator
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
     │   ├── InvalidPage                   400 invalid_page          (a list's cursor or limit)
@@ -30,6 +31,7 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     │   ├── MalformedBody                 400 malformed_body        integrations.strictjson
     │   ├── IfMatchInvalid                400 if_match_invalid      integrations.http
     │   ├── UnsupportedMediaType          415 unsupported_media_type    integrations.http
+    │   ├── ImportFileInvalid             400 import_file_invalid   integrations.batch
     │   └── InvalidAmount                 422 invalid_amount        (credits: not a positive int)
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)

@@ -386,14 +386,17 @@ class Charter:
         fields: Sequence[str] | None = None,
         channel: Channel | str = Channel.HTTP,
         request_id: str | None = None,
+        reason: str | None = None,
     ) -> data.ExportStream:
         """Stream the records ``actor`` may ``action``, as CSV or JSON lines (:mod:`.data.export`).
 
         Counted, charged and audited as started before this returns (429, 403 and
         402 are raised here); iterate the stream for its chunks and close it
         (or use it as a context manager): its end is audited, completed or aborted.
+        ``reason`` is recorded in both entries (an operator's ``charter export`` gives one).
         """
         spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
+        ctx.reason = reason
         return data.start_export(
             self._pipelines[action], spec, self.policy_of(action), ctx,
             format=format, sort=sort, where=where, fields=fields,
