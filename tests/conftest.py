@@ -107,6 +107,8 @@ def pg_schema() -> str:
                 "charter_credit_holds",
                 "charter_credit_accounts",
                 "charter_quota_counters",
+                "charter_impersonation_sessions",  # support sessions (charter_0011)
+                "charter_agent_confirmations",  # agents' pending calls (charter_0010)
             ):
                 conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
         upgrade(engine, extra_locations=DEMO_MIGRATIONS)

@@ -52,6 +52,10 @@ class Actor:
     grant allows it (:mod:`charter.impersonation`): the gate resolves the grant
     on every call and records its scopes in ``granted_scopes``, which any
     value given by the caller is replaced by.
+
+    ``session`` names the support impersonation session the credential
+    belongs to (:mod:`charter.sessions`; ``None`` outside one): it is audited
+    with every call made under it.
     """
 
     id: str
@@ -62,6 +66,7 @@ class Actor:
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     on_behalf_of: Actor | None = None
     granted_scopes: frozenset[str] | None = None
+    session: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -128,13 +133,14 @@ class Actor:
         """The tenant the action runs in: the subject's."""
         return self.subject.tenant
 
-    def impersonate(self, subject: Actor) -> Actor:
+    def impersonate(self, subject: Actor, *, session: str | None = None) -> Actor:
         """Return this actor *claiming* to act on behalf of ``subject``.
 
         A claim only: the gate allows nothing under it until a declared grant
-        does (:mod:`charter.impersonation`).
+        does (:mod:`charter.impersonation`). ``session``: the impersonation
+        session the claim comes from (:mod:`charter.sessions`), audited.
         """
-        return replace(self, on_behalf_of=subject, granted_scopes=None)
+        return replace(self, on_behalf_of=subject, granted_scopes=None, session=session)
 
     def granted(self, scopes: frozenset[str] | None) -> Actor:
         """This impersonating actor with the scopes the gate's resolved grant allows."""

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     insert,
+    text,
 )
 from sqlalchemy.types import JSON
 
@@ -80,6 +81,16 @@ audit_table = Table(
     # The one query on the hot table is a record's history; every further index
     # would cost each audited call a little (gate_overhead measures it).
     Index("ix_charter_audit_resource", "resource_type", "resource_id", "id"),
+    # charter_0011: impersonated entries only (partial), for "who acted on my behalf"
+    # (charter.sessions); an ordinary entry (real_actor NULL) costs it nothing.
+    Index(
+        "ix_charter_audit_impersonation",
+        "real_actor",
+        "subject",
+        "at",
+        postgresql_where=text("real_actor IS NOT NULL"),
+        sqlite_where=text("real_actor IS NOT NULL"),
+    ),
 )
 
 checkpoint_table = Table(

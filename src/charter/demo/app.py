@@ -20,8 +20,10 @@ from ..errors import InsufficientCredits, NotFound, Unauthenticated
 from ..gate import Charter
 from ..integrations.fastapi import CharterRoutes
 from ..integrations.openapi import problem_responses
+from ..integrations.support import session_authenticator, support_routes
 from ..integrations.webhooks import WebhookReceiver, WebhookRoute
 from ..migrate import upgrade
+from ..sessions import ImpersonationSessions
 from ..settings import Settings
 from ..tokens import TokenSigner
 from ..webhooks import StandardWebhookVerifier
@@ -42,11 +44,14 @@ MAINTENANCE_SECONDS = 60
 
 def demo_scopes(user: Actor) -> list[str]:
     """The scopes the demo issues per user (a real service asks the user to consent)."""
-    scopes = ["invoices:read", "invoices:write", "plan:upgrade"]
+    # account:read: everyone sees who acted on their behalf (GET /me/impersonations).
+    scopes = ["invoices:read", "invoices:write", "plan:upgrade", "account:read"]
     if "approver" in user.roles:
         scopes.append("invoices:approve")
     if "support" in user.roles:
         scopes.append("invoices:*")
+    if user.roles & {"support", "admin"}:
+        scopes.append("support:sessions")  # open, list, close and revoke support sessions
     if "admin" in user.roles:
         scopes.append("credits:write")  # prepaid credits (credits.top_up)
     return scopes
@@ -67,6 +72,8 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     sender = SenderClient(settings.sender_url) if settings.sender_url else None
     build_charter(charter, payments=payments, sender=sender)
     signer = TokenSigner(settings.token_secrets)
+    sessions = ImpersonationSessions.of(charter)
+    sessions.signer = signer  # each opened session's token
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -86,13 +93,9 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     app.state.charter = charter
     app.state.signer = signer
 
-    def authenticate(request: Request) -> Actor:
-        return signer.authenticate(
-            request.headers.get("authorization"),
-            directory,
-            on_behalf_of=request.headers.get("x-on-behalf-of"),
-        )
-
+    # Plain tokens (X-On-Behalf-Of claims checked by the gate) and support session tokens,
+    # whose session is looked up at every request.
+    authenticate = session_authenticator(signer, directory, sessions)
     routes = CharterRoutes(app, charter, authenticate=authenticate, max_body_bytes=64 * 1024)
     routes.bind("POST", "/invoices", "invoice.create", target=None)
     routes.bulk("/invoices/bulk", "invoice.create")  # per item
@@ -136,6 +139,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
             ),
         )
     routes.list("/approvals", "invoice.approve", render=invoice_view)
+    support_routes(routes, sessions)  # /support/sessions..., /me/impersonations
 
     @app.get("/invoices/{id}/actions", responses=problem_responses(Unauthenticated, NotFound))
     async def next_actions(id: int, request: Request) -> JSONResponse:

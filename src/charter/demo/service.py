@@ -16,7 +16,9 @@ say only *who* may take each step. Who may do what:
   approval queue ``GET /approvals``.
 
 Support staff (``sam``) may act on behalf of members and approvers, with a
-reason, for reading and preparing invoices (grant ``support-for-staff``).
+reason, for reading and preparing invoices (grant ``support-for-staff``), in a
+support session (:mod:`charter.sessions`: 30 minutes by default, at most 2 hours,
+revocable by sam or an admin, audited with both identities).
 
 A plan upgrade is a flow that spans several requests (``UPGRADE_FLOW``):
 ``plan_upgrade.start`` creates its server-side record, then ``verify``,
@@ -50,6 +52,7 @@ from ..errors import ConfigurationError, NotFound
 from ..fields import Amount
 from ..gate import Charter
 from ..policy import A, C, R
+from ..sessions import ImpersonationSessions
 from ..workflow import Transition
 from .models import Invoice, InvoiceState, PlanUpgrade, UpgradeState
 from .payment_client import PaymentClient
@@ -211,6 +214,8 @@ def build_charter(
         of_roles={"member", "approver"},
         scopes={"invoices:read", "invoices:write"},
     )
+    # Support sessions under that grant (support.session.*; the app gives them a signer).
+    ImpersonationSessions(charter, directory=directory)
 
     @charter.action(
         "invoice.create",

@@ -197,6 +197,8 @@ def _credential(actor: Actor) -> dict[str, Any]:
     if actor.on_behalf_of is not None:
         granted = actor.granted_scopes
         out["granted_scopes"] = None if granted is None else sorted(granted)
+        if actor.session is not None:  # a support session's credential (charter.sessions)
+            out["session"] = actor.session
     return out
 
 

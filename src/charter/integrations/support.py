@@ -1,0 +1,119 @@
+"""Support impersonation sessions over HTTP (FastAPI): open, list, end, and "who acted for me".
+
+Every route runs an action of :mod:`charter.sessions` through the gate
+(``CharterRoutes.bind`` and ``list``), so each is authenticated, scoped,
+rate limited and audited like the rest of the API::
+
+    POST /support/sessions                {"user": "alice", "minutes": 30} + X-Charter-Reason
+    GET  /support/sessions                the caller's sessions (a manager: the tenant's)
+    GET  /support/sessions/{id}           one session
+    POST /support/sessions/{id}/close     its support user ends it
+    POST /support/sessions/{id}/revoke    with a reason; its token is refused from now on
+    GET  /me/impersonations               the caller's sessions and the actions under each
+
+The token of an opened session is in the 201's body (``token``); the app's
+``authenticate=`` must pass the sessions to ``TokenSigner.authenticate(...,
+sessions=sessions)`` for it to be accepted (:func:`session_authenticator`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..actor import Actor
+from ..errors import Forbidden, InvalidPage, RateLimited, Unauthenticated
+from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
+from ..tokens import Directory, TokenSigner
+from .fastapi import CharterRoutes
+from .http import ON_BEHALF_HEADER
+from .openapi import problem_responses
+from .paging import LIST_PARAMETERS, list_query
+
+__all__ = ["session_authenticator", "support_routes"]
+
+_MINE_SCHEMA = {
+    "type": "object",
+    "required": ["items", "next", "limit"],
+    "properties": {
+        "items": {"type": "array", "items": {"type": "object"}},
+        "next": {"type": ["string", "null"]},
+        "limit": {"type": "integer"},
+    },
+}
+
+
+def session_authenticator(
+    signer: TokenSigner, directory: Directory, sessions: ImpersonationSessions
+) -> Callable[[Request], Actor]:
+    """An ``authenticate=`` for :class:`CharterRoutes` that accepts session tokens too.
+
+    A session token's session is looked up on every request (never cached); a
+    plain token may still claim ``X-On-Behalf-Of``, which the gate checks
+    against the grants.
+    """
+
+    def authenticate(request: Request) -> Actor:
+        return signer.authenticate(
+            request.headers.get("authorization"),
+            directory,
+            on_behalf_of=request.headers.get(ON_BEHALF_HEADER.lower()),
+            sessions=sessions,
+        )
+
+    return authenticate
+
+
+def support_routes(
+    routes: CharterRoutes,
+    sessions: ImpersonationSessions,
+    *,
+    prefix: str = "/support/sessions",
+    me: str = "/me/impersonations",
+) -> None:
+    """Bind the session routes (see the module docstring) on ``routes``' app."""
+    now = sessions.charter.clock
+
+    def render(record: ImpersonationSession) -> dict[str, Any]:
+        return session_view(record, now())
+
+    routes.bind("POST", prefix, SESSION_ACTIONS["open"], target=None)
+    routes.list(prefix, SESSION_ACTIONS["get"], render=render)
+    routes.bind("GET", f"{prefix}/{{id}}", SESSION_ACTIONS["get"])
+    routes.bind("POST", f"{prefix}/{{id}}/close", SESSION_ACTIONS["close"])
+    routes.bind("POST", f"{prefix}/{{id}}/revoke", SESSION_ACTIONS["revoke"])
+
+    async def my_impersonations(request: Request) -> JSONResponse:
+        """Who acted on my behalf, and when: my sessions, newest first, with their actions."""
+        actor = await routes.actor(request)
+        query = list_query(request.query_params)
+        if query["sort"] is not None or query["where"]:
+            raise InvalidPage("this list takes only limit and after", parameter="sort")
+        items, after = await run_in_threadpool(
+            functools.partial(
+                sessions.mine, actor, limit=query["limit"], after=query["after"],
+                channel=routes.channel,
+            )
+        )  # fmt: skip
+        limit = min(query["limit"], sessions.charter.max_page)
+        return JSONResponse({"items": items, "next": after, "limit": limit})
+
+    routes.app.add_api_route(
+        me,
+        my_impersonations,
+        methods=["GET"],
+        name="me:impersonations",
+        responses={
+            200: {
+                "description": "My sessions, with the actions under each.",
+                "content": {"application/json": {"schema": _MINE_SCHEMA}},
+            },
+            **problem_responses(Unauthenticated, Forbidden, InvalidPage, RateLimited),
+        },
+        openapi_extra={"parameters": LIST_PARAMETERS},
+    )
