@@ -53,6 +53,7 @@ from .idempotency import (
 )
 from .policy import A, ActionPolicy, C, PolicySet, R, Rule
 from .resources import ResourceSpec
+from .sessions import ImpersonationSessions
 from .workflow import Transition, Workflow
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "IdempotencyKeyUnsupported",
     "IdempotencyMode",
+    "ImpersonationSessions",
     "InsufficientCredits",
     "InvalidAmount",
     "InvalidCursor",

@@ -18,7 +18,9 @@ The same HTTP semantics as the FastAPI adapter, from the same module
 (:mod:`charter.integrations.http`): ``Idempotency-Key``, ``If-Match`` / ``ETag``,
 ``X-Charter-Reason``, RFC 9457 problem+json with the same stable codes,
 ``WWW-Authenticate`` on 401, ``Allow`` on 405, ``X-Request-ID`` on every answer,
-a body size limit (413 before the body is read), the ``RateLimit`` fields and 429.
+a body size limit (413 before the body is read), the ``RateLimit`` fields and 429,
+and the per-address limit of requests without an accepted credential
+(:class:`~charter.integrations.ratelimit.AddressLimit`, before any authentication).
 
 The gate owns each call's transaction: it opens its own session per call, so
 the decision, the effect, the idempotency record, the ledger and the audit entry
@@ -58,6 +60,7 @@ from .http import (
     request_id,
 )
 from .paging import export_format, export_formats, export_headers, list_query
+from .ratelimit import AddressLimit
 from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
 
@@ -69,12 +72,18 @@ FlaskAuthenticator = Callable[[Any], Actor]
 _PARAMETER = re.compile(r"{(\w+)}")
 
 
+def remote_address(request: Any) -> str:
+    """The client address of a Flask request: the WSGI peer (``REMOTE_ADDR``)."""
+    return str(request.remote_addr or "unknown")
+
+
 class _State:
     """One application's Charter and settings (``app.extensions["charter"]``)."""
 
     def __init__(
         self, charter: Charter, authenticate: FlaskAuthenticator, *, channel: Channel,
         max_body_bytes: int, problem_type_base: str | None, auth_scheme: str | None,
+        client_address: Callable[[Any], str],
     ) -> None:  # fmt: skip
         self.charter = charter
         self.authenticate = authenticate
@@ -83,10 +92,21 @@ class _State:
         self.problem_type_base = problem_type_base
         self.auth_scheme = auth_scheme
         self.routes = RouteTable()
+        self.client_address = client_address
+        #: Requests without an accepted credential, limited per address (with rate limits).
+        self.address_limit = (
+            None if charter.rate_limiter is None
+            else AddressLimit(charter.rate_limiter, charter.clock)
+        )  # fmt: skip
 
 
 class CharterFlask:
-    """The Flask extension (see the module docstring)."""
+    """The Flask extension (see the module docstring).
+
+    ``client_address``: how a request's client address is read, for the per-address
+    limit of unauthenticated requests when the Charter has rate limits (default: the
+    WSGI peer; behind a proxy, read the header it sets, e.g. after werkzeug's ProxyFix).
+    """
 
     def __init__(
         self,
@@ -98,12 +118,14 @@ class CharterFlask:
         channel: Channel = Channel.HTTP,
         problem_type_base: str | None = None,
         auth_scheme: str | None = "Bearer",
+        client_address: Callable[[Any], str] = remote_address,
     ) -> None:
         self.charter = charter
         self.authenticate = authenticate
         self.options = {
             "channel": channel, "max_body_bytes": max_body_bytes,
             "problem_type_base": problem_type_base, "auth_scheme": auth_scheme,
+            "client_address": client_address,
         }  # fmt: skip
         self._declared: list[Callable[[Flask], None]] = []
         self._apps: list[Flask] = []
@@ -328,13 +350,20 @@ def _actor(state: _State) -> Actor:
 
 
 def _before() -> Response | None:
-    """Request id first (every answer carries it), then the body limit, before any read."""
+    """Request id first (every answer carries it), then the body limit, before any read;
+    then the per-address limit of unauthenticated requests, before any authentication."""
     state = _state()
     g.charter_request_id = request_id(request.headers.get(REQUEST_ID_HEADER), uuid.uuid4().hex)
     declared = request.content_length
     if declared is not None and declared > state.max_body_bytes:
         raise PayloadTooLarge(f"The body exceeds {state.max_body_bytes} bytes.")
     request.max_content_length = state.max_body_bytes  # a body streamed without a length
+    rule = state.address_limit
+    if rule is not None:
+        address = state.client_address(request)
+        credential = rule.credential(name.encode("latin-1") for name, _ in request.headers)
+        g.charter_address = address if credential else None  # counted if answered 401
+        rule.before(address, credential=credential)
     return None
 
 
@@ -342,6 +371,10 @@ def _after(response: Response) -> Response:
     rid = getattr(g, "charter_request_id", None)
     if rid:
         response.headers[REQUEST_ID_HEADER] = rid
+    address = getattr(g, "charter_address", None)
+    rule = getattr(current_app.extensions.get("charter"), "address_limit", None)
+    if address is not None and rule is not None:
+        rule.answered(address, response.status_code)
     return response
 
 

@@ -14,12 +14,16 @@ address are not counted against it.
 
 The client address is the ASGI ``client`` (the peer); behind a proxy, give
 ``client_address`` a function that reads the header the proxy sets.
+
+:class:`AddressLimit` is the rule, framework-free; :class:`AddressLimitMiddleware`
+applies it to an ASGI app (FastAPI), and the Flask adapter applies it in its
+``before_request`` / ``after_request`` hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from starlette.concurrency import run_in_threadpool
@@ -30,16 +34,64 @@ from ..audit.entry import AuditEntry
 from ..errors import CharterError
 from ..ratelimit import ANONYMOUS, RateLimiter
 
-__all__ = ["AddressLimitMiddleware", "peer_address"]
+__all__ = ["AddressLimit", "AddressLimitMiddleware", "peer_address"]
 
 PROBLEM_JSON = "application/problem+json"
 #: Header fields that carry a credential the app verifies (a bearer token, a webhook signature).
 CREDENTIAL_FIELDS = frozenset({b"authorization", b"webhook-signature", b"stripe-signature"})
+#: The longest client address counted (a longer one, from a proxy's header, is cut).
+MAX_ADDRESS = 64
 
 
 def peer_address(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
+
+
+class AddressLimit:
+    """The per-address rule of unauthenticated requests, for any framework (module docstring).
+
+    Per request: :meth:`before` with the client address and whether a credential
+    field was sent (raises the 429 :class:`~charter.errors.RateLimited`, or 503
+    where the class fails closed); then, for a request that sent a credential,
+    :meth:`answered` with its status, which counts it if it was a 401.
+    """
+
+    def __init__(self, limiter: RateLimiter, clock: Callable[[], datetime]) -> None:
+        self.limiter = limiter
+        self.clock = clock
+        self.rate_class = limiter.rate_class(ANONYMOUS)
+
+    @staticmethod
+    def credential(names: Iterable[bytes]) -> bool:
+        """Whether the request's header field ``names`` include a credential field."""
+        return any(name.lower() in CREDENTIAL_FIELDS for name in names)
+
+    def before(self, address: str, *, credential: bool) -> None:
+        """Count a request without a credential; check one with a credential without counting."""
+        self._check(address[:MAX_ADDRESS], counted=not credential)
+
+    def answered(self, address: str, status: int) -> None:
+        """A request that sent a credential was answered ``status``: a 401 counts."""
+        if status == 401:  # the credential was refused: it counts
+            with contextlib.suppress(CharterError):  # answered already; the next is refused
+                self._check(address[:MAX_ADDRESS], counted=True)
+
+    def _check(self, address: str, *, counted: bool) -> None:
+        now = self.clock()
+        who = RateLimiter.who(None, f"address:{address}")
+
+        def audit(detail: dict[str, object]) -> AuditEntry:
+            return AuditEntry(
+                at=now, subject=f"address:{address}", subject_kind="anonymous",
+                channel="http", action="http.unauthenticated", decision="deny",
+                outcome="rate_limited", detail=detail,
+            )  # fmt: skip
+
+        if counted:
+            self.limiter.check(self.rate_class, who, now, audit)
+        else:
+            self.limiter.peek(self.rate_class, who, now, audit)
 
 
 class AddressLimitMiddleware:
@@ -54,20 +106,17 @@ class AddressLimitMiddleware:
         client_address: Callable[[Scope], str] = peer_address,
     ) -> None:
         self.app = app
-        self.limiter = limiter
-        self.clock = clock
+        self.rule = AddressLimit(limiter, clock)
         self.client_address = client_address
-        self.rate_class = limiter.rate_class(ANONYMOUS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        address = self.client_address(scope)[:64]
-        who = RateLimiter.who(None, f"address:{address}")
-        credential = any(name.lower() in CREDENTIAL_FIELDS for name, _ in scope["headers"])
+        address = self.client_address(scope)
+        credential = self.rule.credential(name for name, _ in scope["headers"])
         try:
-            await run_in_threadpool(self._check, who, address, counted=not credential)
+            await run_in_threadpool(self.rule.before, address, credential=credential)
         except CharterError as error:
             await self._refuse(scope, send, error)
             return
@@ -82,24 +131,8 @@ class AddressLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, watch)
-        if status and status[0] == 401:  # the credential was refused: it counts
-            with contextlib.suppress(CharterError):  # answered already; the next is refused
-                await run_in_threadpool(self._check, who, address, counted=True)
-
-    def _check(self, who: str, address: str, *, counted: bool) -> None:
-        now = self.clock()
-
-        def audit(detail: dict[str, object]) -> AuditEntry:
-            return AuditEntry(
-                at=now, subject=f"address:{address}", subject_kind="anonymous",
-                channel="http", action="http.unauthenticated", decision="deny",
-                outcome="rate_limited", detail=detail,
-            )  # fmt: skip
-
-        if counted:
-            self.limiter.check(self.rate_class, who, now, audit)
-        else:
-            self.limiter.peek(self.rate_class, who, now, audit)
+        if status and status[0] == 401:
+            await run_in_threadpool(self.rule.answered, address, status[0])
 
     async def _refuse(self, scope: Scope, send: Send, error: CharterError) -> None:
         state = getattr(scope.get("app"), "state", None)
