@@ -7,10 +7,12 @@ import charter
 
 def test_the_public_names_are_pinned_and_sorted():
     expected = [
-        "A", "ActionContext", "ActionPolicy", "ActionSpec", "Actor", "ActorKind", "AuditProblem",
+        "A", "ActionContext", "ActionPolicy", "ActionSpec", "Actor", "ActorKind", "Agent",
+        "AuditProblem",
         "BatchEmpty", "BatchFailed", "BatchItem", "BatchOutcome", "BatchTooLarge", "BulkMode",
         "BulkUnsupported",
-        "C", "Channel", "Charter", "CharterError", "ConfigurationError", "Conflict", "Decision",
+        "C", "Channel", "Charter", "CharterError", "ConfigurationError", "ConfirmationExpired",
+        "ConfirmationForbidden", "ConfirmationNotPending", "Conflict", "Decision",
         "DecisionKind", "DomainError", "ExportStream", "Forbidden", "HandlerFailed", "HoldExpired",
         "IdempotencyKeyInProgress",
         "IdempotencyKeyInvalid", "IdempotencyKeyMissing", "IdempotencyKeyReused",
@@ -20,7 +22,8 @@ def test_the_public_names_are_pinned_and_sorted():
         "Page", "PolicySet",
         "PreconditionFailed", "QuotaExceeded", "R", "RateLimited", "ReasonRequired", "ResourceSpec",
         "Rule",
-        "StepExpired", "StorageUnavailable", "Transition", "Unauthenticated", "UnknownAction",
+        "StepExpired", "StorageUnavailable", "ToolDefinition", "Transition", "Unauthenticated",
+        "UnknownAction",
         "VerificationReport", "Workflow",
     ]  # fmt: skip
     assert expected == charter.__all__

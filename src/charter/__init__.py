@@ -7,7 +7,9 @@ action, from every channel, through :meth:`Charter.execute`.
 
 from .actions import ActionSpec, BulkMode, NoInput
 from .actor import Actor, ActorKind, Channel
+from .agent_tools import ToolDefinition
 from .audit import AuditProblem, VerificationReport
+from .confirmations import ConfirmationExpired, ConfirmationForbidden, ConfirmationNotPending
 from .context import ActionContext
 from .data.batch import (
     BatchEmpty,
@@ -42,6 +44,7 @@ from .errors import (
     Unauthenticated,
     UnknownAction,
 )
+from .exposure import Agent
 from .gate import Charter, HandlerFailed, Outcome
 from .idempotency import (
     IdempotencyKeyInProgress,
@@ -63,6 +66,7 @@ __all__ = [
     "ActionSpec",
     "Actor",
     "ActorKind",
+    "Agent",
     "AuditProblem",
     "BatchEmpty",
     "BatchFailed",
@@ -76,6 +80,9 @@ __all__ = [
     "Charter",
     "CharterError",
     "ConfigurationError",
+    "ConfirmationExpired",
+    "ConfirmationForbidden",
+    "ConfirmationNotPending",
     "Conflict",
     "Decision",
     "DecisionKind",
@@ -110,6 +117,7 @@ __all__ = [
     "Rule",
     "StepExpired",
     "StorageUnavailable",
+    "ToolDefinition",
     "Transition",
     "Unauthenticated",
     "UnknownAction",

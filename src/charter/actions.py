@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .credits.costs import Cost, as_cost, as_tags
 from .credits.quotas import Quota
 from .errors import ConfigurationError, InvalidInput
+from .exposure import Agent, as_agent
 from .idempotency.keys import IdempotencyMode
 from .resources import ResourceSpec
 
@@ -109,6 +110,8 @@ class ActionSpec:
     bulk: BulkMode | None = None
     #: Its own largest batch (None: the Charter's ``max_batch``).
     max_batch: int | None = None
+    #: How automated agents may call it (None: not exposed, charter.exposure).
+    agent: Agent | None = None
 
     @property
     def mutates(self) -> bool:
@@ -140,6 +143,7 @@ class ActionSpec:
         rate: str | None = None,
         bulk: BulkMode | str | None = None,
         max_batch: int | None = None,
+        agent: Any = None,
     ) -> ActionSpec:
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 128:
             raise ConfigurationError(
@@ -218,6 +222,7 @@ class ActionSpec:
             rate=rate,
             bulk=mode,
             max_batch=max_batch,
+            agent=as_agent(name, agent),
         )
 
     def validate(self, data: Any) -> BaseModel:

@@ -18,6 +18,7 @@ class ActorKind(StrEnum):
     SUPPORT = "support"
     SYSTEM = "system"
     OPERATOR = "operator"  # a person at the command line, from an operator directory
+    AGENT = "agent"  # an automated agent; acts for a user only under a grant (issue 12)
 
 
 class Channel(StrEnum):

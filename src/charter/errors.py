@@ -36,10 +36,13 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── UnknownAction                     404 unknown_action
     ├── NotFound                          404 not_found             (also: another tenant's record)
     ├── Forbidden                         403 forbidden             (carries the Decision)
+    │   └── ConfirmationForbidden         403 confirmation_forbidden    confirmations
     ├── PreconditionFailed                412 precondition_failed   (If-Match / version)
     ├── PreconditionRequired              428 precondition_required integrations.http
     ├── Conflict                          409 conflict              (also: a deadlock that persists)
     │   ├── IdempotencyKeyInProgress      409 idempotency_key_in_progress   idempotency.keys
+    │   ├── ConfirmationNotPending        409 confirmation_not_pending  confirmations
+    │   │   └── ConfirmationExpired       410 confirmation_expired  confirmations (too late)
     │   └── InvalidTransition             409 invalid_transition    (not possible in this state)
     │       └── StepExpired               409 step_expired          (a flow's step came too late)
     ├── IdempotencyKeyReused              422 idempotency_key_reused    idempotency.keys

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from . import data
 from .actions import MAX_BATCH_LIMIT, ActionSpec, Handler
 from .actor import Actor, Channel
+from .agent_tools import ToolDefinition, tool_definitions
 from .audit import (
     AuditAnchor,
     AuditCheckpointer,
@@ -257,6 +258,19 @@ class Charter:
     ) -> dict[str, Decision]:
         """Every action on ``record``'s resource: allowed or not, and why (for UI buttons)."""
         return self._registry.allowed_actions(actor, record, ctx)
+
+    def tools(self, actor: Actor) -> tuple[ToolDefinition, ...]:
+        """The tools an agent acting for a user may call (:mod:`charter.agent_tools`).
+
+        ``actor`` is the agent on behalf of the user (``agent.impersonate(user)``);
+        any other actor, or an agent without a grant for that user, gets none.
+        """
+        return tool_definitions(self._registry.actions, self.policy_of, self.resolve(actor),
+                                self.clock())  # fmt: skip
+
+    def resolve(self, actor: Actor) -> Actor:
+        """``actor`` as the gate decides for it: under impersonation, with its grant's scopes."""
+        return self._registry.impersonation.resolve(actor)
 
     def matrix(
         self, *, roles: Sequence[str], states: Sequence[str] | None = None

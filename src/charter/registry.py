@@ -166,6 +166,7 @@ class Registry:
         rate: str | None = None,
         bulk: str | None = None,
         max_batch: int | None = None,
+        agent: Any = None,
     ) -> Callable[[F], F]:
         """Declare an action; use as a decorator on its handler.
 
@@ -179,6 +180,8 @@ class Registry:
         names its rate class (default: by what it is, :mod:`charter.ratelimit`).
         ``bulk`` (``"per_item"`` or ``"all_or_nothing"``) lets it take many items
         in one request, at most ``max_batch`` (:mod:`charter.data.bulk`).
+        ``agent`` (``True`` or :class:`~charter.Agent`) exposes it as a tool to
+        automated agents (:mod:`charter.exposure`); by default it is not.
         """
 
         def register(handler: F) -> F:
@@ -204,6 +207,7 @@ class Registry:
                 rate=rate,
                 bulk=bulk,
                 max_batch=max_batch,
+                agent=agent,
             )
             return handler
 

@@ -78,15 +78,18 @@ class TokenSigner:
         tenant: str,
         *,
         scopes: Iterable[str] = (),
+        audience: str | None = None,
         act: str | None = None,
         session: str | None = None,
         expires_at: datetime | None = None,
     ) -> str:
         """A signed token for ``subject``; ``act`` names who acts for it (RFC 8693 §4.1).
 
-        ``session`` (``sid``, with ``act``) makes it a support session's token
-        (:mod:`charter.sessions`); ``expires_at`` shortens its life (the session's
-        end), never lengthens it past ``lifetime``.
+        A token with an ``audience`` (``aud``) is only accepted where that audience
+        is asked for: :meth:`verify` without one refuses it (an agent's token is
+        not a token for the HTTP API). ``session`` (``sid``, with ``act``) makes it
+        a support session's token (:mod:`charter.sessions`); ``expires_at`` shortens
+        its life (the session's end), never lengthens it past ``lifetime``.
         """
         if session is not None and act is None:
             raise ConfigurationError("a session token names who acts: act= with session=")
@@ -102,13 +105,16 @@ class TokenSigner:
             "iat": int(now.timestamp()),
             "exp": int(expires.timestamp()),
         }
+        if audience is not None:
+            claims["aud"] = audience
         if act is not None:
             claims["act"] = {"sub": act}
         if session is not None:
             claims["sid"] = session
         return jwt.encode(claims, self._secrets[0], algorithm=ALGORITHM)
 
-    def verify(self, token: str) -> dict[str, object]:
+    def verify(self, token: str, *, audience: str | None = None) -> dict[str, object]:
+        """The claims of a valid token; ``audience``: the ``aud`` it must carry (else none)."""
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("The bearer token is missing or too long.")
         now = self.clock().timestamp()
@@ -119,7 +125,12 @@ class TokenSigner:
                     secret,
                     algorithms=[ALGORITHM],
                     issuer=self.issuer,
-                    options={"require": ["sub", "tenant", "exp", "iat"], "verify_exp": False},
+                    audience=audience,
+                    options={
+                        "require": ["sub", "tenant", "exp", "iat"]
+                        + (["aud"] if audience is not None else []),
+                        "verify_exp": False,
+                    },
                 )
             except jwt.InvalidSignatureError:
                 continue

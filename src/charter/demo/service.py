@@ -20,6 +20,12 @@ reason, for reading and preparing invoices (grant ``support-for-staff``), in a
 support session (:mod:`charter.sessions`: 30 minutes by default, at most 2 hours,
 revocable by sam or an admin, audited with both identities).
 
+An automated agent (``ada``, kind ``agent``) may act for members and approvers
+(grant ``assistant-for-staff``) through the agent channel's tools
+(:mod:`charter.integrations.agent`, served over MCP): reading, creating and
+submitting invoices directly; voiding one only once the user it acts for has
+confirmed the call (``Agent(confirm=True)``).
+
 A plan upgrade is a flow that spans several requests (``UPGRADE_FLOW``):
 ``plan_upgrade.start`` creates its server-side record, then ``verify``,
 ``capture`` and ``complete``, each within 15 minutes of the step before; the
@@ -49,6 +55,7 @@ from ..context import ActionContext
 from ..credits import Credits, Quota
 from ..credits.amounts import MAX_AMOUNT
 from ..errors import ConfigurationError, NotFound
+from ..exposure import Agent
 from ..fields import Amount
 from ..gate import Charter
 from ..policy import A, C, R
@@ -78,6 +85,7 @@ DEMO_USERS: Mapping[tuple[str, str], Actor] = {
             "carol", "acme", roles={"admin", "approver"}, attributes={"approval_limit": 100000}
         ),
         Actor.make("sam", "acme", kind="support", roles={"support"}),
+        Actor.make("ada", "acme", kind="agent", roles={"assistant"}),  # an automated agent
         Actor.make("fiona", "acme", roles={"member", "finance"}),  # sees bank accounts
         Actor.make("gina", "globex", roles={"member"}),
         Actor.make("gary", "globex", roles={"approver"}, attributes={"approval_limit": 5000}),
@@ -214,6 +222,14 @@ def build_charter(
         of_roles={"member", "approver"},
         scopes={"invoices:read", "invoices:write"},
     )
+    # The assistant agent acts for the same people, for the same scopes, through its
+    # tools only (the agent channel): delegation is a grant like support's.
+    charter.allow_impersonation(
+        "assistant-for-staff",
+        by="assistant",
+        of_roles={"member", "approver"},
+        scopes={"invoices:read", "invoices:write"},
+    )
     # Support sessions under that grant (support.session.*; the app gives them a signer).
     ImpersonationSessions(charter, directory=directory)
 
@@ -226,6 +242,7 @@ def build_charter(
         scope="invoices:write",
         idempotency="optional",
         bulk="per_item",  # POST /invoices/bulk: each invoice its own transaction
+        agent=True,
     )
     def create(ctx: ActionContext, _: None, data: CreateInvoice) -> Invoice:
         """Create a draft invoice."""
@@ -243,7 +260,9 @@ def build_charter(
         ctx.session.add(invoice)
         return invoice
 
-    @charter.action("invoice.submit", on=Invoice, allow=CAN_SUBMIT, scope="invoices:write")
+    @charter.action(
+        "invoice.submit", on=Invoice, allow=CAN_SUBMIT, scope="invoices:write", agent=True
+    )
     def submit(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Submit a draft invoice for approval (the gate moves it to submitted)."""
         invoice.submitted_by = ctx.actor.subject.id
@@ -271,6 +290,7 @@ def build_charter(
         sensitive_read=True,
         scope="invoices:read",
         listable=True,
+        agent=True,  # a read-only tool
     )
     def get(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> dict[str, Any]:
         """Read one invoice (audited)."""
@@ -327,9 +347,12 @@ def build_charter(
         invoice.paid_at = ctx.now
         return invoice
 
+    # An agent's void waits for the user's confirmation (charter.confirmations).
     @charter.action(
-        "invoice.void", on=Invoice, allow=CAN_VOID, scope="invoices:write", reason_required=True
-    )
+        "invoice.void", on=Invoice, allow=CAN_VOID, scope="invoices:write", reason_required=True,
+        agent=Agent(confirm=True, description="Void a draft or submitted invoice (a person "
+                    "confirms it first)."),
+    )  # fmt: skip
     def void(ctx: ActionContext, invoice: Invoice, _: BaseModel) -> Invoice:
         """Void a draft or submitted invoice, with a reason (the gate moves it to void)."""
         return invoice
