@@ -875,5 +875,80 @@ def demo(
             stub.stop()
 
 
+# -- support impersonation sessions (charter.sessions) ----------------------------------------
+
+support_app = typer.Typer(help="Support impersonation sessions.", no_args_is_help=True)
+support_sessions_app = typer.Typer(help="List and revoke sessions.", no_args_is_help=True)
+support_app.add_typer(support_sessions_app, name="sessions")
+app.add_typer(support_app, name="support")
+
+
+def _sessions_charter(database_url: str | None, app_spec: str | None, demo: bool) -> Charter:
+    """--app's Charter, or the reference service's declarations on --database-url (--demo)."""
+    if not demo:
+        return _load_app(_app_spec(app_spec, demo))
+    from .demo.service import build_charter
+
+    return build_charter(_charter(_settings(database_url)))
+
+
+@support_sessions_app.command("list")
+def support_sessions_list(
+    database_url: DatabaseOption = None,
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's sessions.")] = None,
+    active: Annotated[bool, typer.Option("--active", help="Only open, unexpired ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """The newest sessions: who acts for whom, why, until when, and how each ended."""
+    from .sessions import ImpersonationSessions
+
+    charter = _sessions_charter(database_url, app_spec, demo)
+    try:
+        found = ImpersonationSessions.of(charter).stored(tenant=tenant, active=active)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    finally:
+        charter.close()
+    for s in found:
+        if as_json:
+            typer.echo(json.dumps(s, sort_keys=True))
+        else:
+            console.print(
+                f"{s['id']}  {s['tenant']}  {s['support']} -> {s['user']}  {s['status']}  "
+                f"{s['opened_at']} .. {s['expires_at']}  {s['reason']}",
+                soft_wrap=True, highlight=False, markup=False,
+            )  # fmt: skip
+    if not found and not as_json:
+        console.print("no sessions")
+
+
+@support_sessions_app.command("revoke")
+def support_sessions_revoke(
+    session_id: Annotated[str, typer.Argument(help="The session's id.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")],
+    as_: Annotated[str, typer.Option("--as", help="The operator's name, audited.")] = "operator",
+    database_url: DatabaseOption = None,
+    app_spec: AppOption = None,
+    demo: DemoOption = False,
+) -> None:
+    """Revoke a session through the gate (channel cli): its token is refused from now on."""
+    from .actor import Actor
+    from .sessions import ImpersonationSessions
+
+    charter = _sessions_charter(database_url, app_spec, demo)
+    try:
+        sessions = ImpersonationSessions.of(charter)
+        operator = Actor.make(as_, sessions.tenant_of(session_id), kind="system",
+                              roles={"operator"})  # fmt: skip
+        outcome = sessions.revoke(operator, session_id, reason=reason, channel="cli")
+    except CharterError as exc:
+        raise _fail(exc) from exc
+    finally:
+        charter.close()
+    console.print(f"session {session_id}: {outcome.body['state']} by {as_}")
+
+
 def main() -> None:
     app()

@@ -205,7 +205,7 @@ def test_chromium_renders_the_report_with_its_matrix_diagrams_and_charts(demo, t
         "Actors with the most calls",
     ):
         assert heading in text  # fmt: skip
-    assert text.count('class="workflow"') == 2
+    assert text.count('class="workflow"') == 3  # invoices, plan upgrades, support sessions
     assert ">payment_pending</text>" in text
     # The screenshot shows what a reader sees of the matrix, the diagrams and the charts (the
     # long catalogue and coverage tables are hidden in this copy so that they fit one image).

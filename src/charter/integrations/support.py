@@ -103,6 +103,11 @@ def support_routes(
         limit = min(query["limit"], sessions.charter.max_page)
         return JSONResponse({"items": items, "next": after, "limit": limit})
 
+    # What charter check reads (charter.tools): this route lists support.session.mine.
+    my_impersonations.__charter__ = {  # type: ignore[attr-defined]
+        "kind": "list", "action": SESSION_ACTIONS["mine"], "charter": sessions.charter,
+        "page_cap": sessions.charter.max_page,
+    }  # fmt: skip
     routes.app.add_api_route(
         me,
         my_impersonations,
