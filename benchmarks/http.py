@@ -98,7 +98,7 @@ class Sizes:
 
 
 QUICK = Sizes(connections=16, requests=300, rounds=6, warmup=300)
-FULL = Sizes(connections=16, requests=1500, rounds=12, warmup=600)
+FULL = Sizes(connections=16, requests=1000, rounds=10, warmup=600)
 
 
 # -- the database -----------------------------------------------------------------------
