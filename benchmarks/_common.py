@@ -11,12 +11,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
+# A script run from this directory has it as sys.path[0], where benchmarks/http.py would shadow
+# the standard library's ``http`` package (http.client: httpx, uvicorn, starlette...). The
+# benchmarks import this module before anything that imports http: keep the directory, last.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
-from charter import A, R
-from charter.ratelimit import DEFAULT_CLASSES, RateLimiter
-from charter.storage import make_engine
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from charter import A, R  # noqa: E402
+from charter.ratelimit import DEFAULT_CLASSES, RateLimiter  # noqa: E402
+from charter.storage import make_engine  # noqa: E402
 
 PG_URL = os.environ.get(
     "CHARTER_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/charter_test"
