@@ -950,5 +950,50 @@ def support_sessions_revoke(
     console.print(f"session {session_id}: {outcome.body['state']} by {as_}")
 
 
+mcp_app = typer.Typer(help="Agent tools over MCP (charter.integrations.mcp).", no_args_is_help=True)
+app.add_typer(mcp_app, name="mcp")
+
+
+@mcp_app.command("serve")
+def mcp_serve(
+    app_spec: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            help="module:attribute of an AgentChannel, or of an app holding one as "
+            "app.state.agents (or a function returning either).",
+        ),
+    ],
+    transport: Annotated[str, typer.Option(help="stdio or http (streamable HTTP).")] = "stdio",
+    host: Annotated[str, typer.Option(help="Interface for http (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port for http.")] = 8765,
+) -> None:
+    """Serve the agent tools. stdio acts as CHARTER_AGENT_TOKEN's agent (no token: refused);
+    http asks every request for an agent's bearer token (401 without one)."""
+    import inspect as _inspect
+
+    from .integrations.agent import AgentChannel
+    from .integrations.mcp import mcp_server
+
+    target = _import(app_spec, "agents")
+    try:
+        target = target() if _inspect.isfunction(target) else target
+        channel = target if isinstance(target, AgentChannel) else None
+        if channel is None:
+            channel = getattr(getattr(target, "state", None), "agents", None)
+        if not isinstance(channel, AgentChannel):
+            err.print(f"[red]error:[/red] {app_spec!r} holds no AgentChannel")
+            raise typer.Exit(2)
+        token = os.environ.get("CHARTER_AGENT_TOKEN") if transport == "stdio" else None
+        if transport == "stdio" and not token:
+            err.print("[red]error:[/red] stdio needs the agent's token in CHARTER_AGENT_TOKEN")
+            raise typer.Exit(2)
+        mcp_server(channel, token=token).serve(transport, host=host, port=port)
+    except CharterError as exc:
+        raise _fail(exc) from exc
+
+
 def main() -> None:
     app()

@@ -355,3 +355,38 @@ def test_fiona_is_out_of_the_grant_so_her_agent_gets_nothing(charter, agents):
     with pytest.raises(Forbidden):
         agents.call(ada_for(FIONA), "invoice.create", {"purpose": PURPOSE,
                     "input": {"customer": "A", "amount": 1}})  # fmt: skip
+
+
+# -- the reference service's confirmation routes ---------------------------------------------------
+
+
+def test_a_person_confirms_over_http_and_the_agent_cannot(database_url, clock):
+    from fastapi.testclient import TestClient
+
+    from charter.demo.app import create_app, demo_scopes
+    from charter.settings import DEVELOPMENT_TOKEN_SECRET, Settings
+
+    settings = Settings(environment="development", token_secrets=(DEVELOPMENT_TOKEN_SECRET,),
+                        audit_keys=AUDIT_KEYS)  # fmt: skip
+    app = create_app(settings, charter=Charter(database_url=database_url, audit_keys=AUDIT_KEYS,
+                                               clock=clock))  # fmt: skip
+    signer = TokenSigner([DEVELOPMENT_TOKEN_SECRET])
+
+    def bearer(who: Actor) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {signer.issue(who.id, who.tenant, scopes=demo_scopes(who))}"
+        }
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        agents: AgentChannel = app.state.agents
+        pending = ask_void(agents, draft(agents))
+        listed = client.get("/agent/confirmations", headers=bearer(ALICE))
+        assert [pending] == [p["id"] for p in listed.json()["items"]]
+        assert [] == client.get("/agent/confirmations", headers=bearer(BOB)).json()["items"]
+        refused = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ADA))
+        assert (403, "confirmation_forbidden") == (refused.status_code, refused.json()["code"])
+        assert 401 == client.post(f"/agent/confirmations/{pending}/approve").status_code
+        approved = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ALICE))
+        assert (200, "void") == (approved.status_code, approved.json()["state"])
+        again = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ALICE))
+        assert 409 == again.status_code

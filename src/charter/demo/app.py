@@ -18,6 +18,8 @@ from ..credits import Credits
 from ..decision import Decision
 from ..errors import InsufficientCredits, NotFound, Unauthenticated
 from ..gate import Charter
+from ..integrations.agent import AgentChannel
+from ..integrations.agentapi import confirmation_routes
 from ..integrations.fastapi import CharterRoutes
 from ..integrations.openapi import problem_responses
 from ..integrations.support import session_authenticator, support_routes
@@ -92,6 +94,9 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     app = FastAPI(title="Charter reference service", version="0.1.0", lifespan=lifespan)
     app.state.charter = charter
     app.state.signer = signer
+    # The agent channel (ada's tools): `charter mcp serve --app charter.demo:app` serves them.
+    agents = AgentChannel(charter, directory=directory, signer=signer)
+    app.state.agents = agents
 
     # Plain tokens (X-On-Behalf-Of claims checked by the gate) and support session tokens,
     # whose session is looked up at every request.
@@ -140,6 +145,7 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
         )
     routes.list("/approvals", "invoice.approve", render=invoice_view)
     support_routes(routes, sessions)  # /support/sessions..., /me/impersonations
+    confirmation_routes(routes, agents)  # /agent/confirmations...: a person confirms ada's calls
 
     @app.get("/invoices/{id}/actions", responses=problem_responses(Unauthenticated, NotFound))
     async def next_actions(id: int, request: Request) -> JSONResponse:
