@@ -390,3 +390,25 @@ def test_a_person_confirms_over_http_and_the_agent_cannot(database_url, clock):
         assert (200, "void") == (approved.status_code, approved.json()["state"])
         again = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ALICE))
         assert 409 == again.status_code
+
+
+def test_concurrent_approvals_run_the_action_exactly_once(charter, agents):
+    import threading
+
+    pending = ask_void(agents, draft(agents))
+    barrier, results = threading.Barrier(4), []
+
+    def approve() -> None:
+        barrier.wait()
+        try:
+            results.append(agents.approve(ALICE, pending).body["state"])
+        except ConfirmationNotPending as exc:
+            results.append(exc.code)
+
+    threads = [threading.Thread(target=approve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ["confirmation_not_pending"] * 3 + ["void"] == sorted(results)
+    assert 1 == len([e for e in entries(charter, "invoice.void") if e.outcome == "ok"])
