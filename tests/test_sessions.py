@@ -54,7 +54,8 @@ def authenticate(signer: TokenSigner, token: str, sessions: ImpersonationSession
 def test_the_library_round_trip(demo, clock):
     charter, sessions = demo
     opened = sessions.open(SAM, "alice", reason=WHY)
-    assert opened.token is not None and "token" not in opened.session
+    assert opened.token is not None
+    assert "token" not in opened.session
     actor = authenticate(sessions.signer, opened.token, sessions)
     assert ("sam", "alice", opened.id) == (actor.id, actor.subject.id, actor.session)
     assert frozenset({"invoices:read", "invoices:write"}) == actor.scopes
@@ -114,7 +115,7 @@ def test_a_charter_declares_sessions_once(demo):
         {"max_length": timedelta(minutes=90, seconds=1)},
         {"length": timedelta(hours=3)},
         {"managers": ()},
-    ],  # fmt: skip
+    ],
 )
 def test_bad_configuration_is_refused_at_start_up(options):
     charter = Charter(database_url="sqlite://", development=True)

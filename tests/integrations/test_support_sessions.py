@@ -87,7 +87,9 @@ def create_invoice(client: TestClient, headers: dict[str, str]) -> Any:
 
 def test_opening_without_a_grant_is_refused_and_audited(client):
     # The demo's grant covers members and approvers, never an admin (carol).
-    refused = client.post("/support/sessions", json={"user": "carol"}, headers=auth("sam", **REASON))
+    refused = client.post(
+        "/support/sessions", json={"user": "carol"}, headers=auth("sam", **REASON)
+    )
     assert 403 == refused.status_code, refused.text
     assert "forbidden" == refused.json()["code"]
     # A user who does not exist is refused exactly alike: ids are not enumerated.
@@ -100,7 +102,9 @@ def test_opening_without_a_grant_is_refused_and_audited(client):
 
 def test_only_a_support_role_a_grant_names_may_open(client):
     # alice holds no support role: no grant has her as `by` (and her token lacks the scope).
-    response = client.post("/support/sessions", json={"user": "bob"}, headers=auth("alice", **REASON))
+    response = client.post(
+        "/support/sessions", json={"user": "bob"}, headers=auth("alice", **REASON)
+    )
     assert 403 == response.status_code
 
 
@@ -215,8 +219,8 @@ def test_a_revoked_session_is_refused_at_the_next_request(client, clock):
     clock.advance(timedelta(minutes=2))  # 10:02
     assert 201 == create_invoice(client, bearer(token, **REASON)).status_code
     clock.advance(timedelta(minutes=3))  # 10:05, by an admin
-    revoked = client.post(f"/support/sessions/{opened['id']}/revoke",
-                          headers=auth("carol", **{"X-Charter-Reason": "left the ticket open"}))  # fmt: skip
+    why = {"X-Charter-Reason": "left the ticket open"}
+    revoked = client.post(f"/support/sessions/{opened['id']}/revoke", headers=auth("carol", **why))
     assert 200 == revoked.status_code, revoked.text
     assert ("revoked", "carol") == (revoked.json()["state"], revoked.json()["ended_by"])
     clock.advance(timedelta(seconds=1))  # 10:05:01

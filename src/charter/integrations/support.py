@@ -27,25 +27,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
-from ..errors import Forbidden, InvalidPage, RateLimited, Unauthenticated
+from ..errors import InvalidPage
 from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
 from ..tokens import Directory, TokenSigner
 from .fastapi import CharterRoutes
 from .http import ON_BEHALF_HEADER
-from .openapi import problem_responses
+from .openapi import list_operation
 from .paging import LIST_PARAMETERS, list_query
 
 __all__ = ["session_authenticator", "support_routes"]
-
-_MINE_SCHEMA = {
-    "type": "object",
-    "required": ["items", "next", "limit"],
-    "properties": {
-        "items": {"type": "array", "items": {"type": "object"}},
-        "next": {"type": ["string", "null"]},
-        "limit": {"type": "integer"},
-    },
-}
 
 
 def session_authenticator(
@@ -113,12 +103,9 @@ def support_routes(
         my_impersonations,
         methods=["GET"],
         name="me:impersonations",
-        responses={
-            200: {
-                "description": "My sessions, with the actions under each.",
-                "content": {"application/json": {"schema": _MINE_SCHEMA}},
-            },
-            **problem_responses(Unauthenticated, Forbidden, InvalidPage, RateLimited),
-        },
-        openapi_extra={"parameters": LIST_PARAMETERS},
-    )
+        openapi_extra=list_operation(
+            sessions.charter.spec(SESSION_ACTIONS["mine"]), parameters=LIST_PARAMETERS,
+            rate_limited=sessions.charter.rate_limiter is not None,
+            auth_scheme=routes.auth_scheme,
+        ),
+    )  # fmt: skip
