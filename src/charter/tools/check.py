@@ -144,7 +144,9 @@ class CheckConfig:
 
     max_page: int | None = None
     privileged_roles: frozenset[str] = frozenset({"support", "operator", "operators", "ops"})
-    privileged_kinds: frozenset[str] = frozenset({ActorKind.SUPPORT, ActorKind.SYSTEM})
+    privileged_kinds: frozenset[str] = frozenset(
+        {ActorKind.SUPPORT, ActorKind.SYSTEM, ActorKind.OPERATOR}
+    )
     read_classes: frozenset[str] = frozenset({"read"})
 
 
