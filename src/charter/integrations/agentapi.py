@@ -22,6 +22,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..confirmations import ConfirmationExpired, ConfirmationForbidden, ConfirmationNotPending
+from ..errors import CharterError, NotFound, RateLimited, Unauthenticated
+from . import openapi
 from .agent import AgentChannel
 from .fastapi import CharterRoutes
 
@@ -69,8 +72,27 @@ def confirmation_routes(
         (f"{prefix}/{{id}}/approve", approve, "POST"),
         (f"{prefix}/{{id}}/reject", reject, "POST"),
     )
+    auth = routes.auth_scheme
+    # What each route answers, documented (the OpenAPI document says what the service does).
+    asked: tuple[type[CharterError], ...] = (Unauthenticated, RateLimited)
+    decided = (*asked, NotFound, ConfirmationForbidden, ConfirmationNotPending, ConfirmationExpired)
+    # Approving runs the confirmed action: its own answers too, from its declaration.
+    ran: dict[int, set[str]] = {}
+    for name in confirmed:
+        found = openapi.action_problems(
+            agents.charter.spec(name), has_body=True, rate_limited=True, errors=decided
+        )
+        for status, codes in found.items():
+            ran.setdefault(status, set()).update(codes)
+    documented: dict[str, dict[int | str, Any]] = {
+        "pending": openapi.problem_responses(*asked, auth_scheme=auth),
+        "one": openapi.problem_responses(*decided, auth_scheme=auth),
+        "approve": {k: v for k, v in openapi.responses(None, None, ran, auth_scheme=auth).items()},
+        "reject": openapi.problem_responses(*decided, auth_scheme=auth),
+    }
     for path, endpoint, method in table:
         endpoint.__charter__ = mark
         routes.app.add_api_route(
-            path, endpoint, methods=[method], name=f"agent:{endpoint.__name__}"
-        )
+            path, endpoint, methods=[method], name=f"agent:{endpoint.__name__}",
+            responses=documented[endpoint.__name__],
+        )  # fmt: skip
