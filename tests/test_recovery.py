@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -128,3 +129,15 @@ def test_the_background_completer_finishes_abandoned_requests(
         claim = s.execute(select(idempotency_table)).one()
         row = lookup(s, claim.tenant, claim.subject, claim.key)
     assert (True, None, None) == (row.completed_at is not None, row.request_input, row.locked_until)
+
+
+def test_a_resumed_request_keeps_both_identities_and_the_impersonation_session():
+    from charter.idempotency.recovery import actor_from_snapshot, actor_snapshot
+
+    sam = Actor.make("sam", "acme", kind="support", roles={"support"}, scopes={"invoices:write"})
+    alice = Actor.make("alice", "acme", roles={"member"})
+    acting = sam.impersonate(alice, session="s1")
+    resumed = actor_from_snapshot(json.loads(json.dumps(actor_snapshot(acting))))
+    assert ("sam", "alice", "s1") == (resumed.id, resumed.on_behalf_of.id, resumed.session)
+    assert resumed.scopes == acting.scopes
+    assert actor_from_snapshot(actor_snapshot(alice)).session is None

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -75,12 +76,14 @@ def actor_snapshot(actor: Actor) -> dict[str, Any]:
     snap = one(actor)
     if actor.on_behalf_of is not None:
         snap["on_behalf_of"] = one(actor.on_behalf_of)
+    if actor.session is not None:  # a resumed request is audited under its session too
+        snap["session"] = actor.session
     return snap
 
 
 def actor_from_snapshot(snap: Mapping[str, Any]) -> Actor:
     subject = snap.get("on_behalf_of")
-    return Actor.make(
+    actor = Actor.make(
         snap["id"],
         snap["tenant"],
         kind=snap["kind"],
@@ -89,6 +92,8 @@ def actor_from_snapshot(snap: Mapping[str, Any]) -> Actor:
         attributes=snap.get("attributes") or {},
         on_behalf_of=actor_from_snapshot(subject) if subject else None,
     )
+    session = snap.get("session")
+    return actor if session is None else replace(actor, session=str(session))
 
 
 def takeover_statement(claim_id: int, now: datetime, lease: timedelta) -> Any:
