@@ -849,7 +849,14 @@ def demo(
         tokens[user_id] = signer.issue(user_id, tenant, scopes=demo_scopes(user))
         table.add_row(tenant, user_id, ", ".join(sorted(user.roles)), tokens[user_id])
     console.print(table)
+    # ada acting for alice: an agent token (charter mcp serve reads it; the HTTP API refuses it).
+    tokens["ada_for_alice"] = application.state.agents.issue(
+        DEMO_USERS["acme", "ada"], DEMO_USERS["acme", "alice"],
+        scopes={"invoices:read", "invoices:write"},
+    )  # fmt: skip
     exports = " ".join(f"{user.upper()}={token}" for user, token in tokens.items())
+    if stub is not None:  # the stub provider (POST $PAYMENTS/v1/webhooks/redeliver)
+        exports += f" PAYMENTS={settings.payments_url}"
     console.print(f"\n[bold]Try it[/bold] (database: {settings.database_url}):", soft_wrap=True)
     auth = "Authorization: Bearer"
     lines = [
