@@ -184,8 +184,13 @@ def json_body(raw: bytes, content_type: str | None) -> Any:
 def outcome_headers(
     outcome: Outcome, location: str | None = None, params: Mapping[str, Any] | None = None
 ) -> dict[str, str]:
-    """``ETag`` (the record's version), ``Location`` (a 201's record), replay marker, RateLimit."""
-    headers = {}
+    """``ETag`` (the record's version), ``Location`` (a 201's record), replay marker, RateLimit.
+
+    Every answer of the gate is ``Cache-Control: no-store``: it is one actor's view of
+    records (and an impersonation session's answer holds a credential), which no shared
+    or browser cache may keep (RFC 9111 section 5.2.2.5).
+    """
+    headers = {"Cache-Control": "no-store"}
     if outcome.version is not None:
         headers["ETag"] = f'"{outcome.version}"'
     if location is not None and outcome.status == 201 and outcome.resource_id is not None:
