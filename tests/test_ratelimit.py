@@ -156,6 +156,36 @@ def test_denials_are_audited_aggregated_first_at_once_the_rest_as_one_summary(
     assert charter.verify_audit().ok
 
 
+def writers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "charter-ratelimit-audit"]
+
+
+def test_the_summary_writer_stops_with_the_engine_and_when_nothing_is_left(limited, alice, clock):
+    charter = limited()
+    before = len(writers())
+    for _ in range(3):
+        create(charter, alice)
+    for _ in range(2):
+        with pytest.raises(RateLimited):
+            create(charter, alice)
+    assert before + 1 == len(writers())  # denied: a writer for the window's summary
+    charter.engine.dispose()  # stops it, writing nothing (the engine is not reopened)
+    assert before == len(writers())
+    assert 1 == charter.rate_limiter.denials.pending  # still counted
+    clock.now = START + timedelta(seconds=50)  # the window has closed
+    for _ in range(3):  # a new window: 3 more calls, then a denial restarts the writer
+        create(charter, alice)
+    with pytest.raises(RateLimited):
+        create(charter, alice)
+    assert before + 1 == len(writers())
+    charter.rate_limiter.denials.interval = 0.01
+    for _ in range(200):  # the next round writes the closed window's summary
+        if entries(charter, SUMMARY):
+            break
+        threading.Event().wait(0.01)
+    assert [1] == [e.detail["denied"] for e in entries(charter, SUMMARY)]  # the first is its own
+
+
 def test_two_processes_sharing_redis_share_one_count_and_one_first_denial(tmp_path, clock, alice):
     url = require_redis()
     _flush_redis()

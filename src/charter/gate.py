@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, event, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -180,6 +180,9 @@ class Charter:
         self.max_page = data.check_max_page(max_page, "Charter")
         if self.rate_limiter is not None:
             self.rate_limiter.bind(self._builder.committer.alone, clock)
+            # Disposing the engine stops the denial summaries' writer too, writing nothing
+            # (it would open the disposed engine again): the next denial or close() writes.
+            event.listen(self.engine, "engine_disposed", self.rate_limiter.denials.pause)
         self._workflow_guard = WorkflowGuard(registry.workflows, clock)
         self._pipelines: dict[str, Pipeline] = {}
         self.anchor = anchor_from_uri(audit_anchor)

@@ -10,8 +10,11 @@ the trail at most two entries per actor, class and window in each process:
   limit plus one, which exactly one call in all processes sees: it alone is
   audited at once; every process summarises the denials it refused itself;
 * a background thread (started at the first denial) writes the summaries of
-  closed windows every second; :meth:`DenialLog.close` writes those still
-  open, with the count so far.
+  closed windows every second, and ends when no window is left to summarise;
+  :meth:`DenialLog.close` writes those still open, with the count so far.
+  Disposing the Charter's engine stops the thread without writing
+  (:meth:`DenialLog.pause`, as the audit checkpoints do): the windows stay
+  counted, and the next denial or :meth:`close` writes them.
 
 A denial whose entry cannot be written (the database is down) is still
 refused: the failure is logged, never raised to the caller.
@@ -60,7 +63,8 @@ class DenialLog:
         self.interval = interval
         self._pending: dict[Hashable, _Pending] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # closed: no writer ever again
+        self._halt = threading.Event()  # this writer: stop (paused, or closed)
         self._thread: threading.Thread | None = None
 
     def bind(self, write: Callable[[AuditEntry], None], clock: Callable[[], datetime]) -> None:
@@ -106,9 +110,19 @@ class DenialLog:
     def close(self) -> None:
         """Stop the background writer and summarise every window still open."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.pause()
         self.flush(everything=True)
+
+    def pause(self, *_engine: object) -> None:
+        """Stop the background writer, writing nothing: the next denial starts it again.
+
+        Also an ``engine_disposed`` listener (the engine is its argument).
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._halt.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def append(self, entry: AuditEntry) -> None:
         """Write one entry now (not aggregated): the fail-open warning."""
@@ -128,17 +142,23 @@ class DenialLog:
             return
         with self._lock:
             if self._thread is None:
+                self._halt = halt = threading.Event()
                 self._thread = threading.Thread(
-                    target=self._run, name="charter-ratelimit-audit", daemon=True
+                    target=self._run, args=(halt,), name="charter-ratelimit-audit", daemon=True
                 )
                 self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _run(self, halt: threading.Event) -> None:
+        while not halt.wait(self.interval):
             try:
                 self.flush()
             except Exception:  # never let the writer die: the next round retries
                 log.exception("rate limit denial summaries failed; will retry")
+            with self._lock:  # under the lock denied() adds under: none is left behind
+                if not self._pending:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
 
 
 def summary(pending: _Pending, now: datetime) -> AuditEntry:
