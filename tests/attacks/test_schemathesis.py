@@ -192,6 +192,8 @@ def limiter() -> RateLimiter:
     return RateLimiter("memory://", classes=[RateClass("anonymous", "100000/minute")])
 
 
+# Hypothesis warns when a generated case's repr is large (a 1,000-item batch): not a finding.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @pytest.mark.parametrize("user", ["carol", "alice", None])
 def test_every_generated_request_is_answered_as_documented(database_url, provider, disposing, user):
     assert provider.base_url is not None

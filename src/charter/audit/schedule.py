@@ -47,6 +47,9 @@ from .prune import Pruned, prune
 from .trail import AuditKeyring, AuditTrail
 from .verify import VerificationReport
 
+# Our own generator: the random module's shared one is other code's (tests seed it).
+_JITTER = random.Random()  # noqa: S311 - jitter, not a secret
+
 __all__ = ["DEFAULT_INTERVAL", "AuditCheckpointer"]
 
 log = logging.getLogger("charter.audit")
@@ -154,7 +157,7 @@ class AuditCheckpointer:
         if self.interval is None:
             return None
         # Up to 10% early, so the workers of one service do not all checkpoint at once.
-        return self.interval.total_seconds() * (1 - random.random() / 10)  # noqa: S311
+        return self.interval.total_seconds() * (1 - _JITTER.random() / 10)
 
     # -- checkpoints -------------------------------------------------------------------------
 

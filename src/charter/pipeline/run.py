@@ -32,6 +32,9 @@ from .build import Pipeline
 from .call import Call, Refusal
 from .tenancy import TenantGuard
 
+# Our own generator: the random module's shared one is other code's (tests seed it).
+_JITTER = random.Random()  # noqa: S311 - jitter, not a secret
+
 __all__ = ["refusal_entry", "run"]
 
 CLAIM_ATTEMPTS = 3
@@ -85,7 +88,7 @@ def _run(pipeline: Pipeline, call: Call) -> Outcome:
                 )
                 error.headers["Retry-After"] = "1"
                 raise error from exc
-            time.sleep(random.uniform(0, 0.005 * 2**conflicts))  # noqa: S311 - jitter, not a secret
+            time.sleep(_JITTER.uniform(0, 0.005 * 2**conflicts))
         call.restart()
 
 
