@@ -22,9 +22,10 @@ The sides (each batch is ``--items`` items, every item its own transaction):
                 conn.execute(UPDATE_STATE_VERSION_PLUS_1, ...)
                 conn.execute(AUDIT_INSERT, entry)   # HMAC-chained, as gate_overhead's
 
-Rate limits are off on the Charter side (``rate_limits=None``): the hand-written
-loop has none, and the default write class (300 a minute per actor) would refuse
-most of a 1,000-item batch by design (each item counts as its single call).
+The Charter side has the default rate limits (every item counts as its single
+call, through the ``rate_limit`` stage) with limits no run reaches
+(``_common.rate_limits()``): the default write class (300 a minute per actor)
+would refuse most of a 1,000-item batch by design.
 
 Method. After a warm-up batch per side, the batches alternate side by side in
 ABBA order (charter, core, core, charter, ...), so drift hits both alike. Figures:
@@ -72,7 +73,7 @@ BENCH_DB = "charter_bench_bulk"
 
 def build_charter(url: str) -> Charter:
     """gate_overhead's quickstart action, declared for bulk requests (one transaction per item)."""
-    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS, rate_limits=None)
+    charter = Charter(database_url=url, audit_keys=AUDIT_KEYS, rate_limits=_common.rate_limits())
     charter.resource(Invoice, tenant="tenant_id", state="state", version="version")
 
     @charter.action(
