@@ -255,16 +255,16 @@ def test_the_progress_callback_sees_every_byte(gate, tmp_path):
 def test_reading_a_large_file_keeps_memory_flat(tmp_path):
     source = tmp_path / "large.jsonl"
     with source.open("w") as out:
-        for i in range(100_000):
+        for i in range(30_000):
             out.write(json.dumps({"customer": f"customer {i}", "amount": f"{i}.00"}) + "\n")
-    assert source.stat().st_size > 5_000_000
+    assert source.stat().st_size > 1_400_000  # larger than the bound: nothing holds the file
     tracemalloc.start()
     try:
         count = sum(1 for _ in read_rows(source))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert 100_000 == count
+    assert 30_000 == count
     assert peak < 1_000_000, peak
 
 
