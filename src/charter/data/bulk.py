@@ -73,7 +73,7 @@ from ..idempotency.store import (
 )
 from ..pipeline.build import Pipeline
 from ..pipeline.call import Call, Refusal
-from ..pipeline.run import CLAIM_ATTEMPTS, RETRYABLE, refusal_entry, run
+from ..pipeline.run import CLAIM_ATTEMPTS, contention, refusal_entry, run
 from ..pipeline.runtime import Runtime
 from ..pipeline.stages import check_reason
 from ..pipeline.tenancy import SCOPED, TenantGuard
@@ -536,7 +536,7 @@ def _contended() -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        what = RETRYABLE.get(str(getattr(exc.orig, "sqlstate", "")))
+        what = contention(exc)
         if what is None:
             raise
         error = _Contended(

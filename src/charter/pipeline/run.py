@@ -35,7 +35,7 @@ from .tenancy import TenantGuard
 # Our own generator: the random module's shared one is other code's (tests seed it).
 _JITTER = random.Random()  # noqa: S311 - jitter, not a secret
 
-__all__ = ["refusal_entry", "run"]
+__all__ = ["contention", "refusal_entry", "run"]
 
 CLAIM_ATTEMPTS = 3
 #: PostgreSQL SQLSTATEs of a transaction that lost a race and may simply run again.
@@ -142,7 +142,12 @@ def _contention() -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        what = RETRYABLE.get(str(getattr(exc.orig, "sqlstate", "")))
+        what = contention(exc)
         if what is None:
             raise
         raise _Contention(what) from exc
+
+
+def contention(exc: DBAPIError) -> str | None:
+    """The race the database broke by aborting (``deadlock``, ...); None: another error."""
+    return RETRYABLE.get(str(getattr(exc.orig, "sqlstate", "")))
