@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -449,3 +450,146 @@ def test_the_in_process_store_counts_per_window_and_forgets_expired_keys():
         counts.incr("live", 60)
     assert len(counts._counts) <= 3  # only the live windows' keys are left
     assert threads == threading.active_count()  # and counting started no thread
+
+
+# -- Redis with PostgreSQL: the count's round trip overlaps the call's own work -------------
+
+#: The ``limited`` fixture on PostgreSQL and Redis only: the pipelines that overlap the count.
+PG_AND_REDIS = pytest.mark.parametrize(
+    ("database_url", "store"),
+    [pytest.param("postgres", "redis", marks=pytest.mark.postgres)],
+    indirect=True,
+)
+
+
+def _redis_count(prefix: str) -> int:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return sum(int(client.get(k) or 0) for k in client.keys(f"charter-rl:{prefix}/*"))
+    finally:
+        client.close()
+
+
+@PG_AND_REDIS
+def test_on_redis_and_postgres_the_count_is_read_before_the_first_statement(limited, alice):
+    charter = limited()
+    names = charter.pipeline_of("doc.create").names
+    assert ("rate_limit", "validate") == names[:2]
+    reply = names.index("rate_limit_reply")
+    assert names[reply - 1] in {"validate", "replay"}  # the last prepare stage: nothing sent yet
+    assert charter.pipeline_of("doc.create").transaction[0].name == "rate_limit_reply"
+    # A concurrency class waits for its slot: its pipeline does not overlap.
+    slow = limited(RateLimiter(REDIS_URL, classes=CLASSES))
+
+    @slow.action("doc.slow", rate="slow", allow=test_app.is_member)
+    def run_slow(ctx: Any, _: None, data: Any) -> None:
+        return None
+
+    assert "rate_limit_reply" not in slow.pipeline_of("doc.slow").names
+
+
+def test_sqlite_and_the_in_process_store_read_the_count_at_once(closing):
+    for url, storage in (("sqlite://", require_redis()), ("sqlite://", "memory://")):
+        limiter = closing(RateLimiter(storage, classes=CLASSES))
+        charter = test_app.build(Charter(database_url=url, development=True, rate_limits=limiter))
+        assert "rate_limit_reply" not in charter.pipeline_of("doc.create").names
+        charter.close()
+
+
+@PG_AND_REDIS
+def test_over_the_limit_the_429_wins_over_invalid_input_and_a_cached_replay(limited, alice):
+    charter = limited()
+    doc = create(charter, alice).resource_id
+    first = charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc, key="k-1")
+    again = charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc, key="k-1")
+    assert again.replayed
+    assert again.body == first.body
+    with pytest.raises(RateLimited):  # answered from the cache, but over the limit: refused
+        charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc, key="k-1")
+    with pytest.raises(RateLimited):  # not invalid_input: the count was sent first
+        charter.execute(alice, "doc.create", {"nonsense": True})
+    assert 5 == _redis_count("write")  # every call counted once, the refused ones too
+
+
+@PG_AND_REDIS
+def test_every_way_a_call_ends_gives_its_connection_back(limited, alice, monkeypatch):
+    """With one connection per process, a single leaked one would make the next call wait 1 s
+    for it and fall back to counting here (an audited fail-open warning): none does."""
+    from charter.errors import Forbidden, HandlerFailed, InvalidInput
+    from charter.ratelimit import store as counters
+
+    monkeypatch.setattr(counters, "REDIS_CONNECTIONS", 1)
+    charter = limited(RateLimiter(REDIS_URL, classes=[RateClass("write", "100/minute")]))
+    doc = create(charter, alice).resource_id
+    with pytest.raises(InvalidInput):
+        charter.execute(alice, "doc.create", {"nonsense": True})
+    with pytest.raises(Forbidden):
+        charter.execute(alice, "doc.nothing", target=doc)  # no rule: denied, audited
+    with pytest.raises(HandlerFailed):
+        charter.execute(alice, "doc.explode", target=doc)
+    charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc, key="k-2")
+    charter.execute(alice, "doc.charge", {"amount": "1"}, target=doc, key="k-2")  # replay
+    started = time.monotonic()
+    assert 93 == create(charter, alice).rate_limit[0].remaining
+    assert time.monotonic() - started < 0.5
+    assert [] == entries(charter, FAIL_OPEN)
+    assert 7 == _redis_count("write")
+
+
+@PG_AND_REDIS
+def test_a_batch_reads_each_items_count_before_sending_the_next(
+    database_url, store, alice, monkeypatch
+):
+    from charter.ratelimit import store as counters
+
+    from . import bulk_app
+
+    monkeypatch.setattr(counters, "REDIS_CONNECTIONS", 1)
+    limiter = RateLimiter(REDIS_URL, classes=[RateClass("write", "1000/minute")])
+    bulk = bulk_app.build(database_url, rate_limits=limiter)
+    try:
+        assert "rate_limit_reply" in bulk.pipeline_of("doc.tick").names
+        ids = [int(create(bulk, alice).resource_id) for _ in range(20)]
+        started = time.monotonic()
+        done = bulk.execute_many(alice, "doc.tick", ids)
+        assert time.monotonic() - started < 5  # no item waited for a connection
+        assert 20 == done.applied
+        assert [] == entries(bulk, FAIL_OPEN)
+        assert 40 == _redis_count("write")
+    finally:
+        bulk.close()
+
+
+@PG_AND_REDIS
+def test_scripts_lost_by_the_store_are_sent_again(limited, alice):
+    charter = limited()
+    create(charter, alice)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    finally:
+        client.close()
+    assert 1 == create(charter, alice).rate_limit[0].remaining
+    assert 0 == create(charter, alice).rate_limit[0].remaining
+
+
+@PG_AND_REDIS
+def test_a_reply_that_never_comes_fails_by_the_class_mode_and_the_store_recovers(limited, alice):
+    charter = limited(RateLimiter(REDIS_URL, classes=CLASSES, retry_after=1))
+
+    @charter.action("doc.pay", rate="financial", allow=test_app.is_member)
+    def pay(ctx: Any, _: None, data: Any) -> None:
+        return None
+
+    assert "rate_limit_reply" in charter.pipeline_of("doc.pay").names
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.client_pause(1500, all=False)  # writes wait 1.5 s: the count's read times out
+        with pytest.raises(RateLimitUnavailable):  # the class fails closed
+            charter.execute(alice, "doc.pay")
+    finally:
+        client.client_unpause()
+        client.close()
+    time.sleep(1.1)  # the store is left alone for retry_after, then tried again
+    # The timed-out connection was closed, never reused (Redis drops a gone client's command).
+    assert 1 == charter.execute(alice, "doc.pay").rate_limit[0].remaining

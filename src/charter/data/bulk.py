@@ -292,9 +292,12 @@ class Bulk:
             raw_input=item.data, target=item.target,
         )  # fmt: skip
         try:
-            for stage in request.pipeline.prepare:
-                if stage.name not in _BATCH_OWN:
-                    stage.run(call)
+            try:
+                for stage in request.pipeline.prepare:
+                    if stage.name not in _BATCH_OWN:
+                        stage.run(call)
+            finally:
+                call.settle()  # the item's rate limit reply, before the next item is sent
         except CharterError as exc:
             failures.append((item.position, exc))
             for release in call.releases:

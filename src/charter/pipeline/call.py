@@ -93,6 +93,7 @@ class Call:
     phases: int = 0  # recovery points committed so far (multi-phase requests)
     rate_limit: tuple[Any, ...] = ()  # the RateLimit fields' states (charter.ratelimit)
     releases: tuple[Callable[[], None], ...] = ()  # run when the call ends, however it ends
+    pending: tuple[Callable[[], None], ...] = ()  # replies a stage has not waited for: settle()
 
     @property
     def data(self) -> BaseModel:
@@ -103,6 +104,17 @@ class Call:
     @property
     def keyed(self) -> bool:
         return self.fingerprint is not None
+
+    def settle(self) -> None:
+        """Read the replies a stage sent for and did not wait on (a rate limit's count).
+
+        A refusal among them (429) raises here. The runner settles before the
+        transaction's first statement, and again however the call ends, so a
+        reply is never left unread and its refusal wins over what came after.
+        """
+        pending, self.pending = self.pending, ()
+        for read in pending:
+            read()
 
     def restart(self) -> None:
         """Forget the transaction's state before the runner tries the call again."""

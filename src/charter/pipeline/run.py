@@ -50,7 +50,10 @@ def run(pipeline: Pipeline, call: Call) -> Outcome:
     """Run ``call`` through ``pipeline``; what its stages hold (a concurrency slot) is given
     back however it ends, and the outcome carries the rate limit states (the RateLimit fields)."""
     try:
-        outcome = _run(pipeline, call)
+        try:
+            outcome = _run(pipeline, call)
+        finally:
+            call.settle()  # a reply not read yet (a rate limit's): its refusal wins
     finally:
         for release in call.releases:
             release()

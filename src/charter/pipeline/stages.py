@@ -578,6 +578,7 @@ FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
     ("rate_limit", ratelimit.rate_limit),  # per (tenant, actor, class), before any work (429)
     ("validate", validate),
     ("replay", replay),
+    ("rate_limit_reply", ratelimit.rate_limit_reply),  # Redis' count, read before any statement
     ("claim", claim),
     ("load", load),
     ("precondition", precondition),

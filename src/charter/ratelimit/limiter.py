@@ -148,17 +148,37 @@ class RateLimiter:
         self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None
     ) -> RateState:
         """Count one call of ``who`` in ``cls``'s current window; raise when it is over."""
+        return self.check_later(cls, who, now, audit)()
+
+    def check_later(
+        self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None
+    ) -> Callable[[], RateState]:
+        """:meth:`check` in two halves, so that the store's round trip overlaps the caller's work.
+
+        The count is sent now; the returned function reads it (call it once)
+        and returns the state, or raises :class:`~charter.errors.RateLimited`
+        over the limit. The count is taken either way: whatever the caller does
+        in between, its refusal must come from the returned function.
+        """
         stamp = now.timestamp()
         index = int(stamp // cls.window)
-        key = f"{cls.name}/{who}/{index}"
-        count = self._counted(cls, lambda c: c.hit(key, cls.window + 1))
-        reset = max(1, math.ceil((index + 1) * cls.window - stamp))
-        state = RateState(cls.name, cls.amount, cls.window, max(0, cls.amount - count), reset)
-        if count > cls.amount:
-            closes = datetime.fromtimestamp((index + 1) * cls.window, UTC)
-            first = count == cls.amount + 1  # exactly one call, in all processes, sees it
-            raise self._refused(cls, state, reset, (cls.name, who, index), first, closes, audit)
-        return state
+        key, expiry = f"{cls.name}/{who}/{index}", cls.window + 1
+        read = self._counted(cls, lambda c: c.hit_later(key, expiry))
+
+        def settle() -> RateState:
+            try:
+                count = read()
+            except StoreFailed as exc:  # sent, but no reply: the class's failure mode
+                count = self._failed(cls, exc, lambda c: c.hit(key, expiry))
+            reset = max(1, math.ceil((index + 1) * cls.window - stamp))
+            state = RateState(cls.name, cls.amount, cls.window, max(0, cls.amount - count), reset)
+            if count > cls.amount:
+                closes = datetime.fromtimestamp((index + 1) * cls.window, UTC)
+                first = count == cls.amount + 1  # exactly one call, in all processes, sees it
+                raise self._refused(cls, state, reset, (cls.name, who, index), first, closes, audit)
+            return state
+
+        return settle
 
     def peek(
         self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None
@@ -237,20 +257,23 @@ class RateLimiter:
         """``op`` on the store; when it is down, the class's failure mode (module docstring)."""
         if self.fallback is None:
             return op(self.counters)
-        if time.monotonic() >= self._down_until:
-            try:
-                result = op(self.counters)
-            except StoreFailed as exc:
-                self._down_until = time.monotonic() + self.retry_after
-                log.warning("rate limit store %r unreachable: %s", self.counters, exc)
-                failure: str = str(exc)
-            else:
-                if self._degraded:
-                    self._degraded = False
-                    log.warning("rate limit store %r reachable again", self.counters)
-                return result
-        else:
-            failure = "unreachable (waiting before the next try)"
+        if time.monotonic() < self._down_until:
+            return self._failed(cls, None, op)
+        try:
+            result = op(self.counters)
+        except StoreFailed as exc:
+            return self._failed(cls, exc, op)
+        if self._degraded:
+            self._degraded = False
+            log.warning("rate limit store %r reachable again", self.counters)
+        return result
+
+    def _failed(self, cls: RateClass, exc: StoreFailed | None, op: Callable[[Counters], T]) -> T:
+        """The store failed (``exc``) or is being left alone (None): 503, or ``op`` here."""
+        if exc is not None:
+            self._down_until = time.monotonic() + self.retry_after
+            log.warning("rate limit store %r unreachable: %s", self.counters, exc)
+        failure = str(exc) if exc is not None else "unreachable (waiting before the next try)"
         if cls.fail == "closed":
             raise RateLimitUnavailable(
                 f"The {cls.name} rate limit cannot be checked right now; retry shortly.",
@@ -259,6 +282,7 @@ class RateLimiter:
         if not self._degraded:
             self._degraded = True
             self._warn_open(cls, failure)
+        assert self.fallback is not None  # only a shared store fails
         return op(self.fallback)
 
     def _warn_open(self, cls: RateClass, failure: str) -> None:

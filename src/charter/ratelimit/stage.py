@@ -7,6 +7,17 @@ actor), and records what the response's ``RateLimit`` fields say
 a concurrency limit also takes an in-flight slot, which the runner gives back
 however the call ends (``call.releases``); a slot of a worker that died frees
 at its expiry.
+
+On Redis with PostgreSQL the count's round trip (about 100-180 µs on
+loopback, the whole of the limit's cost) is **overlapped** with the call's
+own work: ``rate_limit`` sends the count and ``rate_limit_reply``, the first
+stage of the transaction, reads it, before the transaction's first
+statement. The count is taken before anything else either way, and a refusal
+still wins over whatever the call met in between (an invalid input, a replay
+answered from the cache: the runner settles the reply however the call ends,
+:meth:`~charter.pipeline.Call.settle`). What a refused call costs then is its
+parsing and a session, never a statement: the database is as protected as
+before. Measured: ``benchmarks/ratelimit.py``.
 """
 
 from __future__ import annotations
@@ -18,10 +29,10 @@ from ..audit.entry import AuditEntry
 from ..context import ActionContext
 from ..pipeline.call import Call, Stage, entry_for
 from ..resources import request_id_or_new
-from .classes import default_class_of
+from .classes import RateClass, default_class_of
 from .limiter import RateLimiter, RateState
 
-__all__ = ["denial_entry", "limit_list", "rate_limit"]
+__all__ = ["denial_entry", "limit_list", "rate_limit", "rate_limit_reply"]
 
 RATE_LIMITED = "rate_limited"
 
@@ -31,9 +42,8 @@ def rate_limit(a: Any) -> Stage | None:
     limiter: RateLimiter | None = getattr(a.runtime, "rate_limiter", None)
     if limiter is None:
         return None
-    spec = a.spec
-    cls = limiter.rate_class(getattr(spec, "rate", None) or default_class_of(spec))
-    concurrent = cls.concurrency is not None
+    cls = _class_of(limiter, a.spec)
+    concurrent, later = cls.concurrency is not None, _overlapped(a, limiter, cls)
 
     def rate_limit(call: Call) -> None:
         """Count the call against its rate class per (tenant, actor): 429 over the limit."""
@@ -43,6 +53,14 @@ def rate_limit(a: Any) -> Stage | None:
         def audit(detail: dict[str, object]) -> AuditEntry:
             return denial_entry(call, detail)
 
+        if later:  # sent now, read by rate_limit_reply (module docstring)
+            settle = limiter.check_later(cls, who, ctx.now, audit)
+
+            def reply() -> None:
+                call.rate_limit = (settle(),)
+
+            call.pending += (reply,)
+            return
         state = limiter.check(cls, who, ctx.now, audit)
         if not concurrent:
             call.rate_limit = (state,)
@@ -52,6 +70,35 @@ def rate_limit(a: Any) -> Stage | None:
         call.rate_limit = (state, slot)
 
     return Stage("rate_limit", rate_limit, "prepare")
+
+
+def rate_limit_reply(a: Any) -> Stage | None:
+    """The stage reading a count :func:`rate_limit` sent without waiting; None if it waited."""
+    limiter: RateLimiter | None = getattr(a.runtime, "rate_limiter", None)
+    if limiter is None or not _overlapped(a, limiter, _class_of(limiter, a.spec)):
+        return None
+
+    def rate_limit_reply(call: Call) -> None:
+        """Read the rate limit's count, sent before the input was read: 429 over the limit."""
+        call.settle()
+
+    return Stage("rate_limit_reply", rate_limit_reply, "transaction")
+
+
+def _class_of(limiter: RateLimiter, spec: Any) -> RateClass:
+    return limiter.rate_class(getattr(spec, "rate", None) or default_class_of(spec))
+
+
+def _overlapped(a: Any, limiter: RateLimiter, cls: RateClass) -> bool:
+    """Whether the count's round trip overlaps the call's own work (module docstring).
+
+    On a shared store with PostgreSQL, for a class without a concurrency
+    limit: nothing reaches PostgreSQL before the transaction's first statement,
+    where the reply is read. SQLite's transaction begins by taking the
+    database's write lock (``BEGIN IMMEDIATE``), which must not wait on Redis,
+    and the in-process store has no round trip to overlap.
+    """
+    return limiter.counters.shared and bool(a.runtime.postgres) and cls.concurrency is None
 
 
 def limit_list(limiter: RateLimiter, spec: Any, ctx: ActionContext) -> RateState:
