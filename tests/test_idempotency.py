@@ -355,3 +355,40 @@ def test_a_duplicate_that_waits_too_long_gets_409_with_retry_after(pg, alice, pg
         holder.close()
         impatient.engine.dispose()
     assert 0 == load(pg, doc_id).counter
+
+
+@pytest.mark.postgres
+def test_a_cold_retry_neither_waits_on_the_records_lock_nor_needs_the_record(pg, alice, pg_schema):
+    """The claiming SELECT answers a committed key itself: it locks nothing, reads no record."""
+    from datetime import timedelta as td
+
+    from sqlalchemy import text
+
+    doc_id = create_doc(pg, alice)
+    first = pg.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="cold")
+    cold = test_app.build(
+        Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS, lock_timeout=td(milliseconds=300))
+    )
+    holder = pg.engine.connect()
+    try:
+        holder.execute(text("SELECT id FROM test_docs WHERE id = :i FOR UPDATE"), {"i": doc_id})
+        again = cold.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="cold")
+        assert (True, first.body, first.version) == (again.replayed, again.body, again.version)
+        with pytest.raises(IdempotencyKeyReused):  # another request under the key: 422
+            cold.execute(alice, "doc.charge", {"amount": "6"}, target=doc_id, key="cold")
+        holder.rollback()
+        holder.execute(text("DELETE FROM test_docs WHERE id = :i"), {"i": doc_id})
+        holder.commit()
+        gone = test_app.build(Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS))
+        try:  # a third worker, after the record was deleted: still the replay, not a 404
+            late = gone.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="cold")
+            assert (True, first.body) == (late.replayed, late.body)
+        finally:
+            gone.engine.dispose()
+    finally:
+        holder.close()
+        cold.engine.dispose()
+    replays = [r for r in audit_rows(pg) if r["idempotency_key"] == "cold" and r["replayed"]]
+    assert 2 == len(replays)
+    report = pg.verify_audit()
+    assert report.ok, report.problems

@@ -9,7 +9,12 @@ the stages that use these are assembled by :mod:`charter.pipeline.build`:
   stored outcome on the audit ``INSERT``, so a
   keyed call costs the same round trips as an unkeyed one;
 * a replay that this process has seen is answered from :class:`OutcomeCache`
-  with one autocommit audit ``INSERT``; others read the claim once;
+  with one autocommit audit ``INSERT``. Others read the claim once: on
+  PostgreSQL the claiming statement says the key is taken without failing
+  (``ON CONFLICT DO NOTHING``), the claim is read in the same transaction,
+  which commits having written nothing, so the connection keeps its prepared
+  statements (psycopg drops them all on a ROLLBACK); elsewhere the claim's
+  unique violation rolls the transaction back and the claim is looked up;
 * an abandoned multi-phase request is taken over (see :mod:`.recovery`).
 """
 
@@ -64,7 +69,18 @@ CLAIM = claim_insert()
 
 
 class ClaimTaken(Exception):
-    """Another request holds (or held) this key: the runner rolls back and answers it."""
+    """Another request holds (or held) this key: the runner rolls back and answers it.
+
+    ``claim``: the key's claim and outcome when the claiming statement returned
+    them (PostgreSQL's claim-and-load); otherwise the runner looks them up.
+    ``aborted``: the claim failed with an error, and the transaction with it
+    (a plain INSERT's unique violation); otherwise it wrote and locked nothing.
+    """
+
+    def __init__(self, claim: Any = None, *, aborted: bool = True) -> None:
+        super().__init__()
+        self.claim = claim
+        self.aborted = aborted
 
 
 def claim_params(runtime: Runtime, call: Call) -> dict[str, Any]:
@@ -103,13 +119,16 @@ def claiming() -> Iterator[None]:
         raise
 
 
-def answer_duplicate(runtime: Runtime, committer: Committer, call: Call) -> Outcome | None:
+def answer_duplicate(
+    runtime: Runtime, committer: Committer, call: Call, claim: Any = None
+) -> Outcome | None:
     """Answer a call whose key was taken: a replay, a 409 or 422, or ``None`` to run again.
 
+    ``claim``: the key's claim and outcome if already read (:class:`ClaimTaken`).
     ``None`` when the holder rolled back (claim again) or when this call has
     just taken an abandoned multi-phase request over (``call.resume`` is set).
     """
-    row = _claim_of_call(runtime, call)
+    row = claim if claim is not None else _claim_of_call(runtime, call)
     if row is None:
         return None
     done = row.completed_at is not None

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, select
+from sqlalchemy import Connection, Select, bindparam, exists, literal_column, select, true
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from ..idempotency.store import claim_insert
+from ..idempotency.store import claim_insert, claim_or_taken, lookup
 from ..resources import ResourceSpec
 from .tenancy import SCOPED
 
@@ -41,11 +41,12 @@ class Adopter:
         self._keys = [prop.key for prop in props]
         #: The columns to select, in the order :meth:`adopt` reads them.
         self.columns = [prop.columns[0] for prop in props]
-        self._pk_index = self._keys.index(mapper.primary_key[0].key) if self.plain else 0
+        #: Where the primary key is among :attr:`columns`.
+        self.pk_index = self._keys.index(mapper.primary_key[0].key) if self.plain else 0
 
     def adopt(self, session: Session, row: Any) -> Any:
         """The instance for ``row``: the session's own if it holds it, else a new persistent one."""
-        identity = self._mapper.identity_key_from_primary_key((row[self._pk_index],))
+        identity = self._mapper.identity_key_from_primary_key((row[self.pk_index],))
         existing = session.identity_map.get(identity)
         if existing is not None:  # already in this session: the same object, as the ORM does
             return existing
@@ -80,9 +81,30 @@ class Loader:
         if lock:
             table = sa_inspect(resource.model).local_table
             stmt = stmt.with_for_update(of=table if adopter.plain else resource.model)
-        if claim:
+        self._width = len(adopter.columns)
+        self._folded = claim and adopter.plain
+        if self._folded:
+            stmt = self._claiming(stmt)
+        elif claim:
             stmt = stmt.add_cte(claim_insert().cte("charter_claim"))
         self.statement = stmt.execution_options(**{SCOPED: True})
+
+    def _claiming(self, target: Select[Any]) -> Select[Any]:
+        """The target's locked load and the key's claim, in one statement (PostgreSQL).
+
+        ``WITH charter_claim AS (INSERT … ON CONFLICT DO NOTHING RETURNING id)
+        SELECT target, claimed FROM (SELECT claimed) LEFT JOIN (SELECT … FOR
+        UPDATE, if claimed) ON true``: always one row. A first execution gets
+        its claim inserted and its record locked; a retry of a taken key
+        inserts nothing and locks nothing
+        (:func:`~charter.idempotency.store.claim_or_taken`).
+        """
+        claim, claimed = claim_or_taken()
+        mine = exists(select(literal_column("1")).select_from(claim))
+        locked = target.where(mine).subquery("charter_target")
+        claims = select(claimed.label("k_claimed")).subquery("k")
+        joined = claims.outerjoin(locked, true())
+        return select(*locked.c, claims.c.k_claimed).select_from(joined).add_cte(claim)
 
     def load(
         self, session: Session, params: dict[str, Any], connection: Connection | None = None
@@ -95,6 +117,23 @@ class Loader:
             return session.execute(self.statement, params).scalar_one_or_none()
         row = (connection or session.connection()).execute(self.statement, params).first()
         return None if row is None else self._adopter.adopt(session, row)
+
+    def claim(
+        self, session: Session, params: dict[str, Any], connection: Connection | None = None
+    ) -> tuple[Any, bool, Any]:
+        """Claim and load (``claim=True``): (the record or None, whether this call took the
+        key, the claim that holds it instead with its stored outcome, read in this transaction)."""
+        if not self._folded:  # a mapper the ORM loads: the claim's INSERT raises if taken
+            return self.load(session, params, connection), True, None
+        connection = connection or session.connection()
+        row = connection.execute(self.statement, params).one()
+        width = self._width
+        if row[width] is None:  # k_claimed: the key was taken, and nothing written or locked
+            return None, False, lookup(connection, params["c_tenant"], params["c_subject"],
+                                       params["c_key"])  # fmt: skip
+        if row[self._adopter.pk_index] is None:
+            return None, True, None
+        return self._adopter.adopt(session, row[:width]), True, None
 
 
 def _plain(mapper: Any) -> bool:

@@ -73,9 +73,9 @@ def _run(pipeline: Pipeline, call: Call) -> Outcome:
         except Refusal as refusal:
             audit_refusal(pipeline, call, refusal)
             raise refusal.error from None
-        except ClaimTaken:
+        except ClaimTaken as taken:
             claims += 1
-            outcome = answer_duplicate(pipeline.runtime, pipeline.committer, call)
+            outcome = answer_duplicate(pipeline.runtime, pipeline.committer, call, taken.claim)
             if outcome is not None:
                 return outcome
             if claims >= CLAIM_ATTEMPTS:  # the holder keeps rolling back: let the client retry
@@ -109,6 +109,10 @@ def transact(pipeline: Pipeline, call: Call) -> Outcome:
                     stage.run(call)
             except Forbidden as exc:  # the tenant guard, at a flush after the handler
                 raise Refusal(exc, exc.decision, call.record) from exc
+            except ClaimTaken as taken:
+                if not taken.aborted:  # the claiming statement wrote and locked nothing: COMMIT,
+                    session.commit()  # not ROLLBACK, on which psycopg drops its prepared statements
+                raise
     finally:
         lease.rolled_back()
     return call.result()

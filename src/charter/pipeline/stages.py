@@ -239,7 +239,9 @@ def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
             params = claims.claim_params(runtime, call)
             params["t_id"] = key
             with claims.claiming():
-                record = claim_load.load(session, params, call.connection)
+                record, holds, taken = claim_load.claim(session, params, call.connection)
+            if not holds:  # a retry: its claim and stored outcome came with the row (or not yet)
+                raise claims.ClaimTaken(taken, aborted=False)
         else:
             record = statements.load(call, resource, spec.by, key)
         if record is None:
