@@ -272,12 +272,15 @@ def page_ratio(url: str, rounds: int, per_round: int, warmup: int) -> dict[str, 
     list_records = charter.list_records
 
     def charter_page() -> tuple[list[Any], Any]:
-        return list_records(actor, "invoice.approve", limit=PAGE, request_id=request_id)
+        page = list_records(actor, "invoice.approve", limit=PAGE, request_id=request_id)
+        return page.records, page.next  # next: an encrypted cursor (the hand page's: the id)
 
     try:
         ours, our_cursor = charter_page()
         theirs, their_cursor = hand()
-        if [r.id for r in ours] != [r.id for r in theirs] or our_cursor != their_cursor:
+        if [r.id for r in ours] != [r.id for r in theirs] or (our_cursor is None) != (
+            their_cursor is None
+        ):
             print("the two pages differ", file=sys.stderr)
             return None
         if len(ours) != PAGE:
