@@ -240,6 +240,77 @@ def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards,
 # -- every record a call touches ---------------------------------------------------------
 
 
+# -- a refused call keeps the connection's prepared statements (PostgreSQL, psycopg) ----------
+
+
+def _one_connection(url: str) -> Charter:
+    """A Charter whose calls all take the same pooled connection, with a handler that counts
+    the server-side prepared statements of the connection it runs on."""
+    from charter.storage import make_engine
+
+    charter = test_app.build(
+        Charter(engine=make_engine(url, pool_size=1, max_overflow=0), audit_keys=AUDIT_KEYS)
+    )
+
+    @charter.action("doc.prepared", on=test_app.Doc, allow=test_app.is_member)
+    def prepared(ctx: ActionContext, doc: Any, data: BaseModel) -> int:
+        assert ctx.session is not None
+        return int(
+            ctx.session.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one()
+        )
+
+    return charter
+
+
+@pytest.mark.postgres
+def test_a_refused_call_keeps_the_connections_prepared_statements(pg_schema, disposing):
+    """psycopg's rollback() drops every prepared statement of a connection; the gate's does not,
+    so refusals do not make the next calls parse and plan their statements again."""
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    charter = _one_connection(pg_schema)
+    try:
+        doc = create_doc(charter, ALICE)
+        for _ in range(8):  # psycopg prepares a statement at its 5th execution
+            before = charter.execute(ALICE, "doc.prepared", target=doc).body
+        assert before >= 2  # the claim-and-load and the UPDATE carrying the audit INSERT
+        for _ in range(3):
+            with pytest.raises(Forbidden):
+                charter.execute(ALICE, "doc.publish", target=doc)  # editors only: refused
+        after = charter.execute(ALICE, "doc.prepared", target=doc).body
+        assert after >= before
+    finally:
+        charter.close()
+        charter.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_inside_a_call_is_a_503_and_the_next_call_gets_a_new_one(
+    pg_schema,
+):
+    from charter.errors import StorageUnavailable
+
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    charter = _one_connection(pg_schema)
+
+    @charter.action("doc.lose_connection", on=test_app.Doc, allow=test_app.is_member)
+    def lose(ctx: ActionContext, doc: Any, data: BaseModel) -> None:
+        assert ctx.session is not None
+        ctx.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    try:
+        doc = create_doc(charter, ALICE)
+        with pytest.raises(StorageUnavailable):
+            charter.execute(ALICE, "doc.lose_connection", target=doc)
+        assert charter.execute(ALICE, "doc.prepared", target=doc).body >= 0
+    finally:
+        charter.close()
+        charter.engine.dispose()
+
+
 def test_declared_locks_reach_the_handler_and_every_changed_record_is_bumped_and_audited(cards):
     a, b = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
     outcome = cards.execute(ALICE, "card.transfer", {"to": b, "amount": "30"}, target=a)

@@ -19,7 +19,7 @@ from ..audit.trail import AuditTrail
 from ..idempotency.store import OutcomeCache
 from ..policy import Readers
 from ..resources import ResourceSpec
-from ..storage import WRITE_OPTION, is_postgres, translate_errors
+from ..storage import WRITE_OPTION, is_postgres, keep_prepared_statements, translate_errors
 from .tenancy import TenantGuard
 
 if TYPE_CHECKING:
@@ -52,9 +52,10 @@ class Runtime:
         self.conflict_retries = conflict_retries
         #: PostgreSQL: row locks, and the statements that fold several writes into one.
         self.postgres = is_postgres(engine)
-        self.sessions = sessionmaker(
-            engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
-        )
+        writes = engine.execution_options(**{WRITE_OPTION: True})
+        if self.postgres and engine.dialect.driver == "psycopg":
+            keep_prepared_statements(writes)  # a refused call's ROLLBACK keeps them
+        self.sessions = sessionmaker(writes, expire_on_commit=False)
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.outcomes = OutcomeCache()
