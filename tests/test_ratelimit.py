@@ -593,3 +593,21 @@ def test_a_reply_that_never_comes_fails_by_the_class_mode_and_the_store_recovers
     time.sleep(1.1)  # the store is left alone for retry_after, then tried again
     # The timed-out connection was closed, never reused (Redis drops a gone client's command).
     assert 1 == charter.execute(alice, "doc.pay").rate_limit[0].remaining
+
+
+def test_settling_reads_every_pending_reply_and_raises_the_first_refusal():
+    from charter.pipeline.call import Call
+
+    read: list[str] = []
+
+    def refused() -> None:
+        read.append("first")
+        raise RateLimited("over", rate_class="write", retry_after=1)
+
+    call = Call(spec=None, ctx=None)  # type: ignore[arg-type]  # settle reads neither
+    call.pending = (refused, lambda: read.append("second"))
+    with pytest.raises(RateLimited):
+        call.settle()
+    assert ["first", "second"] == read  # the second still read: its connection goes back
+    call.settle()  # settled once: nothing left to read
+    assert ["first", "second"] == read

@@ -113,8 +113,14 @@ class Call:
         reply is never left unread and its refusal wins over what came after.
         """
         pending, self.pending = self.pending, ()
-        for read in pending:
-            read()
+        refused: BaseException | None = None
+        for read in pending:  # every one is read, so that none holds its connection
+            try:
+                read()
+            except BaseException as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused
 
     def restart(self) -> None:
         """Forget the transaction's state before the runner tries the call again."""

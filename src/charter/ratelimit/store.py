@@ -23,7 +23,7 @@ A count can be **sent now and read later** (:meth:`Counters.hit_later`): the
 gate sends it before it validates the input and opens its transaction, and
 reads the reply just before its first statement, so the round trip overlaps
 work the call does anyway. This is written on ``redis-py``'s connection
-(``send_command`` / ``read_response``) rather than its client, whose
+(``pack_command``, ``send_packed_command``, ``read_response``) rather than its client, whose
 per-command path (a pool that polls each connection it hands out, retries,
 observability hooks) cost 176 µs a count here against 120 µs for the same
 script sent this way (benchmarks/RESULTS.md): a connection is held by exactly
@@ -145,6 +145,7 @@ class Counters:
         except Exception as exc:  # limits' ConfigurationError, a missing redis package
             raise ConfigurationError(f"rate limit storage {_redacted(uri)}: {exc}") from exc
         self._errors: tuple[type[BaseException], ...] = (OSError, self.storage.base_exceptions)
+        self._prefix = f"{getattr(self.storage, 'key_prefix', 'LIMITS')}:"  # limits' key form
         self._slots: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._acquire: Any = None
@@ -178,10 +179,11 @@ class Counters:
         if not self.shared:
             count = int(self.storage.incr(key, expiry))
             return lambda: count
-        held, args = self._held, (1, self._key(key), expiry, 1)
+        held, args = self._held, (1, self._prefix + key, expiry, 1)
         connection = held.take()
         try:
-            connection.send_command("EVALSHA", self._incr.sha, *args)
+            command = connection.pack_command("EVALSHA", self._incr.sha, *args)
+            connection.send_packed_command(command, check_health=False)
         except BaseException as exc:
             held.drop(connection)
             if isinstance(exc, self._errors):
@@ -261,7 +263,7 @@ class Counters:
             connection.connection_pool.disconnect()
 
     def _key(self, key: str) -> str:
-        return f"{getattr(self.storage, 'key_prefix', 'LIMITS')}:{key}"
+        return self._prefix + key
 
 
 class _Connections:
