@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -130,3 +131,8 @@ def interleave(
             per_op[side].extend(times)
             means[side].append(statistics.fmean(times))
     return per_op, means
+
+
+def print_figures(figures: Mapping[str, float | None]) -> None:
+    """The benchmark's last line: its figures as one JSON object, rounded to 3 decimals."""
+    print(json.dumps({k: (None if v is None else round(v, 3)) for k, v in figures.items()}))

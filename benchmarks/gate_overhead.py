@@ -957,7 +957,7 @@ def main() -> int:
             print(p)
     print()
     print(f"total time {time.perf_counter() - t0:.1f} s, loadavg at end {_common.loadavg()}")
-    print(json.dumps({k: (None if v is None else round(v, 3)) for k, v in figures.items()}))
+    _common.print_figures(figures)
     return 0
 
 

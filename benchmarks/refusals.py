@@ -162,7 +162,7 @@ def main() -> int:
     finally:
         for charter in charters.values():
             charter.close()
-    print(json.dumps({k: (None if v is None else round(v, 3)) for k, v in figures.items()}))
+    _common.print_figures(figures)
     return 0
 
 
