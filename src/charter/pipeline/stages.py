@@ -240,7 +240,7 @@ def _claim_and_load(a: Assembly, statements: _Statements) -> Stage:
             params["t_id"] = key
             with claims.claiming():
                 record, holds, taken = claim_load.claim(session, params, call.connection)
-            if not holds:  # a retry: its claim and stored outcome came with the row (or not yet)
+            if not holds:  # a retry: its claim and stored outcome, read in this transaction
                 raise claims.ClaimTaken(taken, aborted=False)
         else:
             record = statements.load(call, resource, spec.by, key)
