@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session
 from ..decision import Decision
 from ..errors import CharterError
 from ..outcome import Outcome
-from ..storage import translate_errors
 from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
 from .recovery import takeover_statement
 from .store import (
@@ -148,8 +147,7 @@ def answer_duplicate(
 def _claim_of_call(runtime: Runtime, call: Call) -> Any:
     """The key's claim and outcome; on PostgreSQL one autocommit SELECT (no BEGIN/ROLLBACK)."""
     tenant, subject, key = call.ctx.idempotency_scope
-    engine = runtime.autocommit if runtime.postgres else runtime.engine
-    with translate_errors(), engine.connect() as connection:
+    with runtime.reading() as connection:
         return lookup(connection, tenant, subject, key)
 
 

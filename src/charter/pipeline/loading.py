@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, exists, literal_column, select, true
+from sqlalchemy import Connection, Result, Select, bindparam, exists, literal_column, select, true
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.base import instance_state
 
 from ..idempotency.store import claim_insert, claim_or_taken, lookup
 from ..resources import ResourceSpec
@@ -43,6 +44,8 @@ class Adopter:
         self.columns = [prop.columns[0] for prop in props]
         #: Where the primary key is among :attr:`columns`.
         self.pk_index = self._keys.index(mapper.primary_key[0].key) if self.plain else 0
+        #: A result column's key -> the attribute it loads (``select(model)`` run in Core).
+        self._attribute = {prop.columns[0].key: prop.key for prop in props}
 
     def adopt(self, session: Session, row: Any) -> Any:
         """The instance for ``row``: the session's own if it holds it, else a new persistent one."""
@@ -55,6 +58,30 @@ class Adopter:
         make_transient_to_detached(record)  # as if freshly loaded: no history, key set
         session.add(record)  # persistent, no SQL
         return record
+
+    def detached(self, result: Result[Any]) -> list[Any]:
+        """The rows of ``select(model)`` run in Core, as detached instances (a list's page).
+
+        What the ORM leaves after loading the rows and closing its session:
+        loaded column attributes, no history, the identity key set, no session.
+        ``make_transient_to_detached`` would do the same at 1.5x the cost of
+        the ORM's own load (it computes each key through the mapper and expires
+        the attributes it did not load); a new instance has nothing to commit or
+        expire, so only the key is set, from the mapper's public
+        ``identity_key_from_primary_key``.
+        """
+        columns = result.keys()  # a Result's column keys, in the rows' order
+        keys = [self._attribute[key] for key in columns]
+        pk = keys.index(self._keys[self.pk_index])
+        new = self._mapper.class_manager.new_instance
+        identity = self._mapper.identity_key_from_primary_key
+        records = []
+        for row in result.all():  # one fetchall: iterating fetches row by row
+            record = new()
+            record.__dict__.update(zip(keys, row, strict=True))
+            instance_state(record).key = identity((row[pk],))
+            records.append(record)
+        return records
 
 
 class Loader:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..audit.trail import AuditTrail
@@ -20,6 +20,7 @@ from ..idempotency.store import OutcomeCache
 from ..policy import Readers
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, keep_prepared_statements, translate_errors
+from .loading import Adopter
 from .tenancy import TenantGuard
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class Runtime:
         writes = engine.execution_options(**{WRITE_OPTION: True})
         if self.postgres and engine.dialect.driver == "psycopg":
             keep_prepared_statements(writes)  # a refused call's ROLLBACK keeps them
+        #: The engine of write transactions (SQLite: ``BEGIN IMMEDIATE``).
+        self.writes = writes
         self.sessions = sessionmaker(writes, expire_on_commit=False)
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -63,6 +66,25 @@ class Runtime:
         self.rate_limiter: RateLimiter | None = None
         self.tenancy = TenantGuard(resources)
         self.tenancy.install(self.sessions)
+        self._adopters: dict[type[Any], Adopter] = {}
+
+    def adopter(self, model: type[Any]) -> Adopter:
+        """How Core rows of ``model`` become instances (built once per model)."""
+        adopter = self._adopters.get(model)
+        if adopter is None:
+            adopter = self._adopters[model] = Adopter(model)
+        return adopter
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A connection for reads outside any call's transaction, database errors translated.
+
+        PostgreSQL: autocommit, so each statement is its own round trip, with no
+        BEGIN and no COMMIT around it. SQLite: a plain connection (no write lock).
+        """
+        engine = self.autocommit if self.postgres else self.engine
+        with translate_errors(), engine.connect() as connection:
+            yield connection
 
     @contextmanager
     def write_session(self) -> Iterator[Session]:

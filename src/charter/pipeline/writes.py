@@ -100,6 +100,26 @@ class Committer:
             self.write(session, lease, [entry], None)
 
     @contextmanager
+    def audited_read(self) -> Iterator[tuple[Connection, list[AuditEntry]]]:
+        """A read outside any transaction, then the entries the caller appended for it.
+
+        The read needs no transaction: it is one statement, and what it returns
+        is given to the caller only once its entries are written (an error
+        inside the block writes none). PostgreSQL: the entries go on the read's
+        own autocommit connection (one INSERT, no BEGIN or COMMIT). SQLite: in a
+        short write transaction, after the read's connection is closed (writing
+        on it would upgrade a read lock, which ``BEGIN IMMEDIATE`` exists to avoid).
+        """
+        runtime, entries = self.runtime, []
+        with runtime.reading() as connection:
+            yield connection, entries
+            if runtime.postgres:
+                runtime.audit_trail.write_alone(connection, entries)
+        if not runtime.postgres and entries:
+            with self.transaction() as (session, lease):
+                self.write(session, lease, entries, None)
+
+    @contextmanager
     def transaction(self) -> Iterator[tuple[Session, AuditLease]]:
         """A short write transaction of its own, with its own audit lease; COMMIT at the end.
 
