@@ -9,7 +9,18 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Numeric, String, UniqueConstraint, event, func, select, text, update
+from sqlalchemy import (
+    Numeric,
+    String,
+    UniqueConstraint,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from charter import A, Actor, Charter, ConfigurationError, Conflict, Forbidden, NotFound, R
@@ -375,6 +386,95 @@ def test_the_flush_guard_refuses_changing_or_deleting_another_tenants_record(car
     assert Decimal("100") == card(cards, foreign).balance
     denial = cards.history("test_cards", mine)[-1]
     assert ("deny", "forbidden") == (denial["decision"], denial["outcome"])
+
+
+#: Every way an ORM write in a handler could reach another tenant, each refused (rule tenant).
+#: ``mine``/``foreign``: the ids of a card of the actor's tenant and of another's.
+CROSS_TENANT_WRITES: dict[str, Any] = {
+    "bulk insert of rows": lambda s, mine, foreign: s.execute(
+        insert(Card), [{"tenant_id": "globex", "code": "X", "balance": Decimal(1)}]
+    ),
+    "insert .values()": lambda s, mine, foreign: s.execute(
+        insert(Card).values(tenant_id="globex", code="X", balance=Decimal(1))
+    ),
+    "multi-values insert": lambda s, mine, foreign: s.execute(
+        insert(Card).values(
+            [
+                {"tenant_id": "acme", "code": "X", "balance": Decimal(1)},
+                {"tenant_id": "globex", "code": "Y", "balance": Decimal(1)},
+            ]
+        )
+    ),
+    "bulk insert naming no tenant": lambda s, mine, foreign: s.execute(
+        insert(Card), [{"code": "X", "balance": Decimal(1)}]
+    ),
+    "insert from select": lambda s, mine, foreign: s.execute(
+        insert(Card).from_select(
+            ["tenant_id", "code", "balance"],
+            select(literal("globex"), literal("X"), Card.balance).where(Card.id == mine),
+        )
+    ),
+    "bulk update by primary key": lambda s, mine, foreign: s.execute(
+        update(Card), [{"id": mine, "balance": Decimal(0)}, {"id": foreign, "balance": Decimal(0)}]
+    ),
+    "bulk update moving a record": lambda s, mine, foreign: s.execute(
+        update(Card).where(Card.id == mine).values(tenant_id="globex")
+    ),
+    "legacy bulk_update_mappings": lambda s, mine, foreign: s.bulk_update_mappings(
+        Card, [{"id": foreign, "balance": Decimal(0)}]
+    ),
+    "legacy bulk_insert_mappings": lambda s, mine, foreign: s.bulk_insert_mappings(
+        Card, [{"tenant_id": "globex", "code": "X", "balance": Decimal(1)}]
+    ),
+    "legacy bulk_save_objects": lambda s, mine, foreign: s.bulk_save_objects(
+        [Card(tenant_id="acme", code="X", balance=Decimal(1))]
+    ),
+}
+
+
+@pytest.mark.parametrize("write", list(CROSS_TENANT_WRITES))
+def test_no_orm_bulk_write_in_a_handler_reaches_another_tenant(cards, write):
+    """ORM bulk INSERT/UPDATE in every form SQLAlchemy takes, and its legacy bulk methods
+    (which emit no ORM event): a 403 with rule tenant, audited, and nothing commits."""
+    mine, foreign = add_card(cards, "acme", "A"), add_card(cards, "globex", "G")
+
+    @cards.action("card.bulk_write", on=None, allow=MEMBER)
+    def bulk_write(ctx: ActionContext, _: None, __: Any) -> None:
+        assert ctx.session is not None
+        ctx.session.execute(update(Card).where(Card.id == mine).values(label="first"))
+        CROSS_TENANT_WRITES[write](ctx.session, mine, foreign)
+
+    with pytest.raises(Forbidden) as refused:
+        cards.execute(ALICE, "card.bulk_write")
+    assert "tenant" == refused.value.decision.rule
+    with cards.session() as session:
+        rows = session.execute(select(Card.tenant_id, Card.code, Card.label, Card.balance)).all()
+    assert [("acme", "A", "", Decimal(100)), ("globex", "G", "", Decimal(100))] == sorted(rows)
+    a = audit_table.c
+    with cards.engine.connect() as conn:
+        denial = conn.execute(
+            select(a.decision, a.outcome, a.rule).where(a.action == "card.bulk_write")
+        ).all()
+    assert [("deny", "forbidden", "tenant")] == denial
+
+
+def test_orm_bulk_writes_within_the_actors_tenant_go_through(cards):
+    first, second = add_card(cards, "acme", "A"), add_card(cards, "acme", "B")
+
+    @cards.action("card.bulk_own", on=None, allow=MEMBER)
+    def bulk_own(ctx: ActionContext, _: None, __: Any) -> None:
+        assert ctx.session is not None
+        ctx.session.execute(
+            update(Card), [{"id": first, "label": "one"}, {"id": second, "label": "two"}]
+        )
+        ctx.session.execute(
+            insert(Card), [{"tenant_id": "acme", "code": "C", "balance": Decimal(5)}]
+        )
+
+    cards.execute(ALICE, "card.bulk_own")
+    with cards.session() as session:
+        rows = session.execute(select(Card.code, Card.label).order_by(Card.code)).all()
+    assert [("A", "one"), ("B", "two"), ("C", "")] == rows
 
 
 # -- under concurrency (PostgreSQL) ----------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import JSON, DateTime, String, insert, update
+from sqlalchemy import JSON, DateTime, String, func, insert, literal, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from charter import (
@@ -336,6 +336,58 @@ def test_bulk_updates_and_imports_of_the_state_are_refused(tickets):
             tickets.execute(ALICE, action)
     assert "new" == state(tickets, ticket)
     tickets.execute(ALICE, "ticket.import_new")  # rows in the initial state may be imported
+
+
+def _columns(**values: Any) -> tuple[Any, ...]:
+    """A positional row of ``Ticket``'s table, its columns in order."""
+    return tuple(values.get(c.key) for c in Ticket.__table__.c)
+
+
+#: Writes of the state in the other forms SQLAlchemy takes (each refused; nothing written).
+STATE_WRITES: dict[str, Any] = {
+    "multi-values insert": lambda s, t: s.execute(
+        insert(Ticket).values(
+            [
+                {"tenant_id": "acme", "owner": "x", "state": "new", "version": 1},
+                {"tenant_id": "acme", "owner": "y", "state": "approved", "version": 1},
+            ]
+        )
+    ),
+    "multi-values insert of positional rows": lambda s, t: s.execute(
+        insert(Ticket).values(
+            [_columns(id=100, tenant_id="acme", owner="x", state="approved", version=1)]
+        )
+    ),
+    "insert from select": lambda s, t: s.execute(
+        insert(Ticket).from_select(
+            ["tenant_id", "owner", "state", "version"],
+            select(Ticket.tenant_id, Ticket.owner, literal("approved"), Ticket.version),
+        )
+    ),
+    "update by primary key": lambda s, t: s.execute(
+        update(Ticket), [{"id": t, "state": "approved"}]
+    ),
+    "update to an expression": lambda s, t: s.execute(
+        update(Ticket).where(Ticket.id == t).values(state=func.lower("APPROVED"))
+    ),
+    "legacy bulk_update_mappings": lambda s, t: s.bulk_update_mappings(
+        Ticket, [{"id": t, "state": "approved"}]
+    ),
+}
+
+
+@pytest.mark.parametrize("write", list(STATE_WRITES))
+def test_the_state_written_in_any_bulk_form_is_refused(tickets, write):
+    ticket = new_ticket(tickets)
+
+    @tickets.action("ticket.write_state", on=None, allow=True)
+    def write_state(ctx: Any, _: None, __: Any) -> None:
+        STATE_WRITES[write](ctx.session, ticket)
+
+    with pytest.raises(Forbidden):
+        tickets.execute(ALICE, "ticket.write_state")
+    with tickets.session() as session:
+        assert [("new",)] == session.execute(select(Ticket.state)).all()
 
 
 def test_an_input_model_carrying_the_state_is_refused_at_declaration():

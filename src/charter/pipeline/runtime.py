@@ -21,7 +21,7 @@ from ..policy import Readers
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, keep_prepared_statements, translate_errors
 from .loading import Adopter
-from .tenancy import TenantGuard
+from .tenancy import GateSession, TenantGuard
 
 if TYPE_CHECKING:
     from ..ratelimit.limiter import RateLimiter
@@ -58,7 +58,7 @@ class Runtime:
             keep_prepared_statements(writes)  # a refused call's ROLLBACK keeps them
         #: The engine of write transactions (SQLite: ``BEGIN IMMEDIATE``).
         self.writes = writes
-        self.sessions = sessionmaker(writes, expire_on_commit=False)
+        self.sessions = sessionmaker(writes, class_=GateSession, expire_on_commit=False)
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.outcomes = OutcomeCache()

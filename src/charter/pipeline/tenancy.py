@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, select, tuple_
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
@@ -30,16 +30,55 @@ from ..actor import Actor
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
 from ..resources import ResourceSpec
+from .dml import written_rows
 
-__all__ = ["SCOPED", "TenantGuard", "tenant_violation"]
+__all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation"]
 
 #: Execution option of a statement that already carries the tenant in its SQL (the gate's own).
 SCOPED = "charter_tenant_scoped"
 
 _ACTOR = "charter.actor"
+_GUARD = "charter.tenant_guard"
 _WROTE = "charter.wrote"
 _CREATED = "charter.created"
 _CHANGED = "charter.changed"
+
+
+class GateSession(Session):
+    """The gate's sessions: SQLAlchemy's legacy bulk methods are refused inside a call.
+
+    ``bulk_save_objects``, ``bulk_insert_mappings`` and ``bulk_update_mappings``
+    emit no ORM event: neither the tenant guard nor the workflow guard would see
+    their rows, and the call's audit entry could not name what they changed. On a
+    declared resource, in a session bound to an actor, they are a 403 (rule
+    ``tenant``, audited, nothing written). Their 2.0 forms are guarded:
+    ``session.execute(insert(Model), rows)``, ``session.execute(update(Model), rows)``.
+    """
+
+    def bulk_save_objects(self, objects: Any, *args: Any, **kwargs: Any) -> None:
+        objects = list(objects)
+        self._refuse_legacy("bulk_save_objects", {type(o) for o in objects})
+        super().bulk_save_objects(objects, *args, **kwargs)
+
+    def bulk_insert_mappings(self, mapper: Any, mappings: Any, *args: Any, **kwargs: Any) -> None:
+        self._refuse_legacy("bulk_insert_mappings", {sa_inspect(mapper).class_})
+        super().bulk_insert_mappings(mapper, mappings, *args, **kwargs)
+
+    def bulk_update_mappings(self, mapper: Any, mappings: Any) -> None:
+        self._refuse_legacy("bulk_update_mappings", {sa_inspect(mapper).class_})
+        super().bulk_update_mappings(mapper, mappings)
+
+    def _refuse_legacy(self, method: str, models: set[type[Any]]) -> None:
+        guard: TenantGuard | None = self.info.get(_GUARD)
+        if self.info.get(_ACTOR) is None or guard is None:
+            return
+        declared = sorted(spec.name for m in models if (spec := guard.resource_of_model(m)))
+        if declared:
+            raise tenant_violation(
+                f"Session.{method} emits no ORM event, so the gate cannot keep it in the "
+                f"actor's tenant ({', '.join(declared)}); use session.execute(insert(...) or "
+                "update(...), rows)"
+            )
 
 
 class TenantGuard:
@@ -49,6 +88,7 @@ class TenantGuard:
         self._resources = resources  # the registry's live mapping: resources declared later count
 
     def install(self, sessions: sessionmaker[Session]) -> None:
+        sessions.configure(info={_GUARD: self})
         event.listen(sessions, "before_flush", self._before_flush)
         event.listen(sessions, "after_flush", _mark_written)
         event.listen(sessions, "do_orm_execute", self._confine)
@@ -91,6 +131,8 @@ class TenantGuard:
         actor: Actor | None = state.session.info.get(_ACTOR)
         if actor is None or state.execution_options.get(SCOPED) or state.is_column_load:
             return
+        if state.is_insert or state.is_update:
+            self._check_written(state, actor)
         if not (state.is_select or state.is_update or state.is_delete):
             return
         options = [
@@ -102,6 +144,49 @@ class TenantGuard:
         ]
         if options:
             state.statement = state.statement.options(*options)
+
+    def _check_written(self, state: ORMExecuteState, actor: Actor) -> None:
+        """An ORM bulk ``INSERT``/``UPDATE`` of a declared resource stays in the actor's tenant.
+
+        Every row of an INSERT names the actor's tenant (rows of a bulk insert are
+        not given one, as a flushed record is); no UPDATE sets another. An UPDATE
+        by primary key (a list of rows) is not confined by loader criteria
+        (SQLAlchemy applies none to it), so its keys are looked up first, in the
+        actor's tenant: one that is not there refuses the whole statement.
+        """
+        mapper = state.bind_mapper
+        resource = None if mapper is None else self.resource_of_model(mapper.class_)
+        if resource is None or resource.tenant is None:
+            return
+        tenant, rows = actor.tenant_id, written_rows(state)
+        for row in rows:
+            if state.is_insert and row.get(resource.tenant) != tenant:
+                raise tenant_violation(
+                    f"a bulk insert of {resource.name} names tenant "
+                    f"{row.get(resource.tenant)!r}: every row must name the actor's"
+                )
+            if resource.tenant in row and row[resource.tenant] != tenant:
+                raise tenant_violation(f"a bulk update cannot move {resource.name} records")
+        if state.is_update and isinstance(state.parameters, list):
+            self._check_keys(state, resource, rows)
+
+    def _check_keys(
+        self, state: ORMExecuteState, resource: ResourceSpec, rows: list[dict[str, Any]]
+    ) -> None:
+        mapper: Any = sa_inspect(resource.model)
+        names = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+        keys = {tuple(row.get(n) for n in names) for row in rows}
+        # ORM attributes, not table columns: the SELECT is then confined to the
+        # actor's tenant by this very hook, as any ORM read in the session.
+        attributes = [getattr(resource.model, n) for n in names]
+        found = state.session.execute(
+            select(*attributes).where(tuple_(*attributes).in_(list(keys)))
+        ).all()
+        if len(found) != len(keys):
+            raise tenant_violation(
+                f"a bulk update by primary key names a {resource.name} record "
+                "that is not in the actor's tenant"
+            )
 
     def _before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
         """New records join the actor's tenant; none may be created in, moved to, changed in

@@ -13,11 +13,14 @@ sessions, this guard then refuses, before anything reaches the database:
 * a new record in any state but the workflow's initial one (a missing state
   is set to it), or with a deadline or step log of its own;
 * an ORM bulk ``update()`` that sets one of those columns, and an ORM bulk
-  ``insert()`` (an import) of rows in another state than the initial one.
+  ``insert()`` (an import) of rows in another state than the initial one, in
+  whichever form the rows come (:func:`~charter.pipeline.dml.written_rows`:
+  parameters, ``.values()`` of one or many rows, ``INSERT … FROM SELECT``).
 
 Like the tenant guard (:mod:`charter.pipeline.tenancy`), hand-written Core
-statements and ``text()`` are outside this guarantee, and so are SQLAlchemy's
-legacy ``bulk_*_mappings`` methods, which emit no ORM event.
+statements and ``text()`` are outside this guarantee. SQLAlchemy's legacy
+``bulk_*`` methods, which emit no ORM event, are refused on declared resources
+(:class:`~charter.pipeline.tenancy.GateSession`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
+from ..pipeline.dml import written_rows
 from .model import Workflow
 
 __all__ = ["WorkflowGuard", "plan_write", "refuse_unplanned", "state_write_refused"]
@@ -95,9 +99,7 @@ class WorkflowGuard:
         workflow = None if mapper is None else self._workflows.get(mapper.class_)
         if workflow is None:
             return
-        params: Any = state.parameters
-        rows: list[Mapping[str, Any]] = list(params) if isinstance(params, list) else [params or {}]
-        rows.append(_set_clause(state.statement))
+        rows = written_rows(state)
         for column in workflow.guarded_columns:
             values = [row[column] for row in rows if column in row]
             if not values:
@@ -106,19 +108,6 @@ class WorkflowGuard:
             if not initial or any(v != workflow.initial for v in values):
                 verb = "imported" if state.is_insert else "updated in bulk"
                 raise state_write_refused(workflow, column, verb)
-
-
-def _set_clause(statement: Any) -> dict[str, Any]:
-    """The column values an ORM ``update().values()`` / ``insert().values()`` sets itself.
-
-    SQLAlchemy keeps them in ``_values`` (no public accessor): keys are columns or
-    names, values bound parameters (a SQL expression stands for itself, never
-    equal to a state name, so it is refused).
-    """
-    found: dict[str, Any] = {}
-    for key, value in dict(getattr(statement, "_values", None) or {}).items():
-        found[str(getattr(key, "key", key))] = getattr(value, "value", value)
-    return found
 
 
 def refuse_unplanned(session: Session, workflow: Workflow, obj: Any) -> None:
