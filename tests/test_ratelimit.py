@@ -496,6 +496,28 @@ def test_sqlite_and_the_in_process_store_read_the_count_at_once(closing):
         charter.close()
 
 
+@pytest.mark.redis
+def test_a_count_in_flight_when_the_store_closes_closes_its_connection():
+    """close() closes the idle connections at once and a held one when its reply is read:
+    none is left open for the garbage collector (a ResourceWarning, under this suite an error)."""
+    from charter.ratelimit.store import Counters
+
+    counters = Counters(require_redis())
+    try:
+        read = counters.hit_later("test-close/1", 60)  # sent; its connection is held
+        idle = counters.hit_later("test-close/2", 60)
+        idle()  # read: its connection is idle
+        held = counters._held
+        counters.close()
+        assert [] == held._idle
+        assert 1 == read()  # the reply is still read ...
+        assert [] == held._idle  # ... and the connection closed, not kept
+        assert 0 == held._out
+        assert 2 == counters.hit_later("test-close/2", 60)()  # a later count reconnects
+    finally:
+        counters.close()
+
+
 @PG_AND_REDIS
 def test_over_the_limit_the_429_wins_over_invalid_input_and_a_cached_replay(limited, alice):
     charter = limited()

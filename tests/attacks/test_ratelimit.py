@@ -148,6 +148,25 @@ def test_requests_without_a_credential_are_limited_per_address_before_authentica
     assert 200 == client.get("/invoices", headers=auth("alice")).status_code
 
 
+def test_an_ipv6_client_is_counted_by_its_64_whichever_address_it_sends_from(service):
+    """A subscriber is given a whole /64: a new address per request must not be a new count.
+    An IPv4-mapped address (a dual-stack socket's form) counts as its IPv4 address."""
+    first, _ = service(client=("2001:db8:7:1::1", 5000))
+
+    def anonymous(host: str) -> int:
+        peer = TestClient(first.app, raise_server_exceptions=False, client=(host, 5000))
+        return peer.get("/invoices").status_code
+
+    hosts = ["2001:db8:7:1::2", "2001:db8:7:1:ffff::3", "2001:db8:7:1:1:2:3:4"]
+    assert [401, 401, 401, 429] == [first.get("/invoices").status_code] + [
+        anonymous(h) for h in hosts
+    ]
+    assert 401 == anonymous("2001:db8:7:2::1")  # the next /64 is another client
+    assert [401, 401, 401, 429] == [
+        anonymous(h) for h in ("192.0.2.44", "::ffff:192.0.2.44", "192.0.2.44", "::ffff:c000:22c")
+    ]
+
+
 def test_forged_tokens_count_against_the_address_and_stop_being_verified(service):
     client, _ = service()
     forged = {"Authorization": "Bearer not-a-token"}

@@ -13,7 +13,10 @@ without costing a signature check, while authenticated users behind the same
 address are not counted against it.
 
 The client address is the ASGI ``client`` (the peer); behind a proxy, give
-``client_address`` a function that reads the header the proxy sets.
+``client_address`` a function that reads the header the proxy sets. An IPv6
+address is counted by its /64 network (:func:`address_key`): one subscriber
+line is given at least a /64, so a client could otherwise send each request
+from a new address of its own and never be counted twice.
 
 :class:`AddressLimit` is the rule, framework-free; :class:`AddressLimitMiddleware`
 applies it to an ASGI app (FastAPI), and the Flask adapter applies it in its
@@ -23,6 +26,7 @@ applies it to an ASGI app (FastAPI), and the Flask adapter applies it in its
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
@@ -34,7 +38,7 @@ from ..audit.entry import AuditEntry
 from ..errors import CharterError
 from ..ratelimit import ANONYMOUS, RateLimiter
 
-__all__ = ["AddressLimit", "AddressLimitMiddleware", "peer_address"]
+__all__ = ["AddressLimit", "AddressLimitMiddleware", "address_key", "peer_address"]
 
 PROBLEM_JSON = "application/problem+json"
 #: Header fields that carry a credential the app verifies (a bearer token, a webhook signature).
@@ -46,6 +50,27 @@ MAX_ADDRESS = 64
 def peer_address(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
+
+
+def address_key(address: str) -> str:
+    """What one client is counted as: an IPv4 address, an IPv6 /64, or the text as given.
+
+    IPv6 is counted per /64 (RFC 6177: a site, down to one subscriber, is given
+    at least a /64, every address of which it may use); an IPv4-mapped IPv6
+    address (``::ffff:192.0.2.1``, a dual-stack socket's form) is its IPv4
+    address. Anything else (``unknown``, a proxy's label) is kept as it is, cut
+    to :data:`MAX_ADDRESS` characters.
+    """
+    text = address[:MAX_ADDRESS].strip()
+    try:
+        parsed = ipaddress.ip_address(text.split("%", 1)[0])  # without an IPv6 zone index
+    except ValueError:
+        return text
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
 
 
 class AddressLimit:
@@ -69,13 +94,13 @@ class AddressLimit:
 
     def before(self, address: str, *, credential: bool) -> None:
         """Count a request without a credential; check one with a credential without counting."""
-        self._check(address[:MAX_ADDRESS], counted=not credential)
+        self._check(address_key(address), counted=not credential)
 
     def answered(self, address: str, status: int) -> None:
         """A request that sent a credential was answered ``status``: a 401 counts."""
         if status == 401:  # the credential was refused: it counts
             with contextlib.suppress(CharterError):  # answered already; the next is refused
-                self._check(address[:MAX_ADDRESS], counted=True)
+                self._check(address_key(address), counted=True)
 
     def _check(self, address: str, *, counted: bool) -> None:
         now = self.clock()

@@ -285,37 +285,58 @@ class _Connections:
         self._out = 0  # connections handed out and not yet given back or dropped
         self._ready = threading.Condition(threading.Lock())
         self._pid = os.getpid()
+        #: Connections handed out before the last close(): closed when given back.
+        self._stale: set[int] = set()
+        self._out_ids: set[int] = set()
 
     def take(self) -> Any:
         with self._ready:
             if self._pid != os.getpid():  # a forked child: its parent's sockets are not its own
                 self._idle, self._out, self._pid = [], 0, os.getpid()
-            if self._idle:
-                self._out += 1
-                return self._idle.pop()
-            if not self._ready.wait_for(
-                lambda: self._idle or self._out < REDIS_CONNECTIONS, REDIS_TIMEOUT
-            ):
-                raise StoreFailed(f"no free connection in {REDIS_TIMEOUT} s")
+                self._stale, self._out_ids = set(), set()
+            connection = self._take()
+            self._out_ids.add(id(connection))
+            return connection
+
+    def _take(self) -> Any:  # under the lock
+        if self._idle:
             self._out += 1
-            return self._idle.pop() if self._idle else self._make()  # connects on first send
+            return self._idle.pop()
+        if not self._ready.wait_for(
+            lambda: self._idle or self._out < REDIS_CONNECTIONS, REDIS_TIMEOUT
+        ):
+            raise StoreFailed(f"no free connection in {REDIS_TIMEOUT} s")
+        self._out += 1
+        return self._idle.pop() if self._idle else self._make()  # connects on first send
 
     def give(self, connection: Any) -> None:
-        """Back to the idle ones: only with nothing left to read on it."""
+        """Back to the idle ones: only with nothing left to read on it, and not if the store
+        was closed while this count held it (then it is closed)."""
         with self._ready:
             self._out -= 1
-            self._idle.append(connection)
+            self._out_ids.discard(id(connection))
+            stale = id(connection) in self._stale
+            if stale:
+                self._stale.discard(id(connection))
+            else:
+                self._idle.append(connection)
             self._ready.notify()
+        if stale:
+            connection.disconnect()
 
     def drop(self, connection: Any) -> None:
         """Close a connection whose reply is unread or unreadable; it is never used again."""
         connection.disconnect()
         with self._ready:
             self._out -= 1
+            self._out_ids.discard(id(connection))
+            self._stale.discard(id(connection))
             self._ready.notify()
 
     def close(self) -> None:
+        """Close the idle connections now, and those still held by a count when given back."""
         with self._ready:
+            self._stale |= self._out_ids
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.disconnect()
