@@ -13,6 +13,7 @@ from sqlalchemy import (
     Numeric,
     String,
     UniqueConstraint,
+    delete,
     event,
     func,
     insert,
@@ -350,6 +351,63 @@ def test_records_locked_inside_the_handler_are_bumped_and_audited_too(cards):
     cards.execute(ALICE, "card.touch_later", {"other": b}, target=a)
     assert ("touched", 2) == (card(cards, b).label, card(cards, b).version)
     assert ["card.touch_later"] == [e["action"] for e in cards.history("test_cards", b)]
+
+
+def test_records_changed_by_orm_bulk_updates_and_deletes_are_bumped_and_audited(cards):
+    """An ORM bulk UPDATE (by criteria, by primary key) or DELETE in a handler: every record it
+    changed gets its version bump and is named in the call's entry, which its history finds."""
+    a, b, c, d = (add_card(cards, "acme", code) for code in "ABCD")
+    foreign = add_card(cards, "globex", "G")
+
+    @cards.action("card.sweep", on=Card, allow=MEMBER)
+    def sweep(ctx: ActionContext, target: Card, _: Any) -> None:
+        assert ctx.session is not None
+        ctx.session.execute(
+            update(Card).where(Card.code.in_(["B", "C", "G"])).values(state="frozen")
+        )
+        ctx.session.execute(update(Card), [{"id": b, "label": "by key"}])
+        ctx.session.execute(delete(Card).where(Card.code == "D"))
+        target.label = "swept"
+
+    cards.execute(ALICE, "card.sweep", target=a)
+    assert [2, 3, 2] == [card(cards, i).version for i in (a, b, c)]  # b: two statements
+    assert ("frozen", "by key") == (card(cards, b).state, card(cards, b).label)
+    assert (1, "active") == (card(cards, foreign).version, card(cards, foreign).state)
+    entry = cards.history("test_cards", c)[-1]
+    assert (str(a), "card.sweep") == (entry["resource_id"], entry["action"])
+    assert [
+        {"type": "test_cards", "id": str(b), "before": "active", "after": "frozen"},
+        {"type": "test_cards", "id": str(c), "before": "active", "after": "frozen"},
+        {"type": "test_cards", "id": str(d), "before": "active", "after": None, "deleted": True},
+    ] == entry["detail"]["touched"]
+    assert ["card.sweep"] == [e["action"] for e in cards.history("test_cards", d)]
+    assert cards.verify_audit().ok
+
+
+def test_a_bulk_update_is_narrowed_to_the_records_it_matched_and_listed(cards):
+    """The statement changes exactly the records selected (and locked) before it ran: what the
+    entry lists is what changed, even if another record starts matching meanwhile."""
+    a = add_card(cards, "acme", "A")
+    b = add_card(cards, "acme", "B")
+    seen: list[str] = []
+
+    @cards.action("card.freeze_b", on=Card, allow=MEMBER)
+    def freeze_b(ctx: ActionContext, target: Card, _: Any) -> None:
+        assert ctx.session is not None
+
+        def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            seen.append(statement.split()[0].upper())
+
+        event.listen(cards.engine, "before_cursor_execute", on_execute)
+        try:
+            ctx.session.execute(update(Card).where(Card.code == "B").values(state="frozen"))
+        finally:
+            event.remove(cards.engine, "before_cursor_execute", on_execute)
+
+    cards.execute(ALICE, "card.freeze_b", target=a)
+    # the matching ids (FOR UPDATE on PostgreSQL), the version bump, the update, the states after
+    assert ["SELECT", "UPDATE", "UPDATE", "SELECT"] == seen
+    assert ("frozen", 2) == (card(cards, b).state, card(cards, b).version)
 
 
 def test_a_target_is_located_by_a_column_unique_within_the_tenant(cards):

@@ -1,4 +1,4 @@
-"""What an ORM ``INSERT`` or ``UPDATE`` run in a gate session writes, row by row.
+"""What an ORM ``INSERT``, ``UPDATE`` or ``DELETE`` run in a gate session writes.
 
 The tenant guard (:mod:`charter.pipeline.tenancy`) and the workflow guard
 (:mod:`charter.workflow.guard`) both read it in SQLAlchemy's ``do_orm_execute``
@@ -15,17 +15,30 @@ and each guard must see all of them, or a form it missed is a way around it:
 SQLAlchemy keeps a statement's values in ``_values``, ``_multi_values`` and
 ``_select_names``, with no public accessor (its own compiler reads them the same
 way, ``sqlalchemy.sql.crud``); this module is the one place that does.
+
+:func:`run_bulk_change` runs an ORM bulk ``UPDATE``/``DELETE`` of a declared
+resource so that the call knows which records it changed, as it knows those
+the unit of work flushed: each gets its version bump and is named, with its
+state before and after, in the call's audit entry (issue 8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
+from sqlalchemy import Result, false, select, tuple_, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.exc import UnmappedColumnError
 
-__all__ = ["UNKNOWN", "written_rows"]
+from ..resources import ResourceSpec
+
+__all__ = ["UNKNOWN", "BulkChange", "run_bulk_change", "written_rows"]
+
+#: Execution option of the gate's own statements inside a bulk change (not looked at again).
+INTERNAL = "charter_bulk_internal"
 
 
 class _Unknown:
@@ -83,3 +96,70 @@ def written_rows(state: ORMExecuteState) -> list[dict[str, Any]]:
     given = params if isinstance(params, list) else [params] if params else []
     rows.extend({**base, **row(values)} for values in given)
     return rows or [base]
+
+
+@dataclass(frozen=True, slots=True)
+class BulkChange:
+    """The records one ORM bulk ``UPDATE``/``DELETE`` changed: id → state before, and after."""
+
+    resource: ResourceSpec
+    before: dict[str, str | None]
+    after: dict[str, str | None]
+    deleted: bool
+
+
+def run_bulk_change(
+    state: ORMExecuteState,
+    resource: ResourceSpec,
+    *,
+    lock: bool,
+    missing: Callable[[], Exception],
+) -> tuple[Result[Any], BulkChange]:
+    """Run ``state``'s bulk UPDATE/DELETE on exactly the records it matches now, and say which.
+
+    The matching records are selected first, in id order, ``FOR UPDATE`` where
+    there are row locks (``lock``), through the session (so the tenant's
+    criteria apply); the statement is then narrowed to their ids, so what it
+    changes is what was listed. An UPDATE bumps their versions. An UPDATE by
+    primary key (a list of rows) must find every key it names (else
+    ``missing()`` is raised, before anything is written).
+    """
+    session, model = state.session, resource.model
+    ident = resource.column(resource.id)
+    status = resource.column(resource.state) if resource.state else None
+    columns = [ident] if status is None else [ident, status]
+    query = select(*columns).order_by(ident)
+    by_key = state.is_update and isinstance(state.parameters, list)
+    if by_key:
+        mapper: Any = sa_inspect(model)
+        keys = [getattr(model, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
+        names = [k.key for k in keys]
+        wanted = {tuple(row.get(n) for n in names) for row in written_rows(state)}
+        query = query.where(tuple_(*keys).in_(list(wanted)))
+    elif (where := getattr(state.statement, "whereclause", None)) is not None:
+        query = query.where(where)
+    if lock:
+        query = query.with_for_update(of=model)
+    found = session.execute(query).all()
+    ids = [row[0] for row in found]
+    before = {str(row[0]): (None if status is None else _text(row[1])) for row in found}
+    if by_key and len(found) != len(wanted):
+        raise missing()
+    if not by_key:
+        statement: Any = state.statement  # an ORM update() or delete()
+        state.statement = statement.where(ident.in_(ids) if ids else false())
+    internal = {INTERNAL: True}
+    if state.is_update and resource.version and ids:
+        version = resource.column(resource.version)
+        bump = update(model).where(ident.in_(ids)).values({version: version + 1})
+        session.execute(bump.execution_options(**internal))
+    result = state.invoke_statement()
+    after: dict[str, str | None] = {}
+    if state.is_update and status is not None and ids:
+        found = session.execute(select(ident, status).where(ident.in_(ids))).all()
+        after = {str(row[0]): _text(row[1]) for row in found}
+    return result, BulkChange(resource, before, after, deleted=state.is_delete)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))

@@ -459,6 +459,7 @@ def track(a: Assembly) -> Stage:
         for obj in TenantGuard.created(session):
             if obj is not record:
                 call.touched.append(_touched(tenancy, session, obj, None, bump=False))
+        call.touched.extend(_bulk_touched(session, spec, record, call.touched))
         body = call.body
         if body is record and record is not None and spec.resource is not None:
             session.flush()
@@ -487,6 +488,31 @@ def _touched(
         None if deleted else resource.state_of(obj),
         deleted=deleted,
     )
+
+
+def _bulk_touched(
+    session: Session, spec: ActionSpec, record: Any, listed: list[Touched]
+) -> list[Touched]:
+    """The records the call's ORM bulk UPDATEs and DELETEs changed (their versions were
+    bumped by the statements), each once: the first state seen before, the last after."""
+    seen = {(t.type, t.id) for t in listed}
+    if record is not None and spec.resource is not None:
+        seen.add((spec.resource.name, spec.resource.identity(record)))
+    found: dict[tuple[str, str], Touched] = {}
+    for change in TenantGuard.bulk_changes(session):
+        name = change.resource.name
+        for ident, before in change.before.items():
+            if (name, ident) in seen:
+                continue
+            earlier = found.get((name, ident))
+            found[(name, ident)] = Touched(
+                name,
+                ident,
+                earlier.before if earlier is not None else before,
+                None if change.deleted else change.after.get(ident, before),
+                deleted=change.deleted,
+            )
+    return list(found.values())
 
 
 def _bump(resource: ResourceSpec | None, record: Any, *, created: bool) -> int | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import event, select, tuple_
+from sqlalchemy import Result, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
@@ -30,7 +30,7 @@ from ..actor import Actor
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
 from ..resources import ResourceSpec
-from .dml import written_rows
+from .dml import INTERNAL, BulkChange, run_bulk_change, written_rows
 
 __all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation"]
 
@@ -39,6 +39,7 @@ SCOPED = "charter_tenant_scoped"
 
 _ACTOR = "charter.actor"
 _GUARD = "charter.tenant_guard"
+_BULK = "charter.bulk_changes"
 _WROTE = "charter.wrote"
 _CREATED = "charter.created"
 _CHANGED = "charter.changed"
@@ -87,7 +88,7 @@ class TenantGuard:
     def __init__(self, resources: Mapping[type[Any], ResourceSpec]) -> None:
         self._resources = resources  # the registry's live mapping: resources declared later count
 
-    def install(self, sessions: sessionmaker[Session]) -> None:
+    def install(self, sessions: sessionmaker[Any]) -> None:
         sessions.configure(info={_GUARD: self})
         event.listen(sessions, "before_flush", self._before_flush)
         event.listen(sessions, "after_flush", _mark_written)
@@ -99,6 +100,7 @@ class TenantGuard:
         session.info[_ACTOR] = actor
         session.info[_CREATED] = []
         session.info[_CHANGED] = {}
+        session.info[_BULK] = []
         session.info[_WROTE] = False
 
     @staticmethod
@@ -125,25 +127,51 @@ class TenantGuard:
     def resource_of_model(self, model: type[Any]) -> ResourceSpec | None:
         return self._resources.get(model)
 
-    def _confine(self, state: ORMExecuteState) -> None:
+    def _confine(self, state: ORMExecuteState) -> Result[Any] | None:
         if state.is_insert or state.is_update or state.is_delete:
             state.session.info[_WROTE] = True
         actor: Actor | None = state.session.info.get(_ACTOR)
-        if actor is None or state.execution_options.get(SCOPED) or state.is_column_load:
-            return
+        options = state.execution_options
+        if actor is None or options.get(SCOPED) or options.get(INTERNAL) or state.is_column_load:
+            return None
         if state.is_insert or state.is_update:
             self._check_written(state, actor)
         if not (state.is_select or state.is_update or state.is_delete):
-            return
-        options = [
+            return None
+        criteria = [
             with_loader_criteria(
                 spec.model, spec.column(spec.tenant) == actor.tenant_id, include_aliases=True
             )
             for spec in self._resources.values()
             if spec.tenant is not None
         ]
-        if options:
-            state.statement = state.statement.options(*options)
+        if criteria:
+            state.statement = state.statement.options(*criteria)
+        mapper = state.bind_mapper
+        resource = None if mapper is None else self.resource_of_model(mapper.class_)
+        if resource is None or state.is_select:
+            return None
+        return self._bulk_change(state, resource)
+
+    def _bulk_change(self, state: ORMExecuteState, resource: ResourceSpec) -> Result[Any]:
+        """Run an ORM bulk UPDATE/DELETE so that the call knows the records it changed."""
+        session = state.session
+        result, change = run_bulk_change(
+            state,
+            resource,
+            lock=session.get_bind().dialect.name == "postgresql",
+            missing=lambda: tenant_violation(
+                f"a bulk update by primary key names a {resource.name} record "
+                "that is not in the actor's tenant"
+            ),
+        )
+        session.info.setdefault(_BULK, []).append(change)
+        return result
+
+    @staticmethod
+    def bulk_changes(session: Session) -> list[BulkChange]:
+        """What the ORM bulk UPDATEs and DELETEs of the call changed, in order."""
+        return list(session.info.get(_BULK, ()))
 
     def _check_written(self, state: ORMExecuteState, actor: Actor) -> None:
         """An ORM bulk ``INSERT``/``UPDATE`` of a declared resource stays in the actor's tenant.
@@ -151,8 +179,8 @@ class TenantGuard:
         Every row of an INSERT names the actor's tenant (rows of a bulk insert are
         not given one, as a flushed record is); no UPDATE sets another. An UPDATE
         by primary key (a list of rows) is not confined by loader criteria
-        (SQLAlchemy applies none to it), so its keys are looked up first, in the
-        actor's tenant: one that is not there refuses the whole statement.
+        (SQLAlchemy applies none to it): :meth:`_bulk_change` looks its keys up
+        first, in the actor's tenant, and one that is not there refuses it.
         """
         mapper = state.bind_mapper
         resource = None if mapper is None else self.resource_of_model(mapper.class_)
@@ -167,26 +195,6 @@ class TenantGuard:
                 )
             if resource.tenant in row and row[resource.tenant] != tenant:
                 raise tenant_violation(f"a bulk update cannot move {resource.name} records")
-        if state.is_update and isinstance(state.parameters, list):
-            self._check_keys(state, resource, rows)
-
-    def _check_keys(
-        self, state: ORMExecuteState, resource: ResourceSpec, rows: list[dict[str, Any]]
-    ) -> None:
-        mapper: Any = sa_inspect(resource.model)
-        names = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
-        keys = {tuple(row.get(n) for n in names) for row in rows}
-        # ORM attributes, not table columns: the SELECT is then confined to the
-        # actor's tenant by this very hook, as any ORM read in the session.
-        attributes = [getattr(resource.model, n) for n in names]
-        found = state.session.execute(
-            select(*attributes).where(tuple_(*attributes).in_(list(keys)))
-        ).all()
-        if len(found) != len(keys):
-            raise tenant_violation(
-                f"a bulk update by primary key names a {resource.name} record "
-                "that is not in the actor's tenant"
-            )
 
     def _before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
         """New records join the actor's tenant; none may be created in, moved to, changed in

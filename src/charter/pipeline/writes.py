@@ -110,7 +110,8 @@ class Committer:
         short write transaction, after the read's connection is closed (writing
         on it would upgrade a read lock, which ``BEGIN IMMEDIATE`` exists to avoid).
         """
-        runtime, entries = self.runtime, []
+        runtime = self.runtime
+        entries: list[AuditEntry] = []
         with runtime.reading() as connection:
             yield connection, entries
             if runtime.postgres:

@@ -61,7 +61,7 @@ class WorkflowGuard:
         self._clock = clock
         self._installed = False
 
-    def install(self, sessions: sessionmaker[Session]) -> None:
+    def install(self, sessions: sessionmaker[Any]) -> None:
         """Listen on ``sessions`` (once; without a workflow the gate pays nothing for it)."""
         if self._installed:
             return
