@@ -112,11 +112,12 @@ class WorkflowGuard:
 
 def refuse_unplanned(session: Session, workflow: Workflow, obj: Any) -> None:
     """Raise if ``obj`` has a change of a guarded column that the gate did not plan."""
-    planned, attrs = _planned(session, obj), sa_inspect(obj).attrs
+    planned, attrs = _planned(session, obj), None
     for column in workflow.guarded_columns:
-        if not attrs[column].history.has_changes():
-            continue
-        if column not in planned or getattr(obj, column) != planned[column]:
+        if column in planned and getattr(obj, column) == planned[column]:
+            continue  # the gate's own write (the common case: no history to compute)
+        attrs = attrs or sa_inspect(obj).attrs
+        if attrs[column].history.has_changes():
             raise state_write_refused(workflow, column, "changed")
 
 

@@ -182,40 +182,50 @@ class Workflow:
         step's guard does not hold (a guard that cannot be evaluated does not).
         """
         state = self.resource.state_of(record)
-        possible = list(self.possible_from(state))
-        where = f"{self.resource.name} {self.resource.identity(record)} is {state}"
-        attrs = {"state": state, "allowed": possible}
         if state not in move.sources:
-            return InvalidTransition(
-                f"{where}: {move.action} is not possible in this state; "
-                f"possible next: {', '.join(possible) or 'nothing (a final state)'}",
-                **attrs,
-            )
+            return self._refused(record, state, f": {move.action} is not possible in this state",
+                                 next_steps=True)  # fmt: skip
         if self.deadline is not None and state in self.expires:
             deadline = _aware(getattr(record, self.deadline))
             if deadline is None or now >= deadline:
-                return StepExpired(
-                    f"{where} and the deadline of its next step has passed: start again", **attrs
-                )
+                return self._refused(
+                    record, state, " and the deadline of its next step has passed: start again",
+                    kind=StepExpired,
+                )  # fmt: skip
         done = [s.get("action") for s in (getattr(record, self.log) or [])] if self.log else []
         if move.requires and [a for a in done if a in move.requires] != list(move.requires):
-            return InvalidTransition(
-                f"{where}: {move.action} needs {', '.join(move.requires)} completed first, "
+            return self._refused(
+                record, state,
+                f": {move.action} needs {', '.join(move.requires)} completed first, "
                 f"in this order; completed: {', '.join(map(str, done)) or 'none'}",
-                **attrs,
-            )
+            )  # fmt: skip
         if len(done) >= MAX_LOG:
-            return InvalidTransition(f"{where}: its step log is full", **attrs)
+            return self._refused(record, state, ": its step log is full")
         condition = move.condition
         if condition is not None and not _holds(condition, actor, record, ctx):
             failed = "; ".join(failures(condition, True, actor, record, ctx))
-            return InvalidTransition(
-                f"{where}: the condition of {move.action} does not hold ({condition.text()}"
-                + (f": {failed}" if failed else "")
-                + ")",
-                **attrs,
-            )
+            return self._refused(
+                record, state,
+                f": the condition of {move.action} does not hold ({condition.text()}"
+                + (f": {failed}" if failed else "") + ")",
+            )  # fmt: skip
         return None
+
+    def _refused(
+        self,
+        record: Any,
+        state: str | None,
+        what: str,
+        *,
+        kind: type[InvalidTransition] = InvalidTransition,
+        next_steps: bool = False,
+    ) -> InvalidTransition:
+        """The refusal of a step (built only then: an allowed step pays for none of this)."""
+        possible = list(self.possible_from(state))
+        text = f"{self.resource.name} {self.resource.identity(record)} is {state}{what}"
+        if next_steps:
+            text += f"; possible next: {', '.join(possible) or 'nothing (a final state)'}"
+        return kind(text, state=state, allowed=possible)
 
 
 def _holds(condition: Condition, actor: Any, record: Any, ctx: Any) -> bool:
