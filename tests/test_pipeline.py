@@ -384,6 +384,28 @@ def test_records_changed_by_orm_bulk_updates_and_deletes_are_bumped_and_audited(
     assert cards.verify_audit().ok
 
 
+def test_a_bulk_change_of_many_records_goes_in_bounded_statements(cards, monkeypatch):
+    """Ids go to the database in lists of at most CHUNK (SQLite binds at most 32,766 parameters;
+    PostgreSQL gets one array): here 2, with five records updated by criteria then by key."""
+    from charter.pipeline import dml
+
+    monkeypatch.setattr(dml, "CHUNK", 2)
+    ids = [add_card(cards, "acme", code) for code in "ABCDE"]
+
+    @cards.action("card.relabel", on=None, allow=MEMBER)
+    def relabel(ctx: ActionContext, _: None, __: Any) -> None:
+        assert ctx.session is not None
+        ctx.session.execute(update(Card).where(Card.code != "X").values(state="frozen"))
+        ctx.session.execute(update(Card), [{"id": i, "label": f"L{i}"} for i in ids])
+
+    cards.execute(ALICE, "card.relabel")
+    assert [(3, "frozen", f"L{i}") for i in ids] == [
+        (card(cards, i).version, card(cards, i).state, card(cards, i).label) for i in ids
+    ]
+    (entry,) = [e for e in cards.history("test_cards", ids[-1]) if e["action"] == "card.relabel"]
+    assert [str(i) for i in ids] == [t["id"] for t in entry["detail"]["touched"]]
+
+
 def test_a_bulk_update_is_narrowed_to_the_records_it_matched_and_listed(cards):
     """The statement changes exactly the records selected (and locked) before it ran: what the
     entry lists is what changed, even if another record starts matching meanwhile."""

@@ -28,8 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import Result, false, select, tuple_, update
+from sqlalchemy import Result, any_, bindparam, false, select, tuple_, update
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.exc import UnmappedColumnError
 
@@ -112,53 +113,76 @@ def run_bulk_change(
     state: ORMExecuteState,
     resource: ResourceSpec,
     *,
-    lock: bool,
+    postgres: bool,
     missing: Callable[[], Exception],
 ) -> tuple[Result[Any], BulkChange]:
     """Run ``state``'s bulk UPDATE/DELETE on exactly the records it matches now, and say which.
 
-    The matching records are selected first, in id order, ``FOR UPDATE`` where
-    there are row locks (``lock``), through the session (so the tenant's
-    criteria apply); the statement is then narrowed to their ids, so what it
-    changes is what was listed. An UPDATE bumps their versions. An UPDATE by
-    primary key (a list of rows) must find every key it names (else
+    The matching records are selected first, in id order, through the session
+    (so the tenant's criteria apply); on PostgreSQL ``FOR UPDATE``, and the
+    statement is then narrowed to their ids (``= ANY(:ids)``, one parameter), so
+    that a record committed meanwhile by another transaction is neither changed
+    nor left out of the list. SQLite needs no narrowing: the call's ``BEGIN
+    IMMEDIATE`` holds the only write lock. An UPDATE bumps their versions. An
+    UPDATE by primary key (a list of rows) must find every key it names (else
     ``missing()`` is raised, before anything is written).
     """
     session, model = state.session, resource.model
     ident = resource.column(resource.id)
     status = resource.column(resource.state) if resource.state else None
-    columns = [ident] if status is None else [ident, status]
-    query = select(*columns).order_by(ident)
+    query = select(*([ident] if status is None else [ident, status])).order_by(ident)
+    if postgres:
+        query = query.with_for_update(of=model)
     by_key = state.is_update and isinstance(state.parameters, list)
     if by_key:
         mapper: Any = sa_inspect(model)
         keys = [getattr(model, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
-        names = [k.key for k in keys]
-        wanted = {tuple(row.get(n) for n in names) for row in written_rows(state)}
-        query = query.where(tuple_(*keys).in_(list(wanted)))
-    elif (where := getattr(state.statement, "whereclause", None)) is not None:
-        query = query.where(where)
-    if lock:
-        query = query.with_for_update(of=model)
-    found = session.execute(query).all()
+        wanted = {tuple(row.get(k.key) for k in keys) for row in written_rows(state)}
+        if any(None in key for key in wanted):
+            raise missing()
+        found = [
+            row
+            for part in _chunks(sorted(wanted))  # sorted: rows are locked in one order
+            for row in session.execute(query.where(tuple_(*keys).in_(part))).all()
+        ]
+        if len(found) != len(wanted):
+            raise missing()
+    else:
+        where = getattr(state.statement, "whereclause", None)
+        found = list(session.execute(query if where is None else query.where(where)).all())
     ids = [row[0] for row in found]
     before = {str(row[0]): (None if status is None else _text(row[1])) for row in found}
-    if by_key and len(found) != len(wanted):
-        raise missing()
-    if not by_key:
+    if not by_key and (postgres or not ids):
         statement: Any = state.statement  # an ORM update() or delete()
-        state.statement = statement.where(ident.in_(ids) if ids else false())
-    internal = {INTERNAL: True}
+        state.statement = statement.where(_among(ident, ids, postgres)[0] if ids else false())
     if state.is_update and resource.version and ids:
         version = resource.column(resource.version)
-        bump = update(model).where(ident.in_(ids)).values({version: version + 1})
-        session.execute(bump.execution_options(**internal))
+        for among in _among(ident, ids, postgres):
+            bump = update(model).where(among).values({version: version + 1})
+            session.execute(bump.execution_options(**{INTERNAL: True}))
     result = state.invoke_statement()
     after: dict[str, str | None] = {}
     if state.is_update and status is not None and ids:
-        found = session.execute(select(ident, status).where(ident.in_(ids))).all()
-        after = {str(row[0]): _text(row[1]) for row in found}
+        for among in _among(ident, ids, postgres):
+            after.update(
+                (str(i), _text(s)) for i, s in session.execute(select(ident, status).where(among))
+            )
     return result, BulkChange(resource, before, after, deleted=state.is_delete)
+
+
+#: Ids per ``IN`` list of the gate's own statements (SQLite binds at most 32,766 parameters).
+CHUNK = 1000
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def _among(ident: Any, ids: list[Any], postgres: bool) -> list[Any]:
+    """``ident`` among ``ids``: one ``= ANY(:array)`` on PostgreSQL, ``IN`` lists elsewhere."""
+    if postgres:
+        return [ident == any_(bindparam("charter_ids", ids, type_=ARRAY(ident.type)))]
+    return [ident.in_(part) for part in _chunks(ids)]
 
 
 def _text(value: Any) -> str | None:

@@ -159,7 +159,7 @@ class TenantGuard:
         result, change = run_bulk_change(
             state,
             resource,
-            lock=session.get_bind().dialect.name == "postgresql",
+            postgres=session.get_bind().dialect.name == "postgresql",
             missing=lambda: tenant_violation(
                 f"a bulk update by primary key names a {resource.name} record "
                 "that is not in the actor's tenant"
