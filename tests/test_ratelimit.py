@@ -497,6 +497,23 @@ def test_sqlite_and_the_in_process_store_read_the_count_at_once(closing):
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("key", ["write/acme:bob/29441234", "read/tenant ünï:çødé/1", "x"])
+def test_a_count_is_sent_as_the_bytes_redis_py_would_pack(key):
+    """Counters packs its EVALSHA itself (14 µs a count less): the same bytes as redis-py's."""
+    from charter.ratelimit.store import Counters
+
+    counters = Counters(require_redis())
+    connection = counters._held.take()
+    try:
+        args = (1, counters._prefix + key, 61, 1)
+        packed = connection.pack_command("EVALSHA", counters._incr.sha, *args)
+        assert b"".join(packed) == counters._packed(connection, args)
+    finally:
+        counters._held.give(connection)
+        counters.close()
+
+
+@pytest.mark.redis
 def test_a_count_in_flight_when_the_store_closes_closes_its_connection():
     """close() closes the idle connections at once and a held one when its reply is read:
     none is left open for the garbage collector (a ResourceWarning, under this suite an error)."""
