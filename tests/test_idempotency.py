@@ -321,6 +321,34 @@ def test_another_instance_without_the_memory_replays_from_the_database(
     assert 1 == load(charter, doc_id).counter
 
 
+def test_a_cold_replay_answers_what_a_warm_one_answers_success_and_stored_error(
+    charter, alice, database_url
+):
+    """A replay answered from the database (another instance, nothing in memory) is the one
+    the instance that ran the call gives from its memory, field by field."""
+    doc_id = create_doc(charter, alice)
+    first = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="ok")
+    warm = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="ok")
+    with pytest.raises(CharterError) as refused:
+        charter.execute(alice, "doc.limited", {"amount": "500"}, target=doc_id, key="no")
+    other = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    try:
+        cold = other.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="ok")
+        with pytest.raises(CharterError) as cold_refused:
+            other.execute(alice, "doc.limited", {"amount": "500"}, target=doc_id, key="no")
+    finally:
+        other.engine.dispose()
+    fields = ("status", "body", "resource_id", "version", "balance", "replayed")
+    assert [getattr(warm, f) for f in fields] == [getattr(cold, f) for f in fields]
+    assert (first.body, True) == (cold.body, cold.replayed)
+    error, replayed = refused.value, cold_refused.value
+    assert (error.code, error.status, error.message) == (
+        replayed.code, replayed.status, replayed.message,
+    )  # fmt: skip
+    assert "true" == replayed.headers["Idempotent-Replayed"]
+    assert 1 == load(charter, doc_id).counter
+
+
 @pytest.mark.postgres
 def test_a_duplicate_that_waits_too_long_gets_409_with_retry_after(pg, alice, pg_schema):
     from datetime import timedelta as td
