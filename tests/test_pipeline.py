@@ -22,6 +22,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from charter import A, Actor, Charter, ConfigurationError, Conflict, Forbidden, NotFound, R
@@ -468,6 +469,11 @@ def test_the_flush_guard_refuses_changing_or_deleting_another_tenants_record(car
     assert ("deny", "forbidden") == (denial["decision"], denial["outcome"])
 
 
+def _dialect(session: Any) -> Any:
+    """The dialect module whose ``insert`` has ON CONFLICT (PostgreSQL's or SQLite's)."""
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
 #: Every way an ORM write in a handler could reach another tenant, each refused (rule tenant).
 #: ``mine``/``foreign``: the ids of a card of the actor's tenant and of another's.
 CROSS_TENANT_WRITES: dict[str, Any] = {
@@ -499,6 +505,12 @@ CROSS_TENANT_WRITES: dict[str, Any] = {
     ),
     "bulk update moving a record": lambda s, mine, foreign: s.execute(
         update(Card).where(Card.id == mine).values(tenant_id="globex")
+    ),
+    "upsert updating the row it conflicts with": lambda s, mine, foreign: s.execute(
+        _dialect(s)
+        .insert(Card)
+        .values(id=foreign, tenant_id="acme", code="X", balance=Decimal(1))
+        .on_conflict_do_update(index_elements=["id"], set_={"balance": Decimal(0)})
     ),
     "legacy bulk_update_mappings": lambda s, mine, foreign: s.bulk_update_mappings(
         Card, [{"id": foreign, "balance": Decimal(0)}]
@@ -549,6 +561,12 @@ def test_orm_bulk_writes_within_the_actors_tenant_go_through(cards):
         )
         ctx.session.execute(
             insert(Card), [{"tenant_id": "acme", "code": "C", "balance": Decimal(5)}]
+        )
+        ctx.session.execute(  # an insert that updates nothing on conflict is fine
+            _dialect(ctx.session)
+            .insert(Card)
+            .values(id=first, tenant_id="acme", code="Z", balance=Decimal(9))
+            .on_conflict_do_nothing()
         )
 
     cards.execute(ALICE, "card.bulk_own")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import JSON, DateTime, String, func, insert, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from charter import (
@@ -369,6 +370,12 @@ STATE_WRITES: dict[str, Any] = {
     ),
     "update to an expression": lambda s, t: s.execute(
         update(Ticket).where(Ticket.id == t).values(state=func.lower("APPROVED"))
+    ),
+    "upsert setting the state": lambda s, t: s.execute(
+        (postgresql if s.get_bind().dialect.name == "postgresql" else sqlite)
+        .insert(Ticket)
+        .values(id=t, tenant_id="acme", owner="x", state="new", version=1)
+        .on_conflict_do_update(index_elements=["id"], set_={"state": "approved"})
     ),
     "legacy bulk_update_mappings": lambda s, t: s.bulk_update_mappings(
         Ticket, [{"id": t, "state": "approved"}]

@@ -31,12 +31,14 @@ from typing import Any, Final
 from sqlalchemy import Result, any_, bindparam, false, select, tuple_, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import dml as pg_dml
+from sqlalchemy.dialects.sqlite import dml as sqlite_dml
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from ..resources import ResourceSpec
 
-__all__ = ["UNKNOWN", "BulkChange", "run_bulk_change", "written_rows"]
+__all__ = ["UNKNOWN", "BulkChange", "run_bulk_change", "upsert_sets", "written_rows"]
 
 #: Execution option of the gate's own statements inside a bulk change (not looked at again).
 INTERNAL = "charter_bulk_internal"
@@ -97,6 +99,20 @@ def written_rows(state: ORMExecuteState) -> list[dict[str, Any]]:
     given = params if isinstance(params, list) else [params] if params else []
     rows.extend({**base, **row(values)} for values in given)
     return rows or [base]
+
+
+def upsert_sets(statement: Any) -> list[str] | None:
+    """The columns an ``INSERT … ON CONFLICT DO UPDATE`` sets on the row it conflicts with, or
+    None for any other statement (``DO NOTHING`` updates no row).
+
+    The row it updates is whichever it conflicts with, which nothing in the
+    statement confines: another tenant's, or a record in any workflow state.
+    (SQLAlchemy keeps the clause in ``_post_values_clause``.)
+    """
+    clause = getattr(statement, "_post_values_clause", None)
+    if not isinstance(clause, pg_dml.OnConflictDoUpdate | sqlite_dml.OnConflictDoUpdate):
+        return None
+    return [str(getattr(k, "key", k)) for k in clause.update_values_to_set]
 
 
 @dataclass(frozen=True, slots=True)

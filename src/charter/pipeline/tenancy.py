@@ -30,7 +30,7 @@ from ..actor import Actor
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
 from ..resources import ResourceSpec
-from .dml import INTERNAL, BulkChange, run_bulk_change, written_rows
+from .dml import INTERNAL, BulkChange, run_bulk_change, upsert_sets, written_rows
 
 __all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation"]
 
@@ -186,6 +186,12 @@ class TenantGuard:
         resource = None if mapper is None else self.resource_of_model(mapper.class_)
         if resource is None or resource.tenant is None:
             return
+        if state.is_insert and upsert_sets(state.statement) is not None:
+            raise tenant_violation(
+                f"an upsert (ON CONFLICT DO UPDATE) of {resource.name} would update whichever "
+                "record it conflicts with, another tenant's too: look the record up (reads are "
+                "confined to the tenant) and change it, or insert with ON CONFLICT DO NOTHING"
+            )
         tenant, rows = actor.tenant_id, written_rows(state)
         for row in rows:
             if state.is_insert and row.get(resource.tenant) != tenant:

@@ -35,7 +35,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
-from ..pipeline.dml import written_rows
+from ..pipeline.dml import upsert_sets, written_rows
 from .model import Workflow
 
 __all__ = ["WorkflowGuard", "plan_write", "refuse_unplanned", "state_write_refused"]
@@ -99,6 +99,10 @@ class WorkflowGuard:
         workflow = None if mapper is None else self._workflows.get(mapper.class_)
         if workflow is None:
             return
+        upserted = set(upsert_sets(state.statement) or ())  # ON CONFLICT DO UPDATE's SET
+        for column in workflow.guarded_columns:
+            if column in upserted:
+                raise state_write_refused(workflow, column, "set by an upsert")
         rows = written_rows(state)
         for column in workflow.guarded_columns:
             values = [row[column] for row in rows if column in row]
