@@ -147,28 +147,10 @@ def run_bulk_change(
     ident = resource.column(resource.id)
     status = resource.column(resource.state) if resource.state else None
     query = select(*([ident] if status is None else [ident, status])).order_by(ident)
-    if postgres:
-        query = query.with_for_update(of=model)
-    by_key = state.is_update and isinstance(state.parameters, list)
-    if by_key:
-        mapper: Any = sa_inspect(model)
-        keys = [getattr(model, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
-        wanted = {tuple(row.get(k.key) for k in keys) for row in written_rows(state)}
-        if any(None in key for key in wanted):
-            raise missing()
-        found = [
-            row
-            for part in _chunks(sorted(wanted))  # sorted: rows are locked in one order
-            for row in session.execute(query.where(tuple_(*keys).in_(part))).all()
-        ]
-        if len(found) != len(wanted):
-            raise missing()
-    else:
-        where = getattr(state.statement, "whereclause", None)
-        found = list(session.execute(query if where is None else query.where(where)).all())
+    found = _matched(state, model, query.with_for_update(of=model) if postgres else query, missing)
     ids = [row[0] for row in found]
     before = {str(row[0]): (None if status is None else _text(row[1])) for row in found}
-    if not by_key and (postgres or not ids):
+    if not isinstance(state.parameters, list) and (postgres or not ids):
         statement: Any = state.statement  # an ORM update() or delete()
         state.statement = statement.where(_among(ident, ids, postgres)[0] if ids else false())
     if state.is_update and resource.version and ids:
@@ -186,6 +168,30 @@ def run_bulk_change(
     return result, BulkChange(resource, before, after, deleted=state.is_delete)
 
 
+def _matched(
+    state: ORMExecuteState, model: type[Any], query: Any, missing: Callable[[], Exception]
+) -> list[Any]:
+    """The rows ``query`` selects among those ``state``'s statement is about to change."""
+    session = state.session
+    if not (state.is_update and isinstance(state.parameters, list)):
+        where = getattr(state.statement, "whereclause", None)
+        return list(session.execute(query if where is None else query.where(where)).all())
+    # An UPDATE by primary key: the keys its rows name, every one of which must be found.
+    mapper: Any = sa_inspect(model)
+    keys = [getattr(model, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
+    wanted = {tuple(row.get(k.key) for k in keys) for row in written_rows(state)}
+    if any(None in key for key in wanted):
+        raise missing()
+    found = [
+        row
+        for part in _chunks(sorted(wanted))  # sorted: rows are locked in one order
+        for row in session.execute(query.where(tuple_(*keys).in_(part))).all()
+    ]
+    if len(found) != len(wanted):
+        raise missing()
+    return found
+
+
 #: Ids per ``IN`` list of the gate's own statements (SQLite binds at most 32,766 parameters).
 CHUNK = 1000
 
@@ -197,7 +203,8 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
 def _among(ident: Any, ids: list[Any], postgres: bool) -> list[Any]:
     """``ident`` among ``ids``: one ``= ANY(:array)`` on PostgreSQL, ``IN`` lists elsewhere."""
     if postgres:
-        return [ident == any_(bindparam("charter_ids", ids, type_=ARRAY(ident.type)))]
+        array = bindparam("charter_ids", ids, type_=ARRAY(ident.type), unique=True)
+        return [ident == any_(array)]
     return [ident.in_(part) for part in _chunks(ids)]
 
 
