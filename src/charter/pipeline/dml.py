@@ -37,8 +37,16 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from ..resources import ResourceSpec
+from .call import Touched
 
-__all__ = ["UNKNOWN", "BulkChange", "run_bulk_change", "upsert_sets", "written_rows"]
+__all__ = [
+    "UNKNOWN",
+    "BulkChange",
+    "bulk_touched",
+    "run_bulk_change",
+    "upsert_sets",
+    "written_rows",
+]
 
 #: Execution option of the gate's own statements inside a bulk change (not looked at again).
 INTERNAL = "charter_bulk_internal"
@@ -190,6 +198,26 @@ def _matched(
     if len(found) != len(wanted):
         raise missing()
     return found
+
+
+def bulk_touched(changes: Sequence[BulkChange], seen: set[tuple[str, str]]) -> list[Touched]:
+    """The records ``changes`` changed, for the call's audit entry, each once (none in ``seen``):
+    the state it had before the first change, and after the last."""
+    found: dict[tuple[str, str], Touched] = {}
+    for change in changes:
+        name = change.resource.name
+        for ident, before in change.before.items():
+            if (name, ident) in seen:
+                continue
+            earlier = found.get((name, ident))
+            found[(name, ident)] = Touched(
+                name,
+                ident,
+                earlier.before if earlier is not None else before,
+                None if change.deleted else change.after.get(ident, before),
+                deleted=change.deleted,
+            )
+    return list(found.values())
 
 
 #: Ids per ``IN`` list of the gate's own statements (SQLite binds at most 32,766 parameters).

@@ -51,6 +51,7 @@ from ..ratelimit import stage as ratelimit
 from ..resources import ResourceSpec, request_id_or_new
 from ..workflow import stage as workflow
 from .call import Call, Refusal, Stage, Touched
+from .dml import bulk_touched
 from .loading import Loader
 from .runtime import Runtime
 from .tenancy import TenantGuard
@@ -459,7 +460,10 @@ def track(a: Assembly) -> Stage:
         for obj in TenantGuard.created(session):
             if obj is not record:
                 call.touched.append(_touched(tenancy, session, obj, None, bump=False))
-        call.touched.extend(_bulk_touched(session, spec, record, call.touched))
+        seen = {(t.type, t.id) for t in call.touched}
+        if record is not None and spec.resource is not None:
+            seen.add((spec.resource.name, spec.resource.identity(record)))
+        call.touched.extend(bulk_touched(TenantGuard.bulk_changes(session), seen))
         body = call.body
         if body is record and record is not None and spec.resource is not None:
             session.flush()
@@ -488,31 +492,6 @@ def _touched(
         None if deleted else resource.state_of(obj),
         deleted=deleted,
     )
-
-
-def _bulk_touched(
-    session: Session, spec: ActionSpec, record: Any, listed: list[Touched]
-) -> list[Touched]:
-    """The records the call's ORM bulk UPDATEs and DELETEs changed (their versions were
-    bumped by the statements), each once: the first state seen before, the last after."""
-    seen = {(t.type, t.id) for t in listed}
-    if record is not None and spec.resource is not None:
-        seen.add((spec.resource.name, spec.resource.identity(record)))
-    found: dict[tuple[str, str], Touched] = {}
-    for change in TenantGuard.bulk_changes(session):
-        name = change.resource.name
-        for ident, before in change.before.items():
-            if (name, ident) in seen:
-                continue
-            earlier = found.get((name, ident))
-            found[(name, ident)] = Touched(
-                name,
-                ident,
-                earlier.before if earlier is not None else before,
-                None if change.deleted else change.after.get(ident, before),
-                deleted=change.deleted,
-            )
-    return list(found.values())
 
 
 def _bump(resource: ResourceSpec | None, record: Any, *, created: bool) -> int | None:
