@@ -507,7 +507,7 @@ def test_a_count_is_sent_as_the_bytes_redis_py_would_pack(key):
     try:
         args = (1, counters._prefix + key, 61, 1)
         packed = connection.pack_command("EVALSHA", counters._incr.sha, *args)
-        assert b"".join(packed) == counters._packed(connection, args)
+        assert b"".join(packed) == counters._packed(connection, counters._prefix + key, 61)
     finally:
         counters._held.give(connection)
         counters.close()

@@ -56,8 +56,6 @@ class Runtime:
         writes = engine.execution_options(**{WRITE_OPTION: True})
         if self.postgres and engine.dialect.driver == "psycopg":
             keep_prepared_statements(writes)  # a refused call's ROLLBACK keeps them
-        #: The engine of write transactions (SQLite: ``BEGIN IMMEDIATE``).
-        self.writes = writes
         self.sessions = sessionmaker(writes, class_=GateSession, expire_on_commit=False)
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")

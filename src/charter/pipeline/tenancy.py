@@ -134,8 +134,10 @@ class TenantGuard:
         options = state.execution_options
         if actor is None or options.get(SCOPED) or options.get(INTERNAL) or state.is_column_load:
             return None
-        if state.is_insert or state.is_update:
-            self._check_written(state, actor)
+        mapper = state.bind_mapper
+        resource = None if mapper is None else self.resource_of_model(mapper.class_)
+        if resource is not None and (state.is_insert or state.is_update):
+            self._check_written(state, resource, actor)
         if not (state.is_select or state.is_update or state.is_delete):
             return None
         criteria = [
@@ -147,8 +149,6 @@ class TenantGuard:
         ]
         if criteria:
             state.statement = state.statement.options(*criteria)
-        mapper = state.bind_mapper
-        resource = None if mapper is None else self.resource_of_model(mapper.class_)
         if resource is None or state.is_select:
             return None
         return self._bulk_change(state, resource)
@@ -173,7 +173,7 @@ class TenantGuard:
         """What the ORM bulk UPDATEs and DELETEs of the call changed, in order."""
         return list(session.info.get(_BULK, ()))
 
-    def _check_written(self, state: ORMExecuteState, actor: Actor) -> None:
+    def _check_written(self, state: ORMExecuteState, resource: ResourceSpec, actor: Actor) -> None:
         """An ORM bulk ``INSERT``/``UPDATE`` of a declared resource stays in the actor's tenant.
 
         Every row of an INSERT names the actor's tenant (rows of a bulk insert are
@@ -182,9 +182,7 @@ class TenantGuard:
         (SQLAlchemy applies none to it): :meth:`_bulk_change` looks its keys up
         first, in the actor's tenant, and one that is not there refuses it.
         """
-        mapper = state.bind_mapper
-        resource = None if mapper is None else self.resource_of_model(mapper.class_)
-        if resource is None or resource.tenant is None:
+        if resource.tenant is None:
             return
         if state.is_insert and upsert_sets(state.statement) is not None:
             raise tenant_violation(
