@@ -66,11 +66,13 @@ def _block(a: Assembly) -> Stage | None:
     return Stage("block", block)
 
 
-def make(database_url: str | None = None, *, rate_limits: Any = "memory://") -> Charter:
+def make(
+    database_url: str | None = None, *, rate_limits: Any = "memory://", clock: Any = None
+) -> Charter:
     """The app (``--app tests.ops_import_app:make``): CHARTER_DATABASE_URL's database."""
     url = database_url or os.environ["CHARTER_DATABASE_URL"]
     charter = Charter(database_url=url, development=True, checkpoint_interval=None,
-                      rate_limits=rate_limits)  # fmt: skip
+                      rate_limits=rate_limits, clock=clock)  # fmt: skip
     charter.add_stage("block", _block, after="handler")
     build_charter(charter)
 
@@ -82,8 +84,9 @@ def make(database_url: str | None = None, *, rate_limits: Any = "memory://") -> 
     return charter
 
 
-def limited(database_url: str) -> Charter:
+def limited(database_url: str, clock: Any = None) -> Charter:
     """The app with a write class of one call a second (rows wait their turn)."""
     from charter.ratelimit import RateClass
 
-    return make(database_url, rate_limits=RateLimiter(classes=[RateClass("write", "1/second")]))
+    limits = RateLimiter(classes=[RateClass("write", "1/second")])
+    return make(database_url, rate_limits=limits, clock=clock)

@@ -11,6 +11,7 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +225,20 @@ def test_the_results_file_cannot_be_the_import_file(gate, tmp_path):
 
 
 def test_a_transient_refusal_waits_its_retry_after_and_the_row_is_applied(database_url, tmp_path):
-    charter = ops_import_app.limited(database_url)
+    # The Charter's clock starts on a whole second and moves only when the import waits: on the
+    # wall clock, rows A and B fell into two windows whenever A ran in a second's last
+    # milliseconds (one wait, not two: the test failed about once a run under load).
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    charter = ops_import_app.limited(database_url, clock=lambda: now[0])
     waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += timedelta(seconds=seconds)
+
     source = write_csv(tmp_path / "a.csv", [("A", "1"), ("B", "2"), ("C", "3")])
     try:
-        summary = import_file(charter, OLGA, "invoice.create", source, reason="r",
-                              sleep=lambda s: (waits.append(s), time.sleep(s)))  # fmt: skip
+        summary = import_file(charter, OLGA, "invoice.create", source, reason="r", sleep=sleep)
         assert summary.ok
         assert 2 <= len(waits)
         assert Counter("ABC") == invoices(charter)
