@@ -71,8 +71,9 @@ def make(
 ) -> Charter:
     """The app (``--app tests.ops_import_app:make``): CHARTER_DATABASE_URL's database."""
     url = database_url or os.environ["CHARTER_DATABASE_URL"]
+    timed = {} if clock is None else {"clock": clock}  # the Charter's own clock by default
     charter = Charter(database_url=url, development=True, checkpoint_interval=None,
-                      rate_limits=rate_limits, clock=clock)  # fmt: skip
+                      rate_limits=rate_limits, **timed)  # fmt: skip
     charter.add_stage("block", _block, after="handler")
     build_charter(charter)
 
