@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -499,17 +500,72 @@ def test_sqlite_and_the_in_process_store_read_the_count_at_once(closing):
 @pytest.mark.redis
 @pytest.mark.parametrize("key", ["write/acme:bob/29441234", "read/tenant ünï:çødé/1", "x"])
 def test_a_count_is_sent_as_the_bytes_redis_py_would_pack(key):
-    """Counters packs its EVALSHA itself (14 µs a count less): the same bytes as redis-py's."""
+    """Counters packs its commands itself (14 µs a count less): the same bytes as redis-py's,
+    INCRBY with EXPIRE … NX, and the script for a server without NX."""
     from charter.ratelimit.store import Counters
 
     counters = Counters(require_redis())
     connection = counters._held.take()
     try:
-        args = (1, counters._prefix + key, 61, 1)
-        packed = connection.pack_command("EVALSHA", counters._incr.sha, *args)
-        assert b"".join(packed) == counters._packed(connection, counters._prefix + key, 61)
+        name = counters._prefix + key
+        pair = connection.pack_commands([("INCRBY", name, 1), ("EXPIRE", name, 61, "NX")])
+        assert b"".join(pair) == counters._packed(connection, name, 61)
+        script = connection.pack_command("EVALSHA", counters._incr.sha, 1, name, 61, 1)
+        assert b"".join(script) == counters._packed(connection, name, 61, nx=False)
     finally:
         counters._held.give(connection)
+        counters.close()
+
+
+@pytest.mark.redis
+def test_a_count_sets_its_windows_expiry_once_and_counts_on_without_resetting_it():
+    from charter.ratelimit.store import Counters
+
+    counters = Counters(require_redis())
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"test-expiry/{uuid.uuid4().hex}/1"
+    try:
+        assert [1, 2] == [counters.hit(key, 61), counters.hit(key, 61)]
+        client.expire(counters._prefix + key, 30)  # a later count must not move it back
+        assert 3 == counters.hit(key, 61)
+        assert 0 < client.ttl(counters._prefix + key) <= 30
+        assert 3 == counters.peek(key)  # limits' own get reads the same key
+        assert counters.expire_nx
+    finally:
+        client.delete(counters._prefix + key)
+        client.close()
+        counters.close()
+
+
+@pytest.mark.redis
+def test_a_server_without_expire_nx_gets_its_expiry_set_and_the_script_from_then_on(
+    monkeypatch, caplog
+):
+    """Before Redis 7.0, EXPIRE refuses NX (after INCRBY counted): simulated here by an option
+    no server knows. The count stands, the key still expires, and later counts use the script."""
+    from charter.ratelimit import store
+
+    counters = store.Counters(require_redis())
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"test-old-redis/{uuid.uuid4().hex}/1"
+    real = counters._packed
+
+    def old_server(connection: Any, name: str, expiry: int, *, nx: bool = True) -> bytes:
+        return real(connection, name, expiry, nx=nx).replace(b"$2\r\nNX", b"$2\r\nQQ")
+
+    monkeypatch.setattr(counters, "_packed", old_server)
+    try:
+        with caplog.at_level("WARNING", logger="charter.ratelimit"):
+            assert 1 == counters.hit(key, 61)
+        assert not counters.expire_nx
+        assert "no EXPIRE … NX" in caplog.text
+        assert 0 < client.ttl(counters._prefix + key) <= 61  # set by the plain EXPIRE
+        assert [2, 3] == [counters.hit(key, 61), counters.hit_later(key, 61)()]  # the script
+        assert 0 < client.ttl(counters._prefix + key) <= 61
+        assert [] == [c for c in counters._held._idle if c._sock is None]  # none dropped
+    finally:
+        client.delete(counters._prefix + key)
+        client.close()
         counters.close()
 
 
