@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import Column, Integer, MetaData, Table, event, func, select, text
 
 from charter import Actor, Charter, CharterError, Forbidden, InvalidInput
 from charter.audit import audit_table
@@ -151,6 +151,49 @@ def test_a_domain_error_after_writes_rolls_the_effect_back_and_is_still_stored(c
         assert "over_limit" == info.value.code
     assert 0 == load(charter, doc_id).counter
     assert ["over_limit"] == [r["outcome"] for r in idem_rows(charter)]
+
+
+_SCRATCH = Table("test_scratch_writes", MetaData(), Column("id", Integer, primary_key=True))
+
+
+@pytest.mark.parametrize("how", ["core", "text", "credits"])
+def test_a_keyed_domain_error_after_writes_outside_the_orm_rolls_them_back(charter, alice, how):
+    """Core on the session's connection, text(), the credits ledger: none is an ORM write, and
+    each used to be committed with the stored refusal (the refusal was stored in the call's own
+    transaction when the ORM had written nothing). Now anything that reached the database
+    rolls back, as without a key, and the refusal is still stored and replayed."""
+    from charter import DomainError
+    from charter.credits import Credits
+
+    _SCRATCH.drop(charter.engine, checkfirst=True)
+    _SCRATCH.create(charter.engine)
+    credits = Credits.of(charter)
+    credits.open("acme")
+    credits.grant("acme", 10)
+
+    class Refused(DomainError):
+        code = "refused_late"
+
+    @charter.action("doc.write_then_refuse", allow=True, idempotency="required")
+    def write_then_refuse(ctx, _record, _data):
+        connection = ctx.session.connection()
+        if how == "core":
+            connection.execute(_SCRATCH.insert().values(id=1))
+        elif how == "text":
+            connection.execute(text("INSERT INTO test_scratch_writes (id) VALUES (1)"))
+        else:
+            credits.capture(ctx, credits.hold(ctx, 4, expires_in=timedelta(minutes=5)))
+        raise Refused("refused after writing")
+
+    for _ in range(2):  # the first execution, then its replay
+        with pytest.raises(Refused if _ == 0 else CharterError) as info:
+            charter.execute(alice, "doc.write_then_refuse", key="w1")
+        assert "refused_late" == info.value.code
+    with charter.engine.connect() as connection:
+        assert 0 == connection.scalar(select(func.count()).select_from(_SCRATCH))
+    assert (10, 0) == (credits.balance("acme"), credits.balance("acme", "credits@spent"))
+    assert ["refused_late"] == [r["outcome"] for r in idem_rows(charter)]
+    assert credits.verify().ok
 
 
 def test_denials_are_not_stored_so_a_later_retry_runs(charter, alice, editor):

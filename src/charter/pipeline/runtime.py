@@ -21,7 +21,7 @@ from ..policy import Readers
 from ..resources import ResourceSpec
 from ..storage import WRITE_OPTION, is_postgres, keep_prepared_statements, translate_errors
 from .loading import Adopter
-from .tenancy import GateSession, TenantGuard
+from .tenancy import GateSession, TenantGuard, watch_writes
 
 if TYPE_CHECKING:
     from ..ratelimit.limiter import RateLimiter
@@ -56,6 +56,7 @@ class Runtime:
         writes = engine.execution_options(**{WRITE_OPTION: True})
         if self.postgres and engine.dialect.driver == "psycopg":
             keep_prepared_statements(writes)  # a refused call's ROLLBACK keeps them
+        watch_writes(writes)  # did a handler that refused write anything? (TenantGuard.wrote)
         self.sessions = sessionmaker(writes, class_=GateSession, expire_on_commit=False)
         self.read_sessions = sessionmaker(engine, expire_on_commit=False)
         self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")

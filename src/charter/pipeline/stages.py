@@ -341,11 +341,13 @@ def handler(a: Assembly) -> Stage:
         ctx.locker = lambda model, id: _lock_more(runtime, statements, call, model, id)
         if call.keyed:  # built on the first ctx.external() only: most actions have no step
             ctx.steps = lambda: _step_runner(runtime, committer, call)
-        TenantGuard.clear_written(session)
+        connection = call.connection or session.connection()
+        TenantGuard.clear_written(session, connection)
         try:
             call.body = spec.handler(ctx, call.record, call.data)
         except DomainError as exc:
-            if not call.keyed or TenantGuard.wrote(session) or call.writes.balance is not None:
+            charged = call.writes.balance is not None
+            if not call.keyed or charged or TenantGuard.wrote(session, connection):
                 # Something reached the database (a charge too): roll it all back.
                 raise Refusal(exc, call.decision, call.record) from exc
             _store_domain_error(runtime, committer, call, exc)

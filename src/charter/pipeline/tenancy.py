@@ -14,7 +14,11 @@ are outside this guarantee: SQLAlchemy has no ORM entity to attach criteria
 to. The README says so.
 
 The guard also tracks which declared records a call changed, so that each one
-gets its version bump and is named in the call's audit entry.
+gets its version bump and is named in the call's audit entry, and whether
+anything at all reached the database during the handler (:meth:`TenantGuard.wrote`):
+a keyed call whose handler refused commits its stored refusal in the same
+transaction only if nothing did, whatever wrote it (the ORM, Core on the
+session's connection as the credits ledger does, ``text()``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Result, event
+from sqlalchemy import Connection, Engine, Result, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
@@ -32,7 +36,7 @@ from ..errors import Forbidden
 from ..resources import ResourceSpec
 from .dml import INTERNAL, BulkChange, run_bulk_change, upsert_sets, written_rows
 
-__all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation"]
+__all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation", "watch_writes"]
 
 #: Execution option of a statement that already carries the tenant in its SQL (the gate's own).
 SCOPED = "charter_tenant_scoped"
@@ -104,13 +108,19 @@ class TenantGuard:
         session.info[_WROTE] = False
 
     @staticmethod
-    def wrote(session: Session) -> bool:
-        """Whether anything reached the database since :meth:`begin` or :meth:`clear_written`."""
-        return bool(session.info.get(_WROTE))
+    def wrote(session: Session, connection: Connection | None = None) -> bool:
+        """Whether the ORM wrote since :meth:`begin` or :meth:`clear_written`; with
+        ``connection`` (the session's), whether any statement that may write ran on it
+        (:func:`watch_writes`)."""
+        if session.info.get(_WROTE):
+            return True
+        return connection is not None and bool(connection.info.get(_WROTE))
 
     @staticmethod
-    def clear_written(session: Session) -> None:
+    def clear_written(session: Session, connection: Connection | None = None) -> None:
         session.info[_WROTE] = False
+        if connection is not None:
+            connection.info[_WROTE] = False
 
     @staticmethod
     def created(session: Session) -> list[Any]:
@@ -255,6 +265,30 @@ def _state_before(resource: ResourceSpec, obj: Any) -> str | None:
 
 def _mark_written(session: Session, _context: Any) -> None:
     session.info[_WROTE] = True
+
+
+def watch_writes(engine: Engine) -> None:
+    """Flag a connection of ``engine`` on which a statement that may write runs.
+
+    At the cursor, so every way of writing is seen: the ORM's flush, Core on
+    ``session.connection()``, ``text()``, ``exec_driver_sql``. Only a plain
+    ``SELECT`` (no data-modifying CTE) counts as reading; anything else, a
+    ``SAVEPOINT`` included, counts as a write: the flag errs towards rolling back.
+    """
+    event.listen(engine, "before_cursor_execute", _flag_writes)
+
+
+def _flag_writes(
+    connection: Connection, _cursor: Any, _sql: str, _params: Any, context: Any, _many: bool
+) -> None:
+    compiled = getattr(context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    if (
+        statement is None
+        or not statement.is_select
+        or any(cte.element.is_dml for cte in (compiled.ctes or ()))
+    ):
+        connection.info[_WROTE] = True
 
 
 def tenant_violation(reason: str) -> Forbidden:
