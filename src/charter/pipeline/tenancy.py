@@ -281,7 +281,7 @@ def watch_writes(engine: Engine) -> None:
 def _flag_writes(
     connection: Connection, _cursor: Any, _sql: str, _params: Any, context: Any, _many: bool
 ) -> None:
-    compiled = getattr(context, "compiled", None)
+    compiled: Any = getattr(context, "compiled", None)
     statement = getattr(compiled, "statement", None)
     if (
         statement is None
