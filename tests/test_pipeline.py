@@ -167,14 +167,14 @@ def test_pipeline_of_lists_the_stages_each_kind_of_action_runs(cards):
     pg = cards.runtime.postgres
     names = {action: cards.pipeline_of(action).names for action in cards.actions}
     load_keyed = ("claim_and_load",) if pg else ("claim", "load")
-    tail = ("precondition", "decide", "handler", "track", "seal", "commit")
+    tail = ("decide", "precondition", "handler", "track", "seal", "commit")
     # Rate limits are on by default (in this process): the first stage of every action.
     # No key: no claim, no replay.
     assert ("rate_limit", "validate", "load", *tail) == names["doc.rename"]
     assert ("rate_limit", "validate", "replay", *load_keyed, *tail) == names["doc.charge"]
     # A creation has no target to load or compare (its key is optional, the default);
     # a sensitive read is not keyed.
-    assert ("rate_limit", "validate", "replay", "claim", *tail[1:]) == names["doc.create"]
+    assert ("rate_limit", "validate", "replay", "claim", "decide", *tail[2:]) == names["doc.create"]
     assert ("rate_limit", "validate", "load", *tail) == names["doc.read"]
     # Declared locks: the claim cannot ride on a one-record load.
     assert ("rate_limit", "validate", "replay", "claim", "load", *tail) == names["card.transfer"]
@@ -196,7 +196,7 @@ def test_a_stage_plugs_in_by_name_and_runs_in_its_place(database_url, disposing)
 
     charter.add_stage("stamp", stamp, before="decide")
     test_app.build(charter)
-    assert "stamp" == charter.pipeline_of("doc.rename").names[4]
+    assert "stamp" == charter.pipeline_of("doc.rename").names[3]
     doc_id = create_doc(charter, ALICE)
     charter.execute(ALICE, "doc.rename", {"title": "x"}, target=doc_id)
     assert ["doc.create:None", f"doc.rename:{doc_id}"] == seen

@@ -26,7 +26,7 @@ from .policy import (
     permission_matrix,
 )
 from .policy.visibility import check_visible
-from .resources import ResourceSpec
+from .resources import ResourceSpec, declared_for
 from .workflow.model import Transition, Workflow
 
 __all__ = ["Registry"]
@@ -327,11 +327,11 @@ class Registry:
         is denied as ``invalid_transition`` (``Decision.possible`` is false: not
         possible for anyone now), apart from the policy's "not allowed for you".
         """
-        resource = self._resources.get(type(record))
+        resource = declared_for(self._resources, type(record))
         if resource is None:
             raise ConfigurationError(f"{type(record).__name__} is not a declared resource")
         actor = self.impersonation.resolve(actor)
-        workflow = self.workflows.get(type(record))
+        workflow = declared_for(self.workflows, type(record))
         decisions = {}
         for name, spec in self._actions.items():
             if spec.resource is resource and not spec.creates and spec.target is not None:

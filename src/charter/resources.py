@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -22,7 +22,9 @@ from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError
 
-__all__ = ["ColumnDomain", "ResourceSpec", "coerce_id", "request_id_or_new"]
+__all__ = ["ColumnDomain", "ResourceSpec", "coerce_id", "declared_for", "request_id_or_new"]
+
+T = TypeVar("T")
 
 MAX_REQUEST_ID = 128
 #: The SQL integer types' ranges (SQL:2016 §4.4.3; PostgreSQL enforces them, SQLite does not).
@@ -254,3 +256,21 @@ def request_id_or_new(value: str | None) -> str:
 def coerce_id(resource: ResourceSpec, target: Any) -> Any:
     """The target id as a value of the primary key, or None if no row can have it."""
     return resource.id_domain.coerce(target)
+
+
+def declared_for(declared: Mapping[type[Any], T], model: type[Any]) -> T | None:
+    """What is declared for ``model``, or for the nearest declared class it inherits from.
+
+    A subclass of a declared model (single-table or joined inheritance: the
+    same rows, the same tenant and state columns) is under the same resource,
+    workflow and guards: looked up by its exact class, its records escaped both
+    guards (a ``Contract(Doc)`` created in another tenant, or moved to another
+    state, committed).
+    """
+    found = declared.get(model)
+    if found is None:
+        for base in model.__mro__[1:]:
+            found = declared.get(base)
+            if found is not None:
+                break
+    return found

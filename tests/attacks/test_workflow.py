@@ -192,3 +192,18 @@ def test_knowing_an_upgrades_id_authorizes_nothing(client):
         assert 404 == step(client, upgrade, "verify", user).status_code
         assert 404 == client.get(f"/plan-upgrades/{upgrade}", headers=auth(user)).status_code
     assert 200 == step(client, upgrade, "verify").status_code  # still alice's to continue
+
+
+def test_if_match_is_checked_after_the_404_and_the_409(client):
+    """RFC 9110 section 13.2.1: failures found before processing win over preconditions. A
+    stale If-Match was checked first: bob learned that alice's upgrade exists (and its
+    version) from a 412 where its id alone gave 404, and an impossible step gave 412."""
+    upgrade, missing = start(client), "0" * 32
+    stale = {"If-Match": '"999"'}
+    for target in (missing, upgrade):
+        answer = client.post(f"/plan-upgrades/{target}/verify", headers=auth("bob", **stale))
+        assert 404 == answer.status_code
+    impossible = client.post(f"/plan-upgrades/{upgrade}/complete", headers=auth("alice", **stale))
+    assert_invalid(impossible, "initiated", ["plan_upgrade.verify"])
+    late = client.post(f"/plan-upgrades/{upgrade}/verify", headers=auth("alice", **stale))
+    assert (412, "precondition_failed") == (late.status_code, late.json()["code"])

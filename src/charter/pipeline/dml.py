@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Final
 
-from sqlalchemy import Result, any_, bindparam, false, select, tuple_, update
+from sqlalchemy import BindParameter, Result, any_, bindparam, false, select, tuple_, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import dml as pg_dml
@@ -76,7 +77,13 @@ def written_rows(state: ORMExecuteState) -> list[dict[str, Any]]:
     """Each row the ``INSERT``/``UPDATE`` of ``state`` writes: attribute name → value.
 
     A value given as a SQL expression stands for itself (it never equals a
-    plain value, so a guard comparing it refuses it).
+    plain value, so a guard comparing it refuses it). A bound parameter is the
+    value it sends: the execution's parameter of that name if there is one
+    (``values(tenant_id=bindparam("t", value="acme"))`` run with ``{"t":
+    "globex"}`` writes globex), else its own value; one whose value a function
+    computes at execution (``callable_``) is :data:`UNKNOWN`, since what it
+    returns when the guard asks need not be what it returns when the row is
+    written.
     """
     statement, mapper = state.statement, state.bind_mapper
 
@@ -90,23 +97,34 @@ def written_rows(state: ORMExecuteState) -> list[dict[str, Any]]:
                 pass
         return str(getattr(key, "key", key))
 
-    def row(values: Mapping[Any, Any]) -> dict[str, Any]:
-        return {name(k): getattr(v, "value", v) for k, v in values.items()}
+    def row(values: Mapping[Any, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+        return {name(k): _sent(v, params) for k, v in values.items()}
 
-    base = row(getattr(statement, "_values", None) or {})
+    own = getattr(statement, "_values", None) or {}
     columns = list(getattr(getattr(statement, "table", None), "c", ()))
+    computed = {name(s): UNKNOWN for s in getattr(statement, "_select_names", None) or ()}
+    params: Any = state.parameters
+    given = params if isinstance(params, list) else [params] if params else []
     rows: list[dict[str, Any]] = []
     for group in getattr(statement, "_multi_values", ()) or ():
         for values in group:
             if isinstance(values, Sequence) and not isinstance(values, str | bytes):
                 values = dict(zip(columns, values, strict=False))
-            rows.append({**base, **row(values)})
-    for selected in getattr(statement, "_select_names", None) or ():
-        base[name(selected)] = UNKNOWN
-    params: Any = state.parameters
-    given = params if isinstance(params, list) else [params] if params else []
-    rows.extend({**base, **row(values)} for values in given)
-    return rows or [base]
+            rows.append({**row(own, {}), **row(values, {})})
+    rows.extend({**row(own, values), **computed, **row(values, values)} for values in given)
+    return rows or [{**row(own, {}), **computed}]
+
+
+def _sent(value: Any, params: Mapping[str, Any]) -> Any:
+    """The value a statement's ``value`` writes (see :func:`written_rows`)."""
+    if isinstance(value, BindParameter):
+        if value.key in params:
+            value = params[value.key]
+        elif value.callable is not None:
+            return UNKNOWN
+        else:
+            value = value.value
+    return value.value if isinstance(value, Enum) else value
 
 
 def upsert_sets(statement: Any) -> list[str] | None:

@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
 
 from ..audit.entry import AuditEntry
@@ -140,8 +142,20 @@ def refusal_entry(call: Call, refusal: Refusal) -> AuditEntry:
         if decision.failed:
             detail["failed"] = list(decision.failed)
     call.touched = []  # a refused call changed nothing
-    call.state_before = resource.state_of(refusal.record) if resource else None
-    return call.entry(error.code, decision=decision, record=refusal.record, detail=detail)
+    record = refusal.record if _readable(refusal.record) else None
+    if record is not None or resource is None:  # else: the state decide read, if it got there
+        call.state_before = resource.state_of(record) if resource else None
+    return call.entry(error.code, decision=decision, record=record, detail=detail)
+
+
+def _readable(record: Any) -> bool:
+    """Whether ``record``'s attributes can still be read: a flush refused by a guard after it
+    wrote (a relationship's key copied into the tenant column) expired them, in a session now
+    closed; the entry then names the call's target and the state the call read."""
+    if record is None:
+        return False
+    state = sa_inspect(record, raiseerr=False)
+    return state is None or not (state.detached and state.expired_attributes)
 
 
 @contextmanager

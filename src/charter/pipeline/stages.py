@@ -590,9 +590,11 @@ FACTORIES: tuple[tuple[str, Callable[[Assembly], Stage | None]], ...] = (
     ("rate_limit_reply", ratelimit.rate_limit_reply),  # Redis' count, read before any statement
     ("claim", claim),
     ("load", load),
-    ("precondition", precondition),
     ("transition", workflow.transition),  # the locked state allows the step (409)
     ("decide", decide),
+    # If-Match (412) after the 404, 409 and 403 (RFC 9110 section 13.2.1): before them, a
+    # stale version told a caller who may not read the record that it exists.
+    ("precondition", precondition),
     ("advance", workflow.advance),  # the gate sets the state (after the decision)
     ("charge", credits.charge),  # the cost, in this transaction (402 / 429)
     ("handler", handler),

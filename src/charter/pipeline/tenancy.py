@@ -33,7 +33,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_c
 from ..actor import Actor
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
-from ..resources import ResourceSpec
+from ..resources import ResourceSpec, declared_for
 from .dml import INTERNAL, BulkChange, run_bulk_change, upsert_sets, written_rows
 
 __all__ = ["SCOPED", "GateSession", "TenantGuard", "tenant_violation", "watch_writes"]
@@ -95,7 +95,7 @@ class TenantGuard:
     def install(self, sessions: sessionmaker[Any]) -> None:
         sessions.configure(info={_GUARD: self})
         event.listen(sessions, "before_flush", self._before_flush)
-        event.listen(sessions, "after_flush", _mark_written)
+        event.listen(sessions, "after_flush", self._after_flush)
         event.listen(sessions, "do_orm_execute", self._confine)
 
     @staticmethod
@@ -132,10 +132,10 @@ class TenantGuard:
         return dict(session.info.get(_CHANGED, {}))
 
     def resource_of(self, obj: Any) -> ResourceSpec | None:
-        return self._resources.get(type(obj))
+        return declared_for(self._resources, type(obj))
 
     def resource_of_model(self, model: type[Any]) -> ResourceSpec | None:
-        return self._resources.get(model)
+        return declared_for(self._resources, model)
 
     def _confine(self, state: ORMExecuteState) -> Result[Any] | None:
         if state.is_insert or state.is_update or state.is_delete:
@@ -240,6 +240,26 @@ class TenantGuard:
                 raise tenant_violation(f"another tenant's {resource.name} record cannot be {verb}")
         self._track(session)
 
+    def _after_flush(self, session: Session, _context: Any) -> None:
+        """The tenant of every record the flush wrote, read again from the values it wrote.
+
+        A relationship whose foreign key is the tenant column (``order.tenant =
+        <globex>``) is copied into that column during the flush, after
+        :meth:`_before_flush` looked. Raising here fails the flush, and the call's
+        transaction rolls back with it.
+        """
+        session.info[_WROTE] = True
+        actor: Actor | None = session.info.get(_ACTOR)
+        if actor is None:
+            return
+        for obj in (*session.new, *session.dirty):
+            resource = self.resource_of(obj)
+            if resource is None or resource.tenant is None:
+                continue
+            moved = obj in session.dirty and sa_inspect(obj).attrs[resource.tenant].history
+            if getattr(obj, resource.tenant) != actor.tenant_id or (moved and moved.has_changes()):
+                raise tenant_violation(f"a {resource.name} record was written in another tenant")
+
     def _track(self, session: Session) -> None:
         changed: dict[Any, str | None] = session.info.setdefault(_CHANGED, {})
         for obj in (*session.dirty, *session.deleted):
@@ -261,10 +281,6 @@ def _state_before(resource: ResourceSpec, obj: Any) -> str | None:
         value = history.deleted[0]
         return None if value is None else str(getattr(value, "value", value))
     return resource.state_of(obj)
-
-
-def _mark_written(session: Session, _context: Any) -> None:
-    session.info[_WROTE] = True
 
 
 def watch_writes(engine: Engine) -> None:

@@ -25,17 +25,19 @@ statements and ``text()`` are outside this guarantee. SQLAlchemy's legacy
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import ClauseElement, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from ..decision import Decision, DecisionKind
 from ..errors import Forbidden
 from ..pipeline.dml import upsert_sets, written_rows
+from ..resources import declared_for
 from .model import Workflow
 
 __all__ = ["WorkflowGuard", "plan_write", "refuse_unplanned", "state_write_refused"]
@@ -44,8 +46,13 @@ _PLANNED = "charter.workflow_writes"
 
 
 def plan_write(session: Session, record: Any, values: Mapping[str, Any]) -> None:
-    """Record that the gate itself sets ``values`` on ``record`` in this session."""
-    session.info.setdefault(_PLANNED, {})[id(record)] = (record, dict(values))
+    """Record that the gate itself sets ``values`` on ``record`` in this session.
+
+    A copy of its own: a flow's step log is a list the record then holds too,
+    and a handler appending to that list in place must not change what the gate
+    planned (it would have forged a step, and ``requires=`` trusts the log).
+    """
+    session.info.setdefault(_PLANNED, {})[id(record)] = (record, copy.deepcopy(dict(values)))
 
 
 def _planned(session: Session, record: Any) -> Mapping[str, Any]:
@@ -67,15 +74,34 @@ class WorkflowGuard:
             return
         self._installed = True
         event.listen(sessions, "before_flush", self._before_flush)
+        event.listen(sessions, "after_flush", self._after_flush)
         event.listen(sessions, "do_orm_execute", self._bulk)
 
     def _before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
         for obj in session.new:
-            workflow = self._workflows.get(type(obj))
+            workflow = declared_for(self._workflows, type(obj))
             if workflow is not None:
                 self._created(workflow, obj)
         for obj in session.dirty:
-            workflow = self._workflows.get(type(obj))
+            workflow = declared_for(self._workflows, type(obj))
+            if workflow is not None:
+                refuse_unplanned(session, workflow, obj)
+
+    def _after_flush(self, session: Session, _context: Any) -> None:
+        """The same checks on the values the flush wrote, before the transaction goes on.
+
+        A relationship whose foreign key is the state column (``order.status =
+        <approved>``, a lookup table of states) is copied into that column during
+        the flush, after :meth:`_before_flush` looked. Raising here fails the
+        flush, and the call's transaction rolls back with it.
+        """
+        for obj in session.new:
+            workflow = declared_for(self._workflows, type(obj))
+            state = None if workflow is None else getattr(obj, workflow.column)
+            if workflow is not None and str(getattr(state, "value", state)) != workflow.initial:
+                raise state_write_refused(workflow, workflow.column, f"created as {state!r}")
+        for obj in session.dirty:
+            workflow = declared_for(self._workflows, type(obj))
             if workflow is not None:
                 refuse_unplanned(session, workflow, obj)
 
@@ -83,6 +109,8 @@ class WorkflowGuard:
         state = getattr(obj, workflow.column)
         if state is None:
             setattr(obj, workflow.column, workflow.initial)
+        elif isinstance(state, ClauseElement):  # SQL: its value is known only when it runs
+            raise state_write_refused(workflow, workflow.column, "created as a SQL expression")
         elif str(getattr(state, "value", state)) != workflow.initial:
             raise state_write_refused(workflow, workflow.column, f"created as {state!r}")
         for column in (workflow.deadline, workflow.log):
@@ -96,7 +124,7 @@ class WorkflowGuard:
         if not (state.is_update or state.is_insert):
             return
         mapper = state.bind_mapper
-        workflow = None if mapper is None else self._workflows.get(mapper.class_)
+        workflow = None if mapper is None else declared_for(self._workflows, mapper.class_)
         if workflow is None:
             return
         upserted = set(upsert_sets(state.statement) or ())  # ON CONFLICT DO UPDATE's SET
