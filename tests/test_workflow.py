@@ -627,3 +627,234 @@ def test_a_retried_transition_with_its_key_is_replayed_not_refused(tickets):
     assert (first.body, True) == (again.body, again.replayed)
     with pytest.raises(InvalidTransition):  # a new request, not a retry: the step is done
         tickets.execute(ALICE, "ticket.open", target=ticket, key="open-2")
+
+
+# -- requires= on a path that repeats a step; aliased inputs; allowed_actions' clock;
+# -- diagrams of any state name -------------------------------------------------------------
+
+PAYMENT = (
+    Transition("pay.verify", ("new", "verified"), "verified"),
+    Transition("pay.capture", "verified", "captured"),
+    Transition("pay.refund", "captured", "verified"),  # the capture undone: capture again
+    Transition("pay.complete", "captured", "complete", requires=("pay.verify", "pay.capture")),
+)
+
+
+@pytest.fixture
+def payment(database_url: str, disposing: Callable[[Any], Any]) -> Charter:
+    """A flow whose path may loop: verify, capture, refund, capture again, complete."""
+    charter = disposing(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    charter.workflow(
+        Ticket, states=("new", "verified", "captured", "complete"), initial="new",
+        transitions=PAYMENT, log="steps",
+    )  # fmt: skip
+
+    @charter.action("pay.start", on=Ticket, creates=True, allow=True)
+    def start(ctx: Any, _: None, data: Any) -> Ticket:
+        ticket = Ticket(owner=ctx.actor.id, state="new")
+        ctx.session.add(ticket)
+        return ticket
+
+    charter.action("pay.get", on=Ticket, allow=True, sensitive_read=True)(lambda c, t, d: {})
+    for t in PAYMENT:
+        charter.action(t.action, on=Ticket, allow=True)(lambda c, t, d: {})
+    Base.metadata.create_all(charter.engine)
+    return charter
+
+
+def steps_of(charter: Charter, ticket: int) -> list[str]:
+    with charter.session() as session:
+        found = session.get(Ticket, ticket)
+        assert found is not None
+        return [s["action"] for s in found.steps or []]
+
+
+def test_a_path_that_repeats_a_required_step_can_still_complete(payment):
+    ticket = int(payment.execute(ALICE, "pay.start").resource_id)
+    for action in ("pay.verify", "pay.capture", "pay.refund", "pay.capture", "pay.complete"):
+        payment.execute(ALICE, action, target=ticket)
+    assert "complete" == state(payment, ticket)
+    assert ["pay.verify", "pay.capture", "pay.refund", "pay.capture", "pay.complete"] == (
+        steps_of(payment, ticket)
+    )
+
+
+def test_a_required_step_done_again_needs_the_steps_after_it_done_again(payment):
+    ticket = int(payment.execute(ALICE, "pay.start").resource_id)
+    for action in ("pay.verify", "pay.capture", "pay.refund", "pay.verify"):
+        payment.execute(ALICE, action, target=ticket)
+    # The state moved by hand to "captured" (outside every guarantee): nothing was captured
+    # after the last verification, so the log does not show the required path.
+    with Session(payment.engine) as session:
+        session.execute(update(Ticket).where(Ticket.id == ticket).values(state="captured"))
+        session.commit()
+    with pytest.raises(InvalidTransition, match="the latest of each after the latest"):
+        payment.execute(ALICE, "pay.complete", target=ticket)
+    assert "captured" == state(payment, ticket)
+
+
+@pytest.mark.parametrize(
+    ("done", "complete"),
+    [
+        (["v", "c"], True),
+        (["v", "x", "c"], True),  # other steps between
+        (["v", "c", "r", "c"], True),  # a step repeated after the last of the one before
+        (["v", "v", "c"], True),
+        (["c", "v", "c"], True),  # a stray earlier capture does not matter
+        (["v", "c", "v"], False),  # verified again, nothing captured since
+        (["c", "v"], False),
+        (["v"], False),
+        ([], False),
+    ],
+)
+def test_required_steps_count_by_their_latest_completion_in_the_declared_order(done, complete):
+    from charter.workflow.model import completed_in_order
+
+    assert complete == completed_in_order(("v", "c"), done)
+
+
+def test_a_step_required_twice_is_refused_at_declaration():
+    charter = Charter(database_url="sqlite://", development=True)
+    charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    twice = Transition("t.done", "b", "c", requires=("t.a", "t.b", "t.a"))
+    steps = (Transition("t.a", "a", "b"), Transition("t.b", "a", "b"), twice)
+    states = ("a", "b", "c")
+    with pytest.raises(ConfigurationError, match=r"requires t\.a twice"):
+        charter.workflow(Ticket, states=states, initial="a", transitions=steps, log="steps")
+
+
+def _input_with(field: Any) -> type[BaseModel]:
+    from pydantic import create_model
+
+    model: type[BaseModel] = create_model(
+        "Edit", __config__=ConfigDict(extra="forbid"), note=(str | None, field)
+    )
+    return model
+
+
+def _aliases() -> dict[str, Any]:
+    from pydantic import AliasChoices, AliasPath, Field
+
+    return {
+        "alias": Field(None, alias="state"),
+        "validation_alias": Field(None, validation_alias="state"),
+        "alias_choices": Field(None, validation_alias=AliasChoices("status", "state")),
+        "alias_path": Field(None, validation_alias=AliasPath("state", 0)),
+        "path_among_choices": Field(None, validation_alias=AliasChoices(AliasPath("state", "x"))),
+        "serialization_alias": Field(None, serialization_alias="state"),
+    }
+
+
+@pytest.mark.parametrize("form", list(_aliases()))
+def test_an_input_field_reaching_the_state_under_any_alias_is_refused_at_declaration(form):
+    charter = declare(Charter(database_url="sqlite://", development=True))
+    with pytest.raises(ConfigurationError, match="only the workflow of test_wf_tickets writes"):
+        charter.action("ticket.edit", on=Ticket, input=_input_with(_aliases()[form]), allow=True)(
+            lambda c, t, d: {}
+        )
+
+
+def test_an_input_field_with_unrelated_alias_choices_or_paths_is_declared():
+    from pydantic import AliasChoices, AliasPath, Field
+
+    charter = declare(Charter(database_url="sqlite://", development=True))
+    unrelated = (
+        Field(None, validation_alias=AliasChoices("note", "comment")),
+        Field(None, validation_alias=AliasPath("data", "state")),  # only the key "data"
+        Field(None, validation_alias=AliasChoices(AliasPath("data", 0), "remark")),
+    )
+    for i, field in enumerate(unrelated):
+        edit = _input_with(field)
+        charter.action(f"ticket.edit{i}", on=Ticket, input=edit, allow=True)(lambda c, t, d: {})
+    assert {"ticket.edit0", "ticket.edit1", "ticket.edit2"} <= set(charter.actions)
+
+
+def test_allowed_actions_without_a_context_judges_deadlines_by_the_charters_clock(flow):
+    charter, clock = flow
+    ticket = new_ticket(charter)  # ticket.open within 15 minutes, by the Charter's clock
+
+    def decision() -> Any:
+        with charter.session() as session:
+            record = session.get(Ticket, ticket)
+            session.expunge(record)
+        return charter.allowed_actions(ALICE, record)["ticket.open"]
+
+    assert (True, True) == (decision().allowed, decision().possible)  # whatever the wall clock
+    clock.now += timedelta(days=365 * 100)
+    late = decision()
+    assert (False, DecisionKind.INVALID_TRANSITION) == (late.possible, late.kind)
+    with pytest.raises(StepExpired):  # execute() agrees
+        charter.execute(ALICE, "ticket.open", target=ticket)
+
+
+def odd_names(charter: Charter) -> Any:
+    charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+    return charter.workflow(
+        Ticket,
+        states=("new", "in review", "geprüft", 'on-hold: "legal"; #1', "s1", "default"),
+        initial="new",
+        transitions=(
+            Transition("claim.review", "new", "in review"),
+            Transition("claim.check", "in review", "geprüft"),
+            Transition("claim.hold", "geprüft", 'on-hold: "legal"; #1'),
+            Transition("claim.skip", "new", "s1"),
+            Transition("claim.drop", "s1", "default"),
+        ),
+        deadline="deadline",
+        expires={"in review": timedelta(minutes=15)},
+    )
+
+
+def test_mermaid_names_each_odd_state_by_an_identifier_and_shows_its_name_escaped():
+    workflow = odd_names(Charter(database_url="sqlite://", development=True))
+    assert (
+        "stateDiagram-v2\n"
+        '    state "in review" as s1_\n'  # "s1" is a state's own name
+        '    state "geprüft" as s2\n'
+        '    state "on-hold#58; #34;legal#34;#59; #35;1" as s3\n'
+        '    state "default" as s5\n'  # a keyword of Mermaid's
+        "    [*] --> new\n"
+        "    new --> s1_: claim.review (next step within 15min)\n"
+        "    s1_ --> s2: claim.check\n"
+        "    s2 --> s3: claim.hold\n"
+        "    new --> s1: claim.skip\n"
+        "    s1 --> s5: claim.drop\n"
+        "    s3 --> [*]\n"
+        "    s5 --> [*]\n"
+    ) == diagram(workflow, "mermaid")
+
+
+def test_dot_quotes_every_name_and_keeps_non_ascii_as_utf8():
+    workflow = odd_names(Charter(database_url="sqlite://", development=True))
+    text = diagram(workflow, "dot")
+    assert '    "geprüft" [shape=box];\n' in text
+    assert '    "in review" -> "geprüft" [label="claim.check"];\n' in text
+    assert '    "on-hold: \\"legal\\"; #1" [shape=doublecircle];\n' in text
+    assert "\\u" not in text
+
+
+def test_a_state_named_with_a_control_character_is_refused_at_declaration():
+    for name in ("x\n    [*] --> paid", "nul\x00", "tab\there", "rtl\u202eevil"):
+        charter = Charter(database_url="sqlite://", development=True)
+        charter.resource(Ticket, tenant="tenant_id", state="state", version="version")
+        with pytest.raises(ConfigurationError, match="unprintable"):
+            charter.workflow(Ticket, states=("new", name), initial="new", transitions=())
+
+
+def test_no_name_adds_a_line_to_a_diagram_even_one_built_by_hand():
+    import dataclasses
+    import re
+
+    charter = Charter(database_url="sqlite://", development=True)
+    declared = odd_names(charter)
+    evil = 'x"\n    [*] --> paid\\'
+    workflow = dataclasses.replace(declared, states=(*declared.states, evil, "paid"))
+    mermaid = diagram(workflow, "mermaid")
+    assert '    state "x#34;#10;    [*] --#62; paid#92;" as s6\n' in mermaid
+    shapes = r'stateDiagram-v2|    state "[^"]*" as \w+|    (\[\*\]|\w+) --> (\[\*\]|\w+)(: .*)?'
+    assert all(re.fullmatch(shapes, line) for line in mermaid.splitlines())
+    assert "    [*] --> paid" not in mermaid.splitlines()
+    dot = diagram(workflow, "dot")
+    assert '    "x\\"\\n    [*] --> paid\\\\" [shape=doublecircle];\n' in dot
+    assert all(line.endswith((" {", ";", "}")) for line in dot.splitlines())

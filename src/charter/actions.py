@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from .credits.costs import Cost, as_cost, as_tags
 from .credits.quotas import Quota
@@ -263,7 +264,7 @@ def _check_workflow(
 ) -> None:
     """Only the gate writes a workflow's state: no input may carry it, no creation perform it."""
     for field_name, info in model.model_fields.items():
-        names = {field_name, info.alias, info.validation_alias}
+        names = _input_names(field_name, info)
         written = [c for c in workflow.guarded_columns if c in names]
         if written:
             raise ConfigurationError(
@@ -273,6 +274,20 @@ def _check_workflow(
     if workflow.transition_of(name) is not None and (creates or sensitive_read):
         kind = "creates a record" if creates else "is a sensitive read"
         raise ConfigurationError(f"action {name} {kind}: it cannot perform a transition")
+
+
+def _input_names(name: str, info: FieldInfo) -> set[str]:
+    """Every key a field is known by: its name, its alias, each of its validation aliases
+    (an ``AliasChoices``' choices, an ``AliasPath`` by the input key it starts at) and its
+    serialization alias (what ``model_dump(by_alias=True)`` writes)."""
+    names = {name}
+    for alias in (info.alias, info.validation_alias, info.serialization_alias):
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        for choice in choices:
+            key = choice.path[0] if isinstance(choice, AliasPath) else choice
+            if isinstance(key, str):
+                names.add(key)
+    return names
 
 
 def _check_bulk(name: str, bulk: Any, max_batch: Any, *, sensitive_read: bool) -> BulkMode | None:

@@ -141,7 +141,7 @@ class Charter:
         self.audit_trail = audit_trail or AuditTrail(self.keyring)
         self.idempotency_retention = idempotency_retention
         self.recovery_lease = recovery_lease
-        self._registry = registry = Registry(self._assemble)
+        self._registry = registry = Registry(self._assemble, clock=clock)
         self.policy = registry.policy
         # Declarations are the registry's own methods (same signatures, same docs):
         # resource(), action() (a decorator), register(), allow(), deny() and

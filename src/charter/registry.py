@@ -39,11 +39,19 @@ class Registry:
     """Resources and actions by name; every declaration is validated when it is made.
 
     ``on_action`` is called with each action's spec and compiled policy once it
-    is declared (the gate assembles the action's pipeline then).
+    is declared (the gate assembles the action's pipeline then); ``clock`` is the
+    Charter's, by which :meth:`allowed_actions` judges a flow's deadlines when it
+    is given no context (as ``execute`` does).
     """
 
-    def __init__(self, on_action: Callable[[ActionSpec, ActionPolicy], None]) -> None:
+    def __init__(
+        self,
+        on_action: Callable[[ActionSpec, ActionPolicy], None],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self._on_action = on_action
+        self._clock = clock
         self._resources: dict[type[Any], ResourceSpec] = {}
         self._resource_names: dict[str, ResourceSpec] = {}
         self._actions: dict[str, ActionSpec] = {}
@@ -332,10 +340,13 @@ class Registry:
             raise ConfigurationError(f"{type(record).__name__} is not a declared resource")
         actor = self.impersonation.resolve(actor)
         workflow = declared_for(self.workflows, type(record))
+        # One instant for every action: the context's, or the Charter's clock (never the
+        # wall clock: execute() judges the same deadlines by the Charter's clock).
+        now = ctx.now if ctx is not None else self._clock()
         decisions = {}
         for name, spec in self._actions.items():
             if spec.resource is resource and not spec.creates and spec.target is not None:
-                impossible = _impossible(workflow, name, actor, record, ctx)
+                impossible = _impossible(workflow, name, actor, record, ctx, now)
                 decisions[name] = (
                     impossible
                     if impossible is not None
@@ -364,13 +375,17 @@ class Registry:
 
 
 def _impossible(
-    workflow: Workflow | None, action: str, actor: Actor, record: Any, ctx: ActionContext | None
+    workflow: Workflow | None,
+    action: str,
+    actor: Actor,
+    record: Any,
+    ctx: ActionContext | None,
+    now: datetime,
 ) -> Decision | None:
     """The denial of an action ``record``'s state does not allow, or None if it is possible."""
     move = None if workflow is None else workflow.transition_of(action)
     if workflow is None or move is None:
         return None
-    now = ctx.now if ctx is not None else datetime.now(UTC)
     error = workflow.refusal(move, record, actor, ctx, now)
     if error is None:
         return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import inspect as sa_inspect
@@ -30,7 +31,7 @@ from ..policy.expr import as_condition
 from ..policy.pyeval import evaluate, failures
 from ..resources import ResourceSpec
 
-__all__ = ["MAX_LOG", "Transition", "Workflow"]
+__all__ = ["MAX_LOG", "Transition", "Workflow", "completed_in_order"]
 
 #: Bound on a flow's step log (a flow is a handful of steps, not an unbounded history).
 MAX_LOG = 64
@@ -43,7 +44,8 @@ class Transition:
     ``source`` is a state or several; ``guard`` an optional condition in the
     policy language (``R.amount > 0``) that must hold on the record for the step
     to be possible at all; ``requires`` the actions that must appear, in this
-    order, in the flow's step log before this step (a flow's terminal step).
+    order, in the flow's step log before this step (a flow's terminal step; see
+    :func:`completed_in_order` for what "in order" means when a step repeats).
     """
 
     action: str
@@ -109,6 +111,15 @@ class Workflow:
             or not all(isinstance(s, str) and s for s in names)
         ):
             raise ConfigurationError(f"{where}: states must be distinct non-empty strings")
+        # A state is an identifier stored in a column and printed in problems, logs and
+        # diagrams: a newline, NUL, bidi override or other unprintable character in it
+        # is a mistake (or an injection into what prints it), refused now.
+        unprintable = [s for s in names if not s.isprintable()]
+        if unprintable:
+            raise ConfigurationError(
+                f"{where}: state {unprintable[0]!r} holds a control or other unprintable "
+                "character (states are printable text; spaces are fine)"
+            )
         if initial not in names:
             raise ConfigurationError(f"{where}: the initial state {initial!r} is not a state")
         by_action: dict[str, Transition] = {}
@@ -127,9 +138,11 @@ class Workflow:
                     t.condition  # noqa: B018 - validates the guard's type now
                 except TypeError as exc:
                     raise ConfigurationError(f"{where}: guard of {t.action}: {exc}") from exc
-            missing = [a for a in t.requires if a == t.action]
-            if missing:
+            if t.action in t.requires:
                 raise ConfigurationError(f"{where}: {t.action} cannot require itself")
+            twice = sorted({a for a in t.requires if t.requires.count(a) > 1})
+            if twice:
+                raise ConfigurationError(f"{where}: {t.action} requires {twice[0]} twice")
             by_action[t.action] = t
         for t in by_action.values():
             unknown = [a for a in t.requires if a not in by_action]
@@ -178,8 +191,9 @@ class Workflow:
 
         In this order: the record's state is not a source of the step; the
         state's deadline has passed (a flow's step, :class:`StepExpired`); a
-        required earlier step is missing from the step log, or out of order; the
-        step's guard does not hold (a guard that cannot be evaluated does not).
+        required earlier step is missing from the step log, or out of order
+        (:func:`completed_in_order`); the step's guard does not hold (a guard
+        that cannot be evaluated does not).
         """
         state = self.resource.state_of(record)
         if state not in move.sources:
@@ -193,11 +207,12 @@ class Workflow:
                     kind=StepExpired,
                 )  # fmt: skip
         done = [s.get("action") for s in (getattr(record, self.log) or [])] if self.log else []
-        if move.requires and [a for a in done if a in move.requires] != list(move.requires):
+        if move.requires and not completed_in_order(move.requires, done):
             return self._refused(
                 record, state,
                 f": {move.action} needs {', '.join(move.requires)} completed first, "
-                f"in this order; completed: {', '.join(map(str, done)) or 'none'}",
+                "in this order (the latest of each after the latest of the one before); "
+                f"completed: {', '.join(map(str, done)) or 'none'}",
             )  # fmt: skip
         if len(done) >= MAX_LOG:
             return self._refused(record, state, ": its step log is full")
@@ -226,6 +241,23 @@ class Workflow:
         if next_steps:
             text += f"; possible next: {', '.join(possible) or 'nothing (a final state)'}"
         return kind(text, state=state, allowed=possible)
+
+
+def completed_in_order(required: Sequence[str], done: Sequence[Any]) -> bool:
+    """Whether each ``required`` action is in ``done`` (a step log), in the declared order.
+
+    Other steps may come between, and any step may repeat (a capture refunded
+    and captured again): what counts is each required step's **latest**
+    completion, and those must follow the declared order. So with ``requires=
+    ("verify", "capture")``: ``verify, capture, refund, capture`` is complete, and
+    so is ``capture, verify, capture``; ``verify, capture, verify`` is not —
+    verification was done again and nothing was captured after it, so the capture
+    on record no longer follows the verification on record.
+    """
+    latest = {action: i for i, action in enumerate(done)}  # a later step overwrites
+    if not all(action in latest for action in required):
+        return False
+    return all(latest[a] < latest[b] for a, b in pairwise(required))
 
 
 def _holds(condition: Condition, actor: Any, record: Any, ctx: Any) -> bool:
