@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,7 +17,8 @@ from sqlalchemy import func, select, text, update
 
 from charter import Actor, Charter, ConfigurationError, DomainError
 from charter.audit import audit_table
-from charter.credits import Cost, Credits, Quota, check_amount, to_minor
+from charter.credits import Cost, Credits, Hold, Quota, check_amount, to_minor
+from charter.credits import verify as verification
 from charter.credits.tables import accounts_table, holds_table, ledger_table, quota_table
 from charter.errors import (
     Conflict,
@@ -139,6 +142,47 @@ def test_a_decimal_amount_becomes_minor_units_without_rounding():
         to_minor("12.345", 2)
     with pytest.raises(InvalidAmount):
         to_minor(12.34, 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "absurd",
+    ["1e1000000", "9e999999", "1e999990", "-1e1000000", "1e-1000000000", Decimal("1e1000000")],
+)
+def test_an_absurd_decimal_exponent_is_refused_at_once_as_an_invalid_amount(absurd):
+    started = time.perf_counter()
+    with pytest.raises(InvalidAmount) as caught:
+        to_minor(absurd, 2)
+    assert "invalid_amount" == caught.value.code
+    assert time.perf_counter() - started < 1.0  # was 25 s of CPU for 1e999990
+
+
+def test_a_decimal_is_scaled_exactly_not_rounded_to_the_decimal_context():
+    assert 1234 == to_minor("12.340000000000000000000000000000000", 2)
+    with pytest.raises(InvalidAmount, match="more than 2 decimals"):
+        to_minor("1.0000000000000000000000000001", 2)  # 28 digits of context would give 100
+
+
+def test_a_cost_function_given_an_absurd_decimal_answers_422_not_500(gate, alice):
+    charter, credits = gate
+    credits.grant("acme", 10)
+
+    @charter.action("credits.priced", input=Priced, allow=True, cost=_priced)
+    def priced(ctx: Any, record: Any, data: Priced) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(InvalidAmount) as caught:
+        charter.execute(alice, "credits.priced", {"price": "1e1000000"})
+    assert 422 == caught.value.status
+    assert 10 == credits.balance("acme")
+
+
+class Priced(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    price: str
+
+
+def _priced(data: Priced, record: Any) -> int:
+    return to_minor(data.price, 0)
 
 
 def test_an_account_names_its_currency_and_it_never_changes(gate):
@@ -423,6 +467,118 @@ def test_a_keyed_request_finds_its_own_hold_again(gate, alice):
     assert 6 == credits.balance("acme")
 
 
+def test_a_hold_that_does_not_fit_leaves_nothing_even_when_the_handler_catches_the_402(
+    gate, alice, clock
+):
+    charter, credits = gate
+    credits.grant("acme", 10)
+    real = _reserve(charter, credits, alice, 9)
+
+    @charter.action("message.maybe", allow=True)
+    def maybe(ctx: Any, record: Any, data: Any) -> dict[str, Any]:
+        try:
+            credits.hold(ctx, 5, expires_in=timedelta(minutes=1))
+        except InsufficientCredits:
+            return {"sent": False}
+        return {"sent": True}
+
+    assert {"sent": False} == charter.execute(alice, "message.maybe").body  # committed
+    with charter.engine.connect() as c:
+        assert [real.id] == c.execute(select(holds_table.c.id)).scalars().all()
+    assert ["grant", "hold"] == [r.kind for r in ledger_rows(charter)]
+    clock.now += timedelta(minutes=2)  # past the refused hold's expiry
+    assert 0 == credits.sweep()
+    assert 9 == credits.balance("acme", "credits@held")
+    assert 9 == _capture(charter, credits, alice, real)
+    assert credits.verify().ok
+
+
+def _capture(charter: Charter, credits: Credits, actor: Actor, hold: Any) -> Any:
+    """Capture ``hold`` in an action run by ``actor``: its amount, or the error."""
+    name = f"message.capture{len(charter.actions)}"
+
+    @charter.action(name, allow=True)
+    def capture(ctx: Any, record: Any, data: Any) -> dict[str, Any]:
+        try:
+            return {"captured": credits.capture(ctx, hold)}
+        except HoldExpired as exc:
+            return {"refused": exc.code}
+
+    body = charter.execute(actor, name).body
+    return body.get("captured", body.get("refused"))
+
+
+def _unbacked_hold(charter: Charter, tenant: str, amount: int, expires_at: datetime) -> None:
+    """A pending hold with nothing on ``@held`` for it, as earlier versions could leave one."""
+    with charter.engine.begin() as c:
+        c.execute(
+            holds_table.insert().values(
+                tenant=tenant, account="credits", reference=f"phantom-{tenant}", amount=amount,
+                state="pending", created_at=expires_at, expires_at=expires_at,
+            )
+        )  # fmt: skip
+
+
+def test_the_sweep_sets_aside_a_hold_it_cannot_release_and_releases_the_others(gate, alice, clock):
+    charter, credits = gate
+    credits.open("other")
+    credits.grant("other", 10)
+    bob = Actor.make("bob", "other")
+    _reserve(charter, credits, bob, 4)
+    _unbacked_hold(charter, "acme", 50, clock.now + timedelta(minutes=1))
+    assert {("held", "acme/credits@held")} == {
+        (p.kind, p.subject) for p in credits.verify().problems
+    }
+    clock.now += timedelta(minutes=5)
+    assert 1 == credits.sweep()
+    assert 10 == credits.balance("other")
+    with charter.engine.connect() as c:
+        states = dict(c.execute(select(holds_table.c.tenant, holds_table.c.state)).all())
+    assert {"other": "expired", "acme": "unreleasable"} == states
+    assert 0 == credits.sweep()  # set aside, not tried again
+    assert credits.verify().ok
+
+
+def test_a_charge_is_not_blocked_by_an_expired_hold_that_cannot_be_released(gate, alice, clock):
+    charter, credits = gate
+    credits.grant("acme", 10)
+    _reserve(charter, credits, alice, 8)
+    _unbacked_hold(charter, "acme", 50, clock.now + timedelta(minutes=1))
+    clock.now += timedelta(minutes=5)
+    with charter.engine.connect() as c:
+        audited = c.execute(select(func.count()).select_from(audit_table)).scalar_one()
+    assert 5 == charter.execute(alice, "credits.spend", {"amount": 5}).balance
+    with charter.engine.connect() as c:
+        assert audited + 1 == c.execute(select(func.count()).select_from(audit_table)).scalar_one()
+    assert 0 == credits.balance("acme", "credits@held")
+
+
+@pytest.mark.parametrize("claimed", ["evil", "acme"])
+def test_a_hold_is_settled_only_by_its_own_tenant(gate, alice, claimed):
+    """Another tenant's hold is an unknown hold, whatever the Hold it rebuilds says."""
+    charter, credits = gate
+    credits.grant("acme", 10)
+    credits.open("evil")
+    hold = _reserve(charter, credits, alice, 7)
+    forged = Hold(hold.id, claimed, "credits", 7, "pending", hold.expires_at)
+    mallory = Actor.make("mallory", "evil")
+    assert "hold_expired" == _capture(charter, credits, mallory, forged)
+    released: list[bool] = []
+
+    @charter.action("message.cancel", allow=True)
+    def cancel(ctx: Any, record: Any, data: Any) -> dict[str, Any]:
+        released.append(credits.release(ctx, forged))
+        return {}
+
+    charter.execute(mallory, "message.cancel")
+    assert [False] == released
+    assert 7 == credits.balance("acme", "credits@held")
+    assert 0 == credits.balance("evil", "credits@held")
+    # Any actor of acme's own (a later request, a system actor) may settle it.
+    assert 7 == _capture(charter, credits, Actor.make("sender", "acme"), hold)
+    assert credits.verify().ok
+
+
 # -- verification ----------------------------------------------------------------------
 
 
@@ -442,6 +598,57 @@ def test_verify_names_the_account_whose_balance_disagrees_with_the_ledger(gate, 
     subjects = {(p.kind, p.subject) for p in report.problems}
     assert ("balance", "acme/credits") in subjects
     assert ("sum", "CREDIT") in subjects
+
+
+def test_verify_names_a_balance_that_is_not_a_whole_number(gate, alice):
+    """SQLite stores ``7.9`` as a REAL in the integer column; PostgreSQL rounds it to 8."""
+    charter, credits = gate
+    credits.grant("acme", 10)
+    charter.execute(alice, "credits.consume", {"amount": 3})
+    with charter.engine.begin() as c:
+        c.execute(text("UPDATE charter_credit_accounts SET balance = 9.9 WHERE name = 'credits'"))
+    assert ("balance", "acme/credits") in {(p.kind, p.subject) for p in credits.verify().problems}
+
+
+def _drop_account(charter: Charter, name: str) -> None:
+    """Delete an account behind the foreign keys' back, as tampering would."""
+    if charter.runtime.postgres:
+        with charter.engine.begin() as c:
+            c.execute(text("SET LOCAL session_replication_role = replica"))
+            c.execute(accounts_table.delete().where(accounts_table.c.name == name))
+        return
+    raw = sqlite3.connect(str(charter.engine.url.database), isolation_level=None)
+    try:
+        raw.execute("PRAGMA foreign_keys = OFF")
+        raw.execute("DELETE FROM charter_credit_accounts WHERE name = ?", (name,))
+    finally:
+        raw.close()
+
+
+def test_verify_names_the_missing_account_that_movements_point_at(gate, alice):
+    charter, credits = gate
+    credits.grant("acme", 10)
+    charter.execute(alice, "message.send", {"amount": 2, "fail": "sender"})  # hold, release
+    with charter.engine.connect() as c:
+        held = c.execute(
+            select(accounts_table.c.id).where(accounts_table.c.name == "credits@held")
+        ).scalar_one()
+    _drop_account(charter, "credits@held")
+    report = credits.verify()
+    assert [("missing", f"account #{held}")] == [(p.kind, p.subject) for p in report.problems]
+    assert "2 movements" in report.problems[0].detail
+
+
+def test_verify_names_a_bounded_number_of_missing_accounts(gate, monkeypatch):
+    charter, credits = gate
+    for tenant in ("a1", "a2", "a3"):
+        credits.open(tenant)
+        credits.grant(tenant, 1)
+    _drop_account(charter, "credits@issued")
+    monkeypatch.setattr(verification, "SHOWN", 2)
+    problems = [p.subject for p in credits.verify().problems if p.kind == "missing"]
+    assert 3 == len(problems)
+    assert "more accounts" == problems[-1]
 
 
 @pytest.mark.parametrize("change", ["update", "delete"])

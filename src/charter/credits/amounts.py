@@ -10,7 +10,7 @@ else is :class:`~charter.errors.InvalidAmount` (422), before any write.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidAmount
@@ -22,6 +22,11 @@ __all__ = ["MAX_AMOUNT", "MAX_EXPONENT", "check_amount", "check_currency", "to_m
 MAX_AMOUNT = 10**15
 #: ISO 4217 currencies have at most 4 decimals (CLF); a credit unit has 0.
 MAX_EXPONENT = 6
+#: Digits of the largest amount: a decimal whose leading digit, in minor units, lies
+#: beyond them is refused before it is scaled (``1e1000000`` costs no time).
+_DIGITS = len(str(MAX_AMOUNT))
+#: Scaling within the bound is exact: a digit it would round away is a fraction.
+_EXACT = Context(prec=_DIGITS, traps=[Inexact, InvalidOperation])
 _CURRENCY = re.compile(r"[A-Z][A-Z0-9]{1,11}", re.ASCII)
 
 
@@ -34,16 +39,24 @@ def check_amount(amount: Any, *, what: str = "the amount") -> int:
             errors=[{"loc": ["amount"], "type": "int_type", "msg": "not an integer"}],
         )
     if amount <= 0:
-        raise InvalidAmount(
-            f"{what} must be more than zero (a refund or a release is its own movement)",
-            errors=[{"loc": ["amount"], "type": "greater_than", "msg": "must be positive"}],
-        )
+        raise _not_positive(what)
     if amount > MAX_AMOUNT:
-        raise InvalidAmount(
-            f"{what} is larger than the largest single movement ({MAX_AMOUNT} minor units)",
-            errors=[{"loc": ["amount"], "type": "less_than_equal", "msg": "too large"}],
-        )
+        raise _too_large(what)
     return amount
+
+
+def _not_positive(what: str) -> InvalidAmount:
+    return InvalidAmount(
+        f"{what} must be more than zero (a refund or a release is its own movement)",
+        errors=[{"loc": ["amount"], "type": "greater_than", "msg": "must be positive"}],
+    )
+
+
+def _too_large(what: str) -> InvalidAmount:
+    return InvalidAmount(
+        f"{what} is larger than the largest single movement ({MAX_AMOUNT} minor units)",
+        errors=[{"loc": ["amount"], "type": "less_than_equal", "msg": "too large"}],
+    )
 
 
 def to_minor(value: Decimal | str | int, exponent: int) -> int:
@@ -51,19 +64,40 @@ def to_minor(value: Decimal | str | int, exponent: int) -> int:
 
     Refuses (:class:`InvalidAmount`) a value with more decimals than the
     currency has: 12.345 EUR is no amount, and rounding it would invent money.
+    Its magnitude is checked before any arithmetic, so an absurd exponent
+    (``"1e1000000"``) is refused at once.
     """
+    number = _decimal(value)
+    if number <= 0:
+        raise _not_positive("the amount")
+    leading = number.adjusted() + exponent  # the power of ten of its first digit, in minor units
+    if leading >= _DIGITS:
+        raise _too_large("the amount")
+    try:
+        if leading < 0:  # less than one minor unit
+            raise Inexact
+        minor = number.scaleb(exponent, context=_EXACT).to_integral_exact(context=_EXACT)
+    except Inexact:
+        raise InvalidAmount(f"{_shown(value)} has more than {exponent} decimals") from None
+    return check_amount(int(minor))
+
+
+def _decimal(value: Any) -> Decimal:
     if isinstance(value, bool | float):
         raise InvalidAmount("give a decimal amount as a Decimal or a string, not a float")
     try:
         number = Decimal(value)
     except (InvalidOperation, TypeError, ValueError) as exc:
-        raise InvalidAmount(f"{value!r} is not a decimal amount") from exc
+        raise InvalidAmount(f"{_shown(value)} is not a decimal amount") from exc
     if not number.is_finite():
-        raise InvalidAmount(f"{value!r} is not a finite amount")
-    minor = number.scaleb(exponent)
-    if minor != minor.to_integral_value():
-        raise InvalidAmount(f"{value} has more than {exponent} decimals")
-    return check_amount(int(minor))
+        raise InvalidAmount(f"{_shown(value)} is not a finite amount")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message, at most 40 characters (it may be a client's megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def check_currency(currency: Any, exponent: Any) -> tuple[str, int]:

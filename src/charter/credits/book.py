@@ -225,23 +225,32 @@ class Credits:
             )  # fmt: skip
 
     def capture(self, ctx: ActionContext, hold: Hold) -> int:
-        """Take a pending hold (:class:`~charter.errors.HoldExpired` once it expired)."""
+        """Take a pending hold of the actor's tenant; its amount.
+
+        :class:`~charter.errors.HoldExpired` once it expired or was settled, and
+        for a hold that is not this tenant's (the same answer as an unknown hold).
+        Any actor of the tenant may capture it (a later request, a system actor).
+        """
         with self._connection(ctx) as connection:
             return holds.capture(
-                connection, hold, now=self.clock(), postgres=self.postgres,
-                action=ctx.action, request_id=ctx.request_id,
+                connection, hold, tenant=ctx.actor.tenant_id, now=self.clock(),
+                postgres=self.postgres, action=ctx.action, request_id=ctx.request_id,
             )  # fmt: skip
 
     def release(self, ctx: ActionContext, hold: Hold) -> bool:
-        """Give a pending hold back; ``False`` when it was no longer pending."""
+        """Give a pending hold of the actor's tenant back; ``False`` when there is none."""
         with self._connection(ctx) as connection:
             return holds.release(
-                connection, hold, now=self.clock(), postgres=self.postgres,
-                action=ctx.action, request_id=ctx.request_id,
+                connection, hold, tenant=ctx.actor.tenant_id, now=self.clock(),
+                postgres=self.postgres, action=ctx.action, request_id=ctx.request_id,
             )  # fmt: skip
 
     def sweep(self, *, limit: int = 100) -> int:
-        """Release every hold pending past its expiry (up to ``limit``); how many were."""
+        """Release every hold pending past its expiry (up to ``limit``); how many were.
+
+        Each hold on its own: one that cannot be released is set aside
+        (``unreleasable``, logged) and the others are still released.
+        """
         with self._transaction() as connection:
             return holds.sweep_expired(
                 connection, now=self.clock(), postgres=self.postgres, limit=limit
