@@ -14,9 +14,16 @@ import redis
 from sqlalchemy import select
 
 from charter import Actor, Charter
-from charter.audit.entry import audit_table
+from charter.audit.entry import AuditEntry, audit_table
 from charter.errors import RateLimited, RateLimitUnavailable
-from charter.ratelimit import FAIL_OPEN, SUMMARY, RateClass, RateLimiter, default_class_of
+from charter.ratelimit import (
+    FAIL_OPEN,
+    SUMMARY,
+    DenialLog,
+    RateClass,
+    RateLimiter,
+    default_class_of,
+)
 
 from . import app as test_app
 from .conftest import AUDIT_KEYS, REDIS_URL, require_redis
@@ -319,6 +326,26 @@ def test_an_unknown_rate_class_fails_at_declaration():
             return None
 
     charter.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "concurrency", "message"),
+    [
+        ("1000000000000000/second", None, "at most 999_999_999_999_999 calls per window"),
+        ("1/1000 years", None, "the window must be from 1 second to 100 years"),
+        ("10/second", 10**15, "concurrency must be from 1 to 999_999_999_999_999"),
+    ],
+)
+def test_a_class_the_ratelimit_fields_cannot_state_fails_at_declaration(
+    limit, concurrency, message
+):
+    """RFC 9651: a structured field's integer has at most 15 digits."""
+    from charter.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        RateClass("big", limit, concurrency=concurrency)
+    largest = RateClass("big", "999999999999999/second", concurrency=999_999_999_999_999)
+    assert (999_999_999_999_999, 1) == (largest.amount, largest.window)
 
 
 # -- Redis unreachable ---------------------------------------------------------------------
@@ -706,3 +733,175 @@ def test_settling_reads_every_pending_reply_and_raises_the_first_refusal():
     assert ["first", "second"] == read  # the second still read: its connection goes back
     call.settle()  # settled once: nothing left to read
     assert ["first", "second"] == read
+
+
+# -- exports: counted like calls, outside the runner ----------------------------------------
+
+
+def _exporting(charter: Charter) -> Charter:
+    """``doc.export_all``, of class ``financial`` (2/minute, fail closed, no concurrency)."""
+    from charter.policy import A
+
+    @charter.action(
+        "doc.export_all", on=test_app.Doc, target=None, listable=True, rate="financial",
+        allow=A.has_role("member"), sensitive_read=True,
+    )  # fmt: skip
+    def export_all(ctx: Any, _: None, data: Any) -> None:
+        return None
+
+    return charter
+
+
+def _export(charter: Charter, actor: Actor, **options: Any) -> Any:
+    with charter.export(actor, "doc.export_all", **options) as stream:
+        for _ in stream:
+            pass
+    return stream
+
+
+@PG_AND_REDIS
+def test_an_export_of_a_class_without_concurrency_is_counted_and_gives_its_connection_back(
+    limited, alice, monkeypatch
+):
+    """Its count is sent without waiting (the class has no slot): the export reads it before
+    any work, so over the limit it is a 429, and its connection goes back every time."""
+    from charter.errors import InvalidPage
+    from charter.ratelimit import store as counters
+
+    monkeypatch.setattr(counters, "REDIS_CONNECTIONS", 1)
+    charter = _exporting(limited())
+    assert "rate_limit_reply" in charter.pipeline_of("doc.export_all").names  # overlapped
+    with pytest.raises(InvalidPage):  # counted, then refused: its reply still read
+        charter.export(alice, "doc.export_all", fields=["nonsense"])
+    started = time.monotonic()
+    stream = _export(charter, alice)
+    assert time.monotonic() - started < 0.5  # no wait for a connection left out
+    assert ("financial", 0) == (stream.rate_limit[0].policy, stream.rate_limit[0].remaining)
+    with pytest.raises(RateLimited) as refused:
+        _export(charter, alice)
+    assert '"financial";r=0;t=50' == refused.value.headers["RateLimit"]
+    assert 1 == len(entries(charter, "export_started"))  # the refused one did no work
+    assert 1 == len(entries(charter, "rate_limited"))
+    assert 0 == charter.rate_limiter.counters._held._out
+    assert 3 == _redis_count("financial")
+
+
+# -- denials in the audit trail --------------------------------------------------------------
+
+
+def test_a_first_denial_by_a_check_that_does_not_count_is_audited_at_once(store, clock, closing):
+    """A request with a credential is checked against its address's count without adding to
+    it (``peek``): refused on the limit, it is the window's first denial, written at once."""
+    limiter = closing(RateLimiter(store, classes=[RateClass("anonymous", "3/minute")]))
+    written: list[AuditEntry] = []
+    limiter.denials.bind(written.append, clock)
+    cls, who = limiter.rate_class("anonymous"), RateLimiter.who(None, uuid.uuid4().hex)
+
+    def audit(detail: dict[str, object]) -> AuditEntry:
+        return AuditEntry(
+            at=clock.now, subject="address:203.0.113.9", subject_kind="anonymous", channel="http",
+            action="http.unauthenticated", decision="deny", outcome="rate_limited", detail=detail,
+        )  # fmt: skip
+
+    for _ in range(3):
+        limiter.check(cls, who, clock.now, audit)
+    with pytest.raises(RateLimited):
+        limiter.peek(cls, who, clock.now, audit)
+    assert ["rate_limited"] == [e.outcome for e in written]  # at once
+    with pytest.raises(RateLimited):  # counted: the limit plus one, after the peek's first
+        limiter.check(cls, who, clock.now, audit)
+    with pytest.raises(RateLimited):
+        limiter.peek(cls, who, clock.now, audit)
+    assert 1 == len(written)  # the window's first was written: the rest are summarised
+    assert 1 == limiter.denials.flush(everything=True)
+    assert [("rate_limited", None), (SUMMARY, 2)] == [
+        (e.outcome, (e.detail or {}).get("denied")) for e in written
+    ]
+
+
+EXITING = """
+import sys
+sys.path.insert(0, {root!r})
+from datetime import UTC, datetime
+from charter import Actor, Charter
+from charter.errors import RateLimited
+from charter.migrate import upgrade
+from charter.ratelimit import RateClass, RateLimiter
+from tests import app
+
+limiter = RateLimiter("memory://", classes=[RateClass("write", "2/hour")])
+charter = app.build(Charter(database_url={url!r}, audit_keys={keys!r}, rate_limits=limiter,
+                            clock=lambda: datetime(2026, 1, 1, 12, tzinfo=UTC)))
+upgrade(charter.engine)
+app.Base.metadata.create_all(charter.engine)
+alice = Actor.make("alice", "acme", roles={{"member"}})
+for _ in range(6):
+    try:
+        charter.execute(alice, "doc.create", {{"title": "t"}})
+    except RateLimited:
+        pass
+{after}
+# No close(), and the window (an hour) is still open: leaving the interpreter writes its summary.
+"""
+
+
+def _exit_after(tmp_path: Any, after: str = "") -> tuple[Charter, Any]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = f"sqlite:///{tmp_path / 'exiting.db'}"
+    script = tmp_path / "job.py"
+    root = str(Path(__file__).resolve().parents[1])
+    script.write_text(EXITING.format(root=root, url=url, keys=AUDIT_KEYS, after=after))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    return Charter(database_url=url, audit_keys=AUDIT_KEYS), done
+
+
+def test_a_process_that_exits_without_close_writes_its_open_windows_summaries(tmp_path):
+    charter, done = _exit_after(tmp_path)
+    try:
+        assert 0 == done.returncode, done.stderr
+        assert [None] == [e.detail.get("denied") for e in entries(charter, "rate_limited")]
+        assert [3] == [e.detail["denied"] for e in entries(charter, SUMMARY)]
+        assert charter.verify_audit().ok
+    finally:
+        charter.close()
+
+
+def test_summaries_that_cannot_be_written_at_exit_are_logged_never_raised(tmp_path, clock):
+    gone = "with charter.engine.begin() as c: c.exec_driver_sql('DROP TABLE charter_audit')"
+    _, done = _exit_after(tmp_path, gone)  # the trail is gone before the process exits
+    assert (0, 1) == (done.returncode, done.stderr.count("could not audit a rate limit denial"))
+    assert "Exception ignored" not in done.stderr  # nothing raised out of the exit hook
+    log = DenialLog(_broken, clock)
+    log.denied("key", first=False, closes=clock.now, entry=lambda: _entry(clock))
+    log._at_exit()  # what the hook calls: a foreign error is logged too
+    assert 0 == log.pending
+
+
+def _broken(entry: AuditEntry) -> None:
+    raise RuntimeError("the database is gone")
+
+
+def _entry(clock: Clock) -> AuditEntry:
+    return AuditEntry(at=clock.now, subject="s", subject_kind="user", channel="http",
+                      action="a", decision="deny", outcome="rate_limited")  # fmt: skip
+
+
+def test_the_exit_hook_keeps_no_denial_log_alive(clock):
+    import gc
+    import weakref
+
+    from charter.ratelimit.denials import _live
+
+    log = DenialLog(lambda entry: None, clock, interval=0.01)
+    log.denied("key", first=True, closes=clock.now, entry=lambda: _entry(clock))
+    assert log in _live
+    log.close()  # its writer thread ends
+    gone = weakref.ref(log)
+    del log
+    gc.collect()
+    assert gone() is None

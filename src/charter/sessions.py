@@ -71,6 +71,7 @@ __all__ = [
     "SESSION_ACTIONS",
     "ImpersonationSession",
     "ImpersonationSessions",
+    "MyImpersonations",
     "OpenedSession",
     "SessionState",
 ]
@@ -203,6 +204,18 @@ class OpenedSession:
     @property
     def id(self) -> str:
         return str(self.session["id"])
+
+
+@dataclass(frozen=True, slots=True)
+class MyImpersonations:
+    """One page of :meth:`ImpersonationSessions.my_impersonations`: the sessions, each with
+    its ``actions``, the cursor of the next page, the size used, and the ``RateLimit``
+    fields' states of the check that counted it (:func:`charter.ratelimit.rate_headers`)."""
+
+    items: list[dict[str, Any]]
+    next: str | None
+    limit: int
+    rate_limit: tuple[Any, ...] = ()
 
 
 class _Input(BaseModel):
@@ -390,10 +403,24 @@ class ImpersonationSessions:
 
         One audited page of sessions (``support.session.mine``), newest first, each
         with ``actions``: the audit entries made under it (at most :data:`MAX_ACTIONS`).
+        :meth:`my_impersonations` also says the page's size and ``RateLimit`` fields.
         """
+        page = self.my_impersonations(actor, limit=limit, after=after, channel=channel)
+        return page.items, page.next
+
+    def my_impersonations(
+        self,
+        actor: Actor,
+        *,
+        limit: int = 50,
+        after: str | None = None,
+        channel: Channel | str = Channel.HTTP,
+        request_id: str | None = None,
+    ) -> MyImpersonations:
+        """:meth:`mine`, as a page: what ``GET /me/impersonations`` answers, fields included."""
         page = self.charter.list_records(
             actor, SESSION_ACTIONS["mine"], limit=limit, after=after, sort="-opened_at",
-            channel=channel,
+            channel=channel, request_id=request_id,
         )  # fmt: skip
         now = self.charter.clock()
         out = []
@@ -401,7 +428,7 @@ class ImpersonationSessions:
             view = session_view(record, now)
             view["actions"] = self.actions_under(record)
             out.append(view)
-        return out, page.next
+        return MyImpersonations(out, page.next, page.limit, page.rate_limit)
 
     # -- reading the trail --------------------------------------------------------------
 

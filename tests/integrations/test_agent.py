@@ -388,6 +388,9 @@ def test_a_person_confirms_over_http_and_the_agent_cannot(database_url, clock):
         assert 401 == client.post(f"/agent/confirmations/{pending}/approve").status_code
         approved = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ALICE))
         assert (200, "void") == (approved.status_code, approved.json()["state"])
+        # The action's own answer, headers included (as POST /invoices/{id}/void sends them).
+        assert ("no-store", '"2"') == (approved.headers["Cache-Control"], approved.headers["ETag"])
+        assert '"write";q=300;w=60' == approved.headers["RateLimit-Policy"]
         again = client.post(f"/agent/confirmations/{pending}/approve", headers=bearer(ALICE))
         assert 409 == again.status_code
 

@@ -298,6 +298,13 @@ def test_a_user_sees_who_acted_on_their_behalf_and_when(client, clock):
     assert 403 == as_alice.status_code
 
 
+def test_my_impersonations_carry_the_ratelimit_fields_of_the_read_that_counted_them(client):
+    first, second = (client.get("/me/impersonations", headers=auth("alice")) for _ in range(2))
+    assert ['"read";q=600;w=60'] * 2 == [r.headers["RateLimit-Policy"] for r in (first, second)]
+    remaining = [int(r.headers["RateLimit"].split(";r=")[1].split(";")[0]) for r in (first, second)]
+    assert remaining[0] - 1 == remaining[1]  # each counted once, like any list's page
+
+
 # -- tokens --------------------------------------------------------------------------------
 
 

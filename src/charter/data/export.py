@@ -134,10 +134,8 @@ def start_export(
         raise InvalidPage(f"format must be one of {', '.join(FORMATS)}", parameter="format")
     stages = {stage.name: stage for stage in pipeline.stages}
     call = Call(spec, ctx)
-    limited = stages.get("rate_limit")
-    if limited is not None:
-        limited.run(call)  # 429 before any work; a concurrency slot joins call.releases
     try:
+        _count(stages.get("rate_limit"), call)
         export = _Export(pipeline, policy, call, format, sort, where, fields)
         export.begin(stages.get("charge"))
     except BaseException:
@@ -266,6 +264,22 @@ class _Export:
         columns = [_column(resource, name, csv=self.format == "csv") for name in self.fields]
         where, params = self.policy.bound_where(self.call.ctx.actor, self.call.ctx)
         return self.query.apply(sa.select(*columns).where(where), None), params
+
+
+def _count(limited: Any, call: Call) -> None:
+    """The ``rate_limit`` stage, its count read at once: 429 before any work.
+
+    On Redis with PostgreSQL the stage only sends the count (``call.pending``);
+    without the runner, nothing else would read it, and the count would be
+    neither enforced nor give its connection back. A concurrency slot joins
+    ``call.releases``.
+    """
+    if limited is None:
+        return
+    try:
+        limited.run(call)
+    finally:
+        call.settle()  # however the stage ended: the reply is never left unread
 
 
 def _release(call: Call) -> None:

@@ -26,7 +26,7 @@ from ..confirmations import ConfirmationExpired, ConfirmationForbidden, Confirma
 from ..errors import CharterError, NotFound, RateLimited, Unauthenticated
 from . import openapi
 from .agent import AgentChannel
-from .fastapi import CharterRoutes
+from .fastapi import CharterRoutes, outcome_response
 
 __all__ = ["confirmation_routes"]
 
@@ -54,7 +54,7 @@ def confirmation_routes(
         outcome = await run_in_threadpool(
             functools.partial(agents.approve, actor, id, channel=routes.channel)
         )
-        return JSONResponse(outcome.body, status_code=outcome.status)
+        return outcome_response(outcome)  # the action's own answer: ETag, no-store, RateLimit
 
     async def reject(id: str, request: Request) -> JSONResponse:
         """Refuse the request: it never runs."""

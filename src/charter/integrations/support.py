@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
 from ..errors import InvalidPage
+from ..ratelimit import rate_headers
 from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
 from ..tokens import Directory, TokenSigner
 from .fastapi import CharterRoutes
@@ -84,14 +85,14 @@ def support_routes(
         query = list_query(request.query_params)
         if query["sort"] is not None or query["where"]:
             raise InvalidPage("this list takes only limit and after", parameter="sort")
-        items, after = await run_in_threadpool(
+        page = await run_in_threadpool(
             functools.partial(
-                sessions.mine, actor, limit=query["limit"], after=query["after"],
-                channel=routes.channel,
+                sessions.my_impersonations, actor, limit=query["limit"], after=query["after"],
+                channel=routes.channel, request_id=request.state.request_id,
             )
         )  # fmt: skip
-        limit = min(query["limit"], sessions.charter.max_page)
-        return JSONResponse({"items": items, "next": after, "limit": limit})
+        body = {"items": page.items, "next": page.next, "limit": page.limit}
+        return JSONResponse(body, headers=rate_headers(page.rate_limit))  # as routes.list does
 
     # What charter check reads (charter.tools): this route lists support.session.mine.
     my_impersonations.__charter__ = {  # type: ignore[attr-defined]

@@ -28,6 +28,8 @@ from ..errors import ConfigurationError
 __all__ = [
     "ANONYMOUS",
     "DEFAULT_CLASSES",
+    "MAX_AMOUNT",
+    "MAX_WINDOW",
     "FailureMode",
     "RateClass",
     "default_class_of",
@@ -39,6 +41,13 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 #: The class every HTTP request without an accepted credential counts against, per address.
 ANONYMOUS = "anonymous"
+
+#: The largest limit or concurrency: a structured field's integer has at most 15 digits
+#: (RFC 9651 section 3.3.1), and the ``RateLimit`` fields carry both.
+MAX_AMOUNT = 999_999_999_999_999
+#: The longest window, in seconds (about 100 years): its reset must be a date ``datetime``
+#: can hold, and its ``w`` and ``t`` members stay far below 15 digits.
+MAX_WINDOW = 100 * 365 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +77,33 @@ class RateClass:
         item = self.item  # parses: a bad limit fails at start-up
         object.__setattr__(self, "amount", int(item.amount))
         object.__setattr__(self, "window", int(item.get_expiry()))
-        if item.amount < 1:
-            raise ConfigurationError(f"rate class {self.name}: the limit must allow one call")
+        self._check_bounds()
         if self.fail not in ("open", "closed"):
             raise ConfigurationError(f"rate class {self.name}: fail must be 'open' or 'closed'")
         if self.concurrency is not None and (
             isinstance(self.concurrency, bool)
             or not isinstance(self.concurrency, int)
-            or self.concurrency < 1
+            or not 1 <= self.concurrency <= MAX_AMOUNT
         ):
-            raise ConfigurationError(f"rate class {self.name}: concurrency must be at least 1")
+            raise ConfigurationError(
+                f"rate class {self.name}: concurrency must be from 1 to {MAX_AMOUNT:_}"
+            )
         if self.concurrency_ttl.total_seconds() < 1:
             raise ConfigurationError(f"rate class {self.name}: concurrency_ttl must be >= 1 s")
+
+    def _check_bounds(self) -> None:
+        """A limit that allows one call, and that the ``RateLimit`` fields can state."""
+        if self.amount < 1:
+            raise ConfigurationError(f"rate class {self.name}: the limit must allow one call")
+        if self.amount > MAX_AMOUNT:
+            raise ConfigurationError(
+                f"rate class {self.name}: at most {MAX_AMOUNT:_} calls per window (the RateLimit "
+                "fields' integers have at most 15 digits, RFC 9651)"
+            )
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigurationError(
+                f"rate class {self.name}: the window must be from 1 second to 100 years"
+            )
 
     @property
     def item(self) -> RateLimitItem:

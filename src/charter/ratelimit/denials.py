@@ -8,13 +8,23 @@ the trail at most two entries per actor, class and window in each process:
 
 * with a shared store (Redis) the *first* denial is the one whose count is the
   limit plus one, which exactly one call in all processes sees: it alone is
-  audited at once; every process summarises the denials it refused itself;
+  audited at once; every process summarises the denials it refused itself.
+  A check that does not count (a request with a credential, checked against
+  its address's count: :meth:`~charter.ratelimit.RateLimiter.peek`) refused on
+  the limit itself comes before any such call, so it is recorded as a first
+  too: a process's first one is audited at once (several processes refusing
+  on the limit may each write one; still two entries per process at most),
+  and a counted first that comes after it in the same process is summarised;
 * a background thread (started at the first denial) writes the summaries of
   closed windows every second, and ends when no window is left to summarise;
   :meth:`DenialLog.close` writes those still open, with the count so far.
   Disposing the Charter's engine stops the thread without writing
   (:meth:`DenialLog.pause`, as the audit checkpoints do): the windows stay
   counted, and the next denial or :meth:`close` writes them.
+* a process that exits without :meth:`close` (a web worker stopping) writes
+  the open windows' summaries at interpreter exit (``atexit``, as the audit
+  checkpoints do; a log whose engine was disposed is not reopened then). A
+  forked child forgets its parent's windows: the parent summarises them.
 
 A denial whose entry cannot be written (the database is down) is still
 refused: the failure is logged, never raised to the caller.
@@ -22,9 +32,12 @@ refused: the failure is logged, never raised to the caller.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +79,7 @@ class DenialLog:
         self._stop = threading.Event()  # closed: no writer ever again
         self._halt = threading.Event()  # this writer: stop (paused, or closed)
         self._thread: threading.Thread | None = None
+        self._paused = False  # the engine was disposed: not reopened at exit
 
     def bind(self, write: Callable[[AuditEntry], None], clock: Callable[[], datetime]) -> None:
         self._write, self._clock = write, clock
@@ -78,7 +92,13 @@ class DenialLog:
         closes: datetime,
         entry: Callable[[], AuditEntry],
     ) -> None:
-        """Record one denial of ``key``'s window; ``first``: no call anywhere was denied before."""
+        """Record one denial of ``key``'s window.
+
+        ``first``: no counted call anywhere was denied before this one (it may
+        be the window's first denial): audited at once, unless this process
+        has already recorded a denial of the window. Otherwise the denial is
+        only counted, for the window's summary.
+        """
         with self._lock:
             pending = self._pending.get(key)
             if pending is not None:
@@ -86,6 +106,7 @@ class DenialLog:
                 return
             pending = self._pending[key] = _Pending(entry(), closes, 0 if first else 1)
             crowded = len(self._pending) > MAX_PENDING
+        _watch(self)
         if first:
             self._append(pending.entry)
         if crowded:
@@ -121,6 +142,7 @@ class DenialLog:
         with self._lock:
             thread, self._thread = self._thread, None
             self._halt.set()
+            self._paused = not self._stop.is_set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
@@ -142,6 +164,7 @@ class DenialLog:
             return
         with self._lock:
             if self._thread is None:
+                self._paused = False
                 self._halt = halt = threading.Event()
                 self._thread = threading.Thread(
                     target=self._run, args=(halt,), name="charter-ratelimit-audit", daemon=True
@@ -159,6 +182,46 @@ class DenialLog:
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return
+
+    def _at_exit(self) -> None:
+        """Summarise the windows still open as the process exits; log, never raise."""
+        if self._stop.is_set() or self._paused or not self._pending:
+            return
+        try:
+            self.close()
+        except Exception:  # the database may be gone already: the operator must know
+            log.exception("rate limit denial summaries could not be written at exit")
+
+    def _after_fork(self) -> None:
+        """In a forked child: none of the parent's windows (it summarises them) or threads."""
+        self._lock = threading.Lock()  # it may have been held at the fork
+        self._pending, self._thread, self._halt = {}, None, threading.Event()
+
+
+_live: weakref.WeakSet[DenialLog] = weakref.WeakSet()  # logs with windows counted, weakly
+_hooks: list[bool] = []
+
+
+def _watch(denials: DenialLog) -> None:
+    """Summarise ``denials`` at exit; the process hooks are installed on first use (no
+    import-time side effect), once."""
+    _live.add(denials)
+    if _hooks:
+        return
+    _hooks.append(True)
+    atexit.register(_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork)
+
+
+def _at_exit() -> None:
+    for denials in list(_live):
+        denials._at_exit()
+
+
+def _after_fork() -> None:
+    for denials in list(_live):
+        denials._after_fork()
 
 
 def summary(pending: _Pending, now: datetime) -> AuditEntry:

@@ -183,7 +183,12 @@ class RateLimiter:
     def peek(
         self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None
     ) -> RateState:
-        """The state of ``who`` in ``cls`` without counting a call; raise if already over."""
+        """The state of ``who`` in ``cls`` without counting a call; raise if already over.
+
+        A refusal on the limit itself (no counted call over it yet) may be the
+        window's first denial, so it is recorded as one: audited at once
+        (:mod:`.denials`). Past the limit, a counted call was refused first.
+        """
         stamp = now.timestamp()
         index = int(stamp // cls.window)
         count = self._counted(cls, lambda c: c.peek(f"{cls.name}/{who}/{index}"))
@@ -191,7 +196,8 @@ class RateLimiter:
         state = RateState(cls.name, cls.amount, cls.window, max(0, cls.amount - count), reset)
         if count >= cls.amount:
             closes = datetime.fromtimestamp((index + 1) * cls.window, UTC)
-            raise self._refused(cls, state, reset, (cls.name, who, index), False, closes, audit)
+            first = count == cls.amount
+            raise self._refused(cls, state, reset, (cls.name, who, index), first, closes, audit)
         return state
 
     def acquire(
