@@ -13,6 +13,8 @@ the test says; the suite runs over the in-process store and over Redis
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -178,6 +180,44 @@ def test_forged_tokens_count_against_the_address_and_stop_being_verified(service
         .get("/invoices", headers=auth("alice"))
         .status_code
     )
+
+
+def test_a_credential_no_route_accepted_counts_like_none(service):
+    """Only 401s were counted: a junk ``Authorization`` sent to a route that never reads it
+    (the health check, the OpenAPI document, an unknown path) was never counted, so such a
+    flood was answered without end. A credential now counts unless it was accepted."""
+    client, _ = service()
+    junk = {"Authorization": "x"}
+    paths = ("/healthz", "/openapi.json", "/no-such-path")
+    assert [200, 200, 404] == [client.get(p, headers=junk).status_code for p in paths]
+    refused = client.get("/healthz", headers=junk)
+    assert (429, "rate_limited") == (refused.status_code, refused.json()["code"])
+    # Users whose credential the route accepted are not counted against their address.
+    other, _ = service(client=("198.51.100.11", 1))
+    assert [200] * 5 == [other.get("/invoices", headers=auth("bob")).status_code for _ in range(5)]
+    assert [401, 401, 401, 429] == [other.get("/invoices").status_code for _ in range(4)]
+
+
+def test_a_webhook_counts_against_its_address_unless_its_signature_verified(database_url, store):
+    """A malformed or unsigned delivery (400, 401) counts; a verified one does not."""
+    from charter.settings import DEVELOPMENT_WEBHOOK_SECRET
+    from tests.attacks.test_webhook_ack import SIGNER
+
+    settings = dataclasses.replace(SETTINGS, webhook_secrets=(DEVELOPMENT_WEBHOOK_SECRET,))
+    charter = Charter(
+        database_url=database_url, audit_keys=SETTINGS.audit_keys, clock=Clock(),
+        rate_limits=RateLimiter(store, classes=CLASSES),
+    )  # fmt: skip
+    body = b'{"type": "customer.created", "data": {}}'  # an event nobody subscribed to
+    with TestClient(create_app(settings, charter=charter), raise_server_exceptions=False) as http:
+
+        def post(headers: dict[str, str]) -> int:
+            return http.post("/webhooks/payments", content=body, headers=headers).status_code
+
+        signed = [SIGNER.sign(f"msg_{i}", int(time.time()), body) for i in range(4)]
+        assert [200] * 4 == [post(headers) for headers in signed]  # verified: not counted
+        malformed = {"webhook-signature": "v1,AAAA", "webhook-id": "m", "webhook-timestamp": "x"}
+        assert [400, 400, 400, 429] == [post(malformed) for _ in range(4)]
 
 
 def test_a_flood_of_denials_leaves_two_audit_entries_not_one_per_request(service):

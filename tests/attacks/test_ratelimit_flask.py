@@ -136,3 +136,11 @@ def test_without_rate_limits_there_is_no_address_limit(database_url, disposing):
     assert {401} == {
         home.get("/invoices").status_code for _ in range(130)
     }  # past the default 120/minute
+
+
+def test_a_credential_no_route_accepted_counts_like_none(service):
+    """Only 401s were counted: a junk ``Authorization`` on a path no route reads was free."""
+    client, _, _ = service()
+    home, junk = client(), {"Authorization": "x"}
+    answers = [home.get("/no-such-path", headers=junk).status_code for _ in range(4)]
+    assert [404, 404, 404, 429] == answers

@@ -63,7 +63,7 @@ from .paging import (
     list_query,
     stream_body,
 )
-from .ratelimit import AddressLimitMiddleware, peer_address
+from .ratelimit import AddressLimitMiddleware, accept_credential, peer_address
 from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
 
@@ -305,6 +305,7 @@ class CharterRoutes:
             raise ConfigurationError(
                 "The service's authenticator returned an actor without a scope set."
             )
+        accept_credential(request.state)  # not counted per address (integrations.ratelimit)
         return actor
 
     def bind(
@@ -581,8 +582,10 @@ class CharterRoutes:
         async def endpoint(request: Request) -> Response:
             body = await request.body()
             result = await run_in_threadpool(
-                receiver.handle, dict(request.headers), body, request_id=request.state.request_id
-            )
+                receiver.handle, dict(request.headers), body,
+                request_id=request.state.request_id,
+                on_verified=lambda: accept_credential(request.state),
+            )  # fmt: skip
             return JSONResponse(result.body(), status_code=200)
 
         endpoint.__name__ = "webhook_" + path.strip("/").replace("/", "_")

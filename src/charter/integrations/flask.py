@@ -60,7 +60,7 @@ from .http import (
     request_id,
 )
 from .paging import export_format, export_formats, export_headers, list_query
-from .ratelimit import AddressLimit
+from .ratelimit import ACCEPTED, AddressLimit, accept_credential
 from .routing import RouteTable, action_route, route_order
 from .webhooks import WebhookReceiver
 
@@ -310,7 +310,10 @@ class CharterFlask:
 
             def view() -> Response:
                 body = request.get_data(cache=False)
-                result = built.handle(dict(request.headers), body, request_id=g.charter_request_id)
+                result = built.handle(
+                    dict(request.headers), body, request_id=g.charter_request_id,
+                    on_verified=lambda: accept_credential(g),
+                )  # fmt: skip
                 return jsonify(result.body())
 
             view.__charter__ = {"kind": "webhook", "receiver": built, "charter": state.charter}  # type: ignore[attr-defined]
@@ -346,6 +349,7 @@ def _actor(state: _State) -> Actor:
     if actor.scopes is None:  # "built in code, not narrowed": never an HTTP caller
         log.error("the authenticator of %s returned an actor without scopes", request.path)
         raise ConfigurationError("The service's authenticator returned an actor without scopes.")
+    accept_credential(g)  # not counted per address (integrations.ratelimit)
     return actor
 
 
@@ -362,7 +366,7 @@ def _before() -> Response | None:
     if rule is not None:
         address = state.client_address(request)
         credential = rule.credential(name.encode("latin-1") for name, _ in request.headers)
-        g.charter_address = address if credential else None  # counted if answered 401
+        g.charter_address = address if credential else None  # counted unless accepted
         rule.before(address, credential=credential)
     return None
 
@@ -374,7 +378,7 @@ def _after(response: Response) -> Response:
     address = getattr(g, "charter_address", None)
     rule = getattr(current_app.extensions.get("charter"), "address_limit", None)
     if address is not None and rule is not None:
-        rule.answered(address, response.status_code)
+        rule.answered(address, accepted=bool(getattr(g, ACCEPTED, False)))
     return response
 
 

@@ -7,10 +7,15 @@ or a signed webhook's ``webhook-signature`` / ``Stripe-Signature``) counts
 against the ``anonymous`` class of its client address at once; one that
 carries a credential is checked against the same count *without* adding to it
 (an address that has used up its allowance is refused before its token is even
-verified), and counts only if it is answered 401. So a flood of missing or
-forged credentials from one address is refused with 429 ``rate_limited``
-without costing a signature check, while authenticated users behind the same
-address are not counted against it.
+verified), and counts once answered unless its credential was **accepted**:
+the adapter's authentication succeeded (``CharterRoutes.actor``, the Flask
+adapter's) or a webhook's signature verified (:func:`accept_credential`). So
+a flood of missing or forged credentials from one address is refused with 429
+``rate_limited`` without costing a signature check, authenticated users behind
+the same address are not counted against it, and a junk ``Authorization``
+sent to a route that never reads it (a health check, the OpenAPI document, an
+unknown path) counts like no credential: counting only the 401s let such a
+flood through unlimited.
 
 The client address is the ASGI ``client`` (the peer); behind a proxy, give
 ``client_address`` a function that reads the header the proxy sets. An IPv6
@@ -29,6 +34,7 @@ import contextlib
 import ipaddress
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
@@ -38,13 +44,27 @@ from ..audit.entry import AuditEntry
 from ..errors import CharterError
 from ..ratelimit import ANONYMOUS, RateLimiter
 
-__all__ = ["AddressLimit", "AddressLimitMiddleware", "address_key", "peer_address"]
+__all__ = [
+    "AddressLimit",
+    "AddressLimitMiddleware",
+    "accept_credential",
+    "address_key",
+    "peer_address",
+]
 
 PROBLEM_JSON = "application/problem+json"
 #: Header fields that carry a credential the app verifies (a bearer token, a webhook signature).
 CREDENTIAL_FIELDS = frozenset({b"authorization", b"webhook-signature", b"stripe-signature"})
 #: The longest client address counted (a longer one, from a proxy's header, is cut).
 MAX_ADDRESS = 64
+#: Where an ASGI request's state records that its credential was accepted.
+ACCEPTED = "charter_credential_accepted"
+
+
+def accept_credential(state: Any) -> None:
+    """Record on a request's ``state`` (Starlette's ``request.state``, Flask's ``g``) that its
+    credential was accepted: the per-address limit does not count it (module docstring)."""
+    setattr(state, ACCEPTED, True)
 
 
 def peer_address(scope: Scope) -> str:
@@ -79,7 +99,7 @@ class AddressLimit:
     Per request: :meth:`before` with the client address and whether a credential
     field was sent (raises the 429 :class:`~charter.errors.RateLimited`, or 503
     where the class fails closed); then, for a request that sent a credential,
-    :meth:`answered` with its status, which counts it if it was a 401.
+    :meth:`answered`, which counts it unless the credential was accepted.
     """
 
     def __init__(self, limiter: RateLimiter, clock: Callable[[], datetime]) -> None:
@@ -96,9 +116,10 @@ class AddressLimit:
         """Count a request without a credential; check one with a credential without counting."""
         self._check(address_key(address), counted=not credential)
 
-    def answered(self, address: str, status: int) -> None:
-        """A request that sent a credential was answered ``status``: a 401 counts."""
-        if status == 401:  # the credential was refused: it counts
+    def answered(self, address: str, *, accepted: bool) -> None:
+        """A request that sent a credential was answered: it counts unless it was ``accepted``
+        (refused, or never read by the route it reached)."""
+        if not accepted:
             with contextlib.suppress(CharterError):  # answered already; the next is refused
                 self._check(address_key(address), counted=True)
 
@@ -148,16 +169,10 @@ class AddressLimitMiddleware:
         if not credential:
             await self.app(scope, receive, send)
             return
-        status: list[int] = []
-
-        async def watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status.append(int(message["status"]))
-            await send(message)
-
-        await self.app(scope, receive, watch)
-        if status and status[0] == 401:
-            await run_in_threadpool(self.rule.answered, address, status[0])
+        state = scope.setdefault("state", {})  # the request's state: the route marks it
+        await self.app(scope, receive, send)
+        if not state.get(ACCEPTED):
+            await run_in_threadpool(self.rule.answered, address, accepted=False)
 
     async def _refuse(self, scope: Scope, send: Send, error: CharterError) -> None:
         state = getattr(scope.get("app"), "state", None)

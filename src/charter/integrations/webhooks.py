@@ -168,14 +168,23 @@ class WebhookReceiver:
         self.event_type = event_type
 
     def handle(
-        self, headers: Mapping[str, str], body: bytes, *, request_id: str | None = None
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        request_id: str | None = None,
+        on_verified: Callable[[], None] | None = None,
     ) -> WebhookResult:
         """Verify and process one delivery; raise a Charter error only for one to send again.
 
         A 4xx error: unauthenticated or malformed; a 5xx (or 429): transient, or a
-        crash. Every other outcome is a :class:`WebhookResult`.
+        crash. Every other outcome is a :class:`WebhookResult`. ``on_verified`` is
+        called once the signature verified (the HTTP adapters: the sender's
+        credential was accepted, so the per-address limit does not count it).
         """
         verified = self.verifier.verify(headers, body)
+        if on_verified is not None:
+            on_verified()
         payload = _payload(verified)
         kind = self.event_type(payload)
         route = self.routes.get(kind)
