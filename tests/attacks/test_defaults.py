@@ -41,8 +41,10 @@ SETTINGS = Settings(
 
 @pytest.fixture
 def reference(database_url: str) -> Iterator[TestClient]:
+    """The reference service, accepting X-On-Behalf-Of claims: the grant rule's HTTP tests."""
     charter = Charter(database_url=database_url, audit_keys=SETTINGS.audit_keys)
-    with TestClient(create_reference(SETTINGS, charter=charter)) as client:
+    app = create_reference(SETTINGS, charter=charter, impersonation_claims=True)
+    with TestClient(app) as client:
         client.app_state = client.app.state  # type: ignore[attr-defined]
         yield client
 

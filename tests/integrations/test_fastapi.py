@@ -143,7 +143,11 @@ def test_if_match_guards_against_lost_updates(client):
 
 def test_support_acts_on_behalf_of_a_user_only_with_a_reason(client):
     invoice = create_invoice(client)
-    headers = auth("sam", **{"X-On-Behalf-Of": "alice"})
+    opened = client.post(
+        "/support/sessions", json={"user": "alice"},
+        headers=auth("sam", **{"X-Charter-Reason": "ticket 1234"}),
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {opened.json()['token']}"}
     missing = client.post(f"/invoices/{invoice}/submit", headers=headers)
     assert (400, "reason_required") == (missing.status_code, missing.json()["code"])
     ok = client.post(

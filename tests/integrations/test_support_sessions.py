@@ -82,6 +82,20 @@ def create_invoice(client: TestClient, headers: dict[str, str]) -> Any:
     return client.post("/invoices", json={"customer": "ACME", "amount": "10.00"}, headers=headers)
 
 
+def test_a_plain_token_cannot_claim_to_act_for_someone_outside_a_session(client):
+    """The attack: sam opened a session for alice, carol revoked it, and sam went on acting for
+    alice with his own token and X-On-Behalf-Of: no time limit, nothing to revoke, and alice's
+    GET /me/impersonations did not list it. The reference service now refuses the claim."""
+    opened = open_session(client)
+    revoked = client.post(f"/support/sessions/{opened['id']}/revoke",
+                          json={}, headers=auth("carol", **REASON))  # fmt: skip
+    assert 200 == revoked.status_code, revoked.text
+    claimed = create_invoice(client, auth("sam", **REASON, **{"X-On-Behalf-Of": "alice"}))
+    assert (401, "unauthenticated") == (claimed.status_code, claimed.json()["code"])
+    assert "impersonation session" in claimed.json()["detail"]
+    assert [] == entries(client, "invoice.create")  # nothing ran, for alice or anyone
+
+
 # -- opening ---------------------------------------------------------------------------
 
 

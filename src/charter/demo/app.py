@@ -59,8 +59,18 @@ def demo_scopes(user: Actor) -> list[str]:
     return scopes
 
 
-def create_app(settings: Settings | None = None, *, charter: Charter | None = None) -> FastAPI:
-    """Build the reference service; refuses to start with default secrets outside development."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    charter: Charter | None = None,
+    impersonation_claims: bool = False,
+) -> FastAPI:
+    """Build the reference service; refuses to start with default secrets outside development.
+
+    Support acts for a user inside an impersonation session only;
+    ``impersonation_claims=True`` also accepts a plain token's ``X-On-Behalf-Of``
+    claim, checked by the gate against the grants (the tests of the grant rule).
+    """
     settings = settings or Settings.from_env()
     if charter is None:
         charter = Charter(
@@ -98,9 +108,9 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     agents = AgentChannel(charter, directory=directory, signer=signer)
     app.state.agents = agents
 
-    # Plain tokens (X-On-Behalf-Of claims checked by the gate) and support session tokens,
-    # whose session is looked up at every request.
-    authenticate = session_authenticator(signer, directory, sessions)
+    # Plain tokens and support session tokens, whose session is looked up at every request:
+    # acting for someone happens inside a session only (X-On-Behalf-Of is refused).
+    authenticate = session_authenticator(signer, directory, sessions, claims=impersonation_claims)
     routes = CharterRoutes(app, charter, authenticate=authenticate, max_body_bytes=64 * 1024)
     routes.bind("POST", "/invoices", "invoice.create", target=None)
     routes.bulk("/invoices/bulk", "invoice.create")  # per item

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
-from ..errors import InvalidPage
+from ..errors import InvalidPage, Unauthenticated
 from ..ratelimit import rate_headers
 from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
 from ..tokens import Directory, TokenSigner
@@ -40,20 +40,35 @@ __all__ = ["session_authenticator", "support_routes"]
 
 
 def session_authenticator(
-    signer: TokenSigner, directory: Directory, sessions: ImpersonationSessions
+    signer: TokenSigner,
+    directory: Directory,
+    sessions: ImpersonationSessions,
+    *,
+    claims: bool = False,
 ) -> Callable[[Request], Actor]:
     """An ``authenticate=`` for :class:`CharterRoutes` that accepts session tokens too.
 
-    A session token's session is looked up on every request (never cached); a
-    plain token may still claim ``X-On-Behalf-Of``, which the gate checks
-    against the grants.
+    A session token's session is looked up on every request (never cached). In
+    a service with sessions, acting for someone happens inside one: a plain
+    token's ``X-On-Behalf-Of`` claim is refused (401), because an action taken
+    that way has no time limit, cannot be revoked, and is not listed to the
+    user in ``GET /me/impersonations`` (an attack run on the reference service
+    kept acting for alice that way after her session was revoked).
+    ``claims=True`` accepts such claims as well (the gate checks them against
+    the grants, as without sessions).
     """
 
     def authenticate(request: Request) -> Actor:
+        claimed = request.headers.get(ON_BEHALF_HEADER.lower())
+        if claimed is not None and not claims:
+            raise Unauthenticated(
+                "Acting for another user needs an impersonation session (POST /support/sessions); "
+                "this service does not accept X-On-Behalf-Of."
+            )
         return signer.authenticate(
             request.headers.get("authorization"),
             directory,
-            on_behalf_of=request.headers.get(ON_BEHALF_HEADER.lower()),
+            on_behalf_of=claimed,
             sessions=sessions,
         )
 
