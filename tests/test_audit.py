@@ -205,6 +205,18 @@ def test_the_kind_of_a_checkpoint_is_signed(charter, trail):
     assert [("checkpoint", None)] == kinds(charter)
 
 
+def test_a_legacy_checkpoint_is_read_as_plain_whatever_its_unsigned_columns_say(charter, trail):
+    """Format v1 signs neither kind nor anchor: a changed one is reported, never believed."""
+    heads = {trail[0]["stream"]: [6, trail[-1]["hash"]]}
+    _legacy_checkpoint(charter, heads, "")
+    tamper(charter, update(checkpoint_table).values(kind="prune", anchor="f" * 32))
+    (problem,) = charter.verify_audit().problems
+    assert ("checkpoint", None) == (problem.kind, problem.seq)
+    assert "kind 'prune' and anchor 'ffff" in problem.detail
+    tamper(charter, audit_table.delete().where(audit_table.c.seq == 6))
+    assert [("checkpoint", None), ("deleted", 6)] == kinds(charter)  # the prune excuses nothing
+
+
 @pytest.mark.postgres
 def test_concurrent_checkpoints_each_take_their_own_position(pg_schema):
     """PostgreSQL, 8 threads at once: the loser of each race re-reads the end and retries."""

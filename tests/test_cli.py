@@ -159,3 +159,58 @@ def test_policy_matrix_finds_the_app_in_the_working_directory_without_pythonpath
         )
         assert 0 == result.returncode, result.stderr  # was: No module named 'service'
         assert "invoice.pay" in result.stdout
+
+
+# -- charter support sessions revoke: an operator of the directory, as charter run --------------
+
+
+@pytest.fixture
+def opened_session(env, disposing, monkeypatch) -> tuple[Charter, str]:
+    """An open support session (sam for alice) in the reference service's database."""
+    from charter.sessions import ImpersonationSessions
+
+    monkeypatch.delenv("CHARTER_OPERATORS", raising=False)
+    assert 0 == runner.invoke(app, ["db", "upgrade", "--demo"]).exit_code
+    charter = disposing(build_charter(Charter(database_url=env, development=True)))
+    sam = make_actor("sam", "acme", "support", kind="support", scopes={"support:sessions"})
+    return charter, ImpersonationSessions.of(charter).open(sam, "alice", reason="ticket 1").id
+
+
+def revocations(charter: Charter) -> list[tuple[str, str, str, str]]:
+    with charter.engine.connect() as conn:
+        rows = conn.execute(
+            audit_table.select().where(audit_table.c.action == "support.session.revoke")
+        )
+        return [(r.subject, r.subject_kind, r.channel, r.outcome) for r in rows]
+
+
+@pytest.mark.parametrize("who", ["nobody-at-all", "operator", "alice", "ops-olga "])
+def test_revoking_as_a_name_no_operator_directory_knows_is_refused_like_charter_run(
+    opened_session, who
+):
+    charter, session = opened_session
+    result = runner.invoke(
+        app, ["support", "sessions", "revoke", session, "--reason", "r", "--as", who, "--demo"]
+    )
+    assert 1 == result.exit_code, result.output
+    assert "unknown_operator" in result.output
+    assert [] == revocations(charter)
+    listed = runner.invoke(app, ["support", "sessions", "list", "--json", "--demo"])
+    assert '"status": "open"' in listed.output
+
+
+def test_an_operator_of_the_directory_revokes_as_itself_when_the_gate_allows_it(
+    opened_session, tmp_path
+):
+    charter, session = opened_session
+    directory = tmp_path / "operators.json"
+    directory.write_text(
+        '{"ops-sue": {"tenant": "acme", "roles": ["operator"], "scopes": ["support:sessions"]}}'
+    )
+    args = ["support", "sessions", "revoke", session, "--reason", "left open", "--demo"]
+    refused = runner.invoke(app, [*args, "--as", "ops-olga"])  # the demo's: no support:sessions
+    assert 1 == refused.exit_code, refused.output
+    revoked = runner.invoke(app, [*args, "--as", "ops-sue", "--operators", str(directory)])
+    assert 0 == revoked.exit_code, revoked.output
+    assert "revoked by ops-sue" in revoked.output
+    assert ("ops-sue", "operator", "cli", "ok") == revocations(charter)[-1]

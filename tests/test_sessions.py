@@ -123,10 +123,15 @@ def test_bad_configuration_is_refused_at_start_up(options):
         ImpersonationSessions(charter, directory=directory, **options)
 
 
-def test_the_cli_lists_and_revokes_through_the_gate(demo, database_url, monkeypatch):
+def test_the_cli_lists_and_revokes_through_the_gate(demo, database_url, monkeypatch, tmp_path):
     charter, sessions = demo
     monkeypatch.setenv("CHARTER_ENV", "development")
     monkeypatch.setenv("CHARTER_AUDIT_KEY", AUDIT_KEYS["k1"])
+    operators = tmp_path / "operators.json"
+    operators.write_text(
+        '{"olga": {"tenant": "acme", "roles": ["operator"], "scopes": ["support:sessions"]}}'
+    )
+    monkeypatch.setenv("CHARTER_OPERATORS", str(operators))
     opened = sessions.open(SAM, "alice", reason=WHY)
     runner = CliRunner()
     base = ["--demo", "--database-url", database_url]
@@ -146,5 +151,6 @@ def test_the_cli_lists_and_revokes_through_the_gate(demo, database_url, monkeypa
             select(audit_table).where(audit_table.c.action == "support.session.revoke")
         ).one()
     assert ("olga", "cli", "security review") == (entry.subject, entry.channel, entry.reason)
-    missing = runner.invoke(app, ["support", "sessions", "revoke", "nope", "--reason", "x", *base])
+    missing = runner.invoke(app, ["support", "sessions", "revoke", "nope", "--reason", "x",
+                                  "--as", "olga", *base])  # fmt: skip
     assert 1 == missing.exit_code

@@ -935,23 +935,28 @@ def support_sessions_list(
 def support_sessions_revoke(
     session_id: Annotated[str, typer.Argument(help="The session's id.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")],
-    as_: Annotated[str, typer.Option("--as", help="The operator's name, audited.")] = "operator",
+    as_: AsOption,
+    operators: OperatorsOption = None,
     database_url: DatabaseOption = None,
     app_spec: AppOption = None,
     demo: DemoOption = False,
 ) -> None:
-    """Revoke a session through the gate (channel cli): its token is refused from now on."""
-    from .actor import Actor
+    """Revoke a session through the gate (channel cli) as an operator: its token is refused from
+    now on. The operator is read from the operator directory, as for `charter run` (its tenant,
+    roles and scopes decide). Exit 1 when refused or for an unknown operator, 2 on a usage error."""
     from .sessions import ImpersonationSessions
 
-    charter = _sessions_charter(database_url, app_spec, demo)
+    charter, directory = _operator_gate(app_spec, demo, database_url, operators)
     try:
-        sessions = ImpersonationSessions.of(charter)
-        operator = Actor.make(as_, sessions.tenant_of(session_id), kind="system",
-                              roles={"operator"})  # fmt: skip
-        outcome = sessions.revoke(operator, session_id, reason=reason, channel="cli")
-    except CharterError as exc:
-        raise _fail(exc) from exc
+        try:
+            operator = directory.resolve(as_)  # never a name taken on trust (401 unknown_operator)
+        except CharterError as exc:
+            raise _usage(exc) from exc
+        try:
+            sessions = ImpersonationSessions.of(charter)
+            outcome = sessions.revoke(operator, session_id, reason=reason, channel="cli")
+        except CharterError as exc:
+            raise _fail(exc) from exc
     finally:
         charter.close()
     console.print(f"session {session_id}: {outcome.body['state']} by {as_}")

@@ -33,6 +33,7 @@ from charter.audit import (
     checkpoint_table,
     link_table,
 )
+from charter.audit.checkpoint import checkpoint_message, read_heads
 from charter.audit.verify import NO_ANCHOR
 from charter.cli import app
 from charter.demo.app import create_app
@@ -373,6 +374,39 @@ def test_a_forged_prune_record_is_reported_and_excuses_nothing(unanchored, clock
         delete(audit_table).where(audit_table.c.seq <= 6),
     )
     assert {("checkpoint", None), ("deleted", 1)} == set(found(unanchored))
+
+
+def legacy_checkpoint(charter: Charter) -> dict:
+    """A checkpoint signed before charter_0005: no position, neither kind nor anchor signed."""
+    with charter.engine.begin() as conn:
+        row = {"at": charter.clock(), "heads": read_heads(conn), "prev_signature": "",
+               "position": None, "kind": "checkpoint", "anchor": None, "key_id": "k1"}  # fmt: skip
+        row["signature"] = charter.keyring.mac(checkpoint_message(row))
+        conn.execute(insert(checkpoint_table), [row])
+    return row
+
+
+def test_an_old_checkpoint_relabelled_prune_excuses_no_deleted_entry(either, clock):
+    """Its kind is not signed: a ``prune`` written there is reported, and the entries missing."""
+    alice = Actor.make("alice", "acme", roles={"member"})
+    for i in range(3):
+        either.execute(alice, "doc.create", {"title": f"d{i}"})
+    ((stream, (seq, _)),) = legacy_checkpoint(either)["heads"].items()
+    for i in range(3):
+        either.execute(alice, "doc.create", {"title": f"e{i}"})
+    either.checkpoint_audit()  # a positioned checkpoint, anchored, chained after the old one
+    clock.advance(AFTER_GRACE)
+    assert either.verify_audit().ok
+    tamper(
+        either,
+        update(checkpoint_table).where(checkpoint_table.c.position.is_(None)).values(kind="prune"),
+        delete(audit_table).where(audit_table.c.stream == stream, audit_table.c.seq <= seq),
+    )
+    problems = found(either)
+    assert {("checkpoint", None), ("deleted", 1)} == set(problems)
+    assert "old format" in problems[("checkpoint", None)]
+    assert "kind 'prune'" in problems[("checkpoint", None)]
+    assert "positions 1-3" in problems[("deleted", 1)]
 
 
 def test_pruning_refuses_a_trail_that_does_not_verify(unanchored, clock):

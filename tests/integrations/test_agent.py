@@ -311,6 +311,24 @@ def test_the_agent_itself_and_other_people_cannot_approve(charter, agents):
     assert 4 == len(refused)
 
 
+def test_a_person_whose_credential_lacks_the_actions_scope_cannot_decide_it(charter, agents):
+    """Approving or rejecting needs the action's scope, as running it would: none, nothing."""
+    pending = ask_void(agents, draft(agents))
+    for scopes in (set(), {"invoices:read"}):  # invoice.void needs invoices:write
+        token = Actor.make("alice", "acme", roles=ALICE.roles, scopes=scopes)
+        with pytest.raises(ConfirmationForbidden, match="invoices:write"):
+            agents.approve(token, pending)
+        with pytest.raises(ConfirmationForbidden, match="invoices:write"):
+            agents.reject(token, pending)
+        assert [] == agents.pending(token)
+    assert ConfirmationState.PENDING == agents.get(ALICE, pending).state
+    refused = [e for e in entries(charter, "invoice.void") if e.outcome == "confirmation_forbidden"]
+    assert [("deny", "scope", "alice")] * 4 == [(e.decision, e.rule, e.subject) for e in refused]
+    assert [] == [e for e in entries(charter, "invoice.void") if e.outcome == "ok"]
+    scoped = Actor.make("alice", "acme", roles=ALICE.roles, scopes={"invoices:write"})
+    assert "void" == agents.approve(scoped, pending).body["state"]
+
+
 def test_an_expired_request_is_refused(charter, agents, clock):
     pending = ask_void(agents, draft(agents))
     clock.advance(timedelta(hours=24))

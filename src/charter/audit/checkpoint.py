@@ -18,7 +18,9 @@ database's write lock for one short statement, as every writer does).
 A checkpoint written to an anchor names the anchor (``anchor``, signed), so
 verification knows the anchor must hold it (see :mod:`charter.audit.anchor`).
 Checkpoints written before positions existed (``position`` NULL) are verified
-in their original format.
+in their original format, which signs neither ``kind`` nor ``anchor``: such a
+row is read as a plain checkpoint written to no anchor, whatever those columns
+say (:func:`signed_view`), since a ``prune`` there would excuse deleted entries.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "chained",
     "checkpoint_message",
     "read_heads",
+    "signed_view",
     "write_checkpoint",
 ]
 
@@ -86,6 +89,19 @@ def checkpoint_message(row: Mapping[str, Any]) -> bytes:
             row["anchor"],
         ]
     return json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+
+
+def signed_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint row as its signature vouches for it: nothing it does not cover is trusted.
+
+    A v1 row (``position`` NULL, written before charter_0005) signs only its time,
+    heads and previous signature: it was a plain checkpoint written to no anchor,
+    and is read as one even if its ``kind`` or ``anchor`` column now says otherwise.
+    """
+    view = dict(row)
+    if row.get("position") is None:
+        view.update(kind=CHECKPOINT, anchor=None)
+    return view
 
 
 def read_heads(connection: Connection, *, before: datetime | None = None) -> dict[str, list[Any]]:

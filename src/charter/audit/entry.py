@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import JSON
 
+from ..redaction import is_secret_name
 from ..storage import metadata
 
 __all__ = [
@@ -160,16 +160,11 @@ CONTENT_FIELDS: tuple[str, ...] = (
 )
 FORMAT = "charter-audit-v1"
 
-_SECRET_NAME = re.compile(
-    r"(pass(word|phrase)?|secret|token|api[_-]?key|private[_-]?key|card[_-]?number|cvc|cvv|pin|"
-    r"authorization|credential)",
-    re.IGNORECASE,
-)
 REDACTED = "[redacted]"
 
 
 def _redact(value: Any, name: str = "") -> Any:
-    if name and _SECRET_NAME.search(name):
+    if name and is_secret_name(name):  # the library's one rule (charter.redaction)
         return REDACTED
     if isinstance(value, Mapping):
         return {str(k): _redact(v, str(k)) for k, v in value.items()}

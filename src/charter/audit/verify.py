@@ -44,7 +44,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .anchor import AnchorReading, AnchorRecord, AuditAnchor, read_anchor
-from .checkpoint import PRUNE, checkpoint_message
+from .checkpoint import PRUNE, checkpoint_message, signed_view
 from .entry import audit_table, canonical_message, checkpoint_table, link_table
 from .trail import AuditKeyring
 
@@ -141,11 +141,13 @@ def _verify_checkpoints(
     rows.sort(key=lambda r: (r["position"] is not None, r["position"] or 0, r["id"]))
     prev, expected = "", 1
     by_position: dict[int, dict[str, Any]] = {}
-    for cp in rows:
+    for stored in rows:
         report.checkpoints += 1
-        position = cp["position"]
-        label = f"checkpoint {position if position is not None else cp['id']}"
+        position = stored["position"]
+        label = f"checkpoint {position if position is not None else stored['id']}"
+        cp = signed_view(stored)  # only what the signature covers is believed
         cp["valid"] = keyring.check(checkpoint_message(cp), cp["key_id"], cp["signature"])
+        report.problems.extend(_unsigned_claims(stored, cp, label))
         if not cp["valid"]:
             report.problems.append(
                 _problem("checkpoint", f"{label} has an invalid signature (altered or forged)")
@@ -170,6 +172,23 @@ def _verify_checkpoints(
             expected = int(position) + 1
             by_position[int(position)] = cp
     return by_position
+
+
+def _unsigned_claims(
+    stored: Mapping[str, Any], believed: Mapping[str, Any], label: str
+) -> list[AuditProblem]:
+    """A column an old-format checkpoint's signature does not cover, set to what it never was."""
+    changed = [f"{name} {stored[name]!r}" for name in ("kind", "anchor")
+               if stored[name] != believed[name]]  # fmt: skip
+    if not changed:
+        return []
+    return [
+        _problem(
+            "checkpoint",
+            f"{label} is in the old format, whose signature covers neither its kind nor its "
+            f"anchor, yet says {' and '.join(changed)}: altered (read as a plain checkpoint)",
+        )
+    ]
 
 
 def _check_anchor(

@@ -27,8 +27,10 @@ refuses it (an audience it does not ask for), and only this channel reads it.
 
 Who may approve: a person (a user or support actor, acting as themselves) of
 the same tenant who is not the agent: the user the agent acted for, or a
-holder of one of the action's ``Agent(approvers=...)`` roles. Never an agent,
-a service or a partner.
+holder of one of the action's ``Agent(approvers=...)`` roles, whose own
+credential carries the action's scope (checked as the gate checks it: a token
+issued with no scopes approves nothing). Never an agent, a service or a
+partner.
 
 The MCP server over this channel is :mod:`charter.integrations.mcp`.
 """
@@ -348,13 +350,13 @@ class AgentChannel:
         refusal = self._approver_refusal(person, request)
         if refusal is not None:
             committer.alone(self._entry(spec, ctx, request, "confirmation_forbidden", refusal))
-            raise ConfirmationForbidden(refusal)
+            raise ConfirmationForbidden(refusal.reason)
         if request.state is not ConfirmationState.PENDING:
             raise ConfirmationNotPending(f"confirmation {request.id} is {request.state}")
         if request.expired(now):
             with committer.transaction() as (session, lease):
                 expire(session.connection(), request, now)
-                entry = self._entry(spec, ctx, request, "confirmation_expired", "expired")
+                entry = self._entry(spec, ctx, request, "confirmation_expired", _refused("expired"))
                 committer.write(session, lease, [entry], None)
             raise ConfirmationExpired(f"confirmation {request.id} expired at "
                                       f"{request.expires_at.isoformat()}")  # fmt: skip
@@ -366,19 +368,14 @@ class AgentChannel:
             committer.write(session, lease, [self._entry(spec, ctx, request, outcome, None)], None)
         return request, spec
 
-    def _approver_refusal(self, person: Actor, request: PendingRequest) -> str | None:
-        """Why ``person`` may not decide ``request``, or None if they may."""
-        if person.kind not in _PERSONS or person.on_behalf_of is not None:
-            return "a confirmation is given by a person, acting as themselves"
-        if person.id == request.agent:
-            return "the agent cannot confirm its own request"
-        if person.tenant != request.tenant:
-            return "another tenant's request"
-        spec = self.charter.actions.get(request.action)
-        approvers = spec.agent.approvers if spec is not None and spec.agent is not None else ()
-        if person.id != request.subject and person.roles.isdisjoint(approvers):
-            return f"only {request.subject} or an approver of {request.action} may confirm it"
-        return None
+    def _approver_refusal(self, person: Actor, request: PendingRequest) -> Decision | None:
+        """Why ``person`` may not decide ``request`` (the denial to audit), or None if they may."""
+        reason = _person_refusal(person, request, self.charter.actions.get(request.action))
+        if reason is not None:
+            return _refused(reason)
+        # Deciding is acting on the action: the person's own credential must carry its scope,
+        # checked as the gate checks it (a token issued with no scopes decides nothing).
+        return self.charter.policy_of(request.action).credential_denial(person)
 
     def _entry(
         self,
@@ -386,12 +383,12 @@ class AgentChannel:
         ctx: ActionContext,
         request: PendingRequest,
         outcome: str,
-        refusal: str | None,
+        refusal: Decision | None,
     ) -> AuditEntry:
         decision = (
             Decision.allow("confirmation", "a person decided the agent's request")
             if refusal is None
-            else Decision.deny(DecisionKind.DENIED_BY_RULE, rule="confirmation", reason=refusal)
+            else refusal
         )
         detail = {"confirmation": request.id, "agent": request.agent,
                   "on_behalf_of": request.subject}  # fmt: skip
@@ -424,6 +421,25 @@ class AgentChannel:
         with self.charter.runtime.write_session() as session:
             finish(session.connection(), request_id, state, outcome)
             session.commit()
+
+
+def _person_refusal(person: Actor, request: PendingRequest, spec: ActionSpec | None) -> str | None:
+    """Why ``person`` is not someone who may decide ``request``, or None if they are."""
+    if spec is None or spec.agent is None:
+        return f"{request.action} is no longer exposed to agents"
+    if person.kind not in _PERSONS or person.on_behalf_of is not None:
+        return "a confirmation is given by a person, acting as themselves"
+    if person.id == request.agent:
+        return "the agent cannot confirm its own request"
+    if person.tenant != request.tenant:
+        return "another tenant's request"
+    if person.id != request.subject and person.roles.isdisjoint(spec.agent.approvers):
+        return f"only {request.subject} or an approver of {request.action} may confirm it"
+    return None
+
+
+def _refused(reason: str) -> Decision:
+    return Decision.deny(DecisionKind.DENIED_BY_RULE, rule="confirmation", reason=reason)
 
 
 class _Row:
