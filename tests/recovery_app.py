@@ -14,7 +14,7 @@ from charter.context import ActionContext
 from charter.demo.payments import PaymentClient
 
 from . import app as test_app
-from .app import Doc, is_member
+from .app import Doc, OverLimit, is_member
 from .conftest import AUDIT_KEYS
 
 
@@ -49,5 +49,14 @@ def build(url: str, provider_url: str, *, crash: str | None = None, **options: A
         doc.title = charged["id"]
         doc.counter += 1
         return {"charge": charged["id"]}
+
+    @charter.action("doc.pay_refused", on=Doc, input=Pay, allow=is_member, idempotency="required")
+    def pay_refused(ctx: ActionContext, doc: Doc, data: Pay) -> dict[str, Any]:
+        """Refuses after its outside step: a business refusal of a multi-phase request."""
+        doc.state = "paying"
+        ctx.external(
+            "charge", lambda key: {"id": client.charge(data.amount, "EUR", f"doc-{doc.id}", key).id}
+        )
+        raise OverLimit("the provider's answer says no")  # fmt: skip
 
     return charter

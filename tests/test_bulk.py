@@ -169,13 +169,12 @@ def test_a_batch_key_is_bounded_so_that_every_derived_key_fits(gate: Charter, al
     assert 1 == gate.execute_many(alice, "doc.tick", own, key="k" * 247).applied
 
 
-def test_an_item_holds_its_derived_key_as_a_single_call_would(gate: Charter, alice: Actor) -> None:
+def test_an_items_derived_key_is_out_of_a_clients_reach(gate: Charter, alice: Actor) -> None:
     own = docs(gate, alice, 2)
     gate.execute_many(alice, "doc.tick", own, key="b")
-    replay = gate.execute(alice, "doc.tick", target=own[1], key="b#1")
-    assert replay.replayed
-    with pytest.raises(IdempotencyKeyReused):
-        gate.execute(alice, "doc.tick", target=own[0], key="b#1")
+    for target in own:  # neither its replay nor another request under it: 400, nothing run
+        with pytest.raises(IdempotencyKeyInvalid):
+            gate.execute(alice, "doc.tick", target=target, key="b#1")
     assert [1, 1] == counters(gate, own)
 
 
@@ -415,3 +414,56 @@ def test_overlapping_all_or_nothing_batches_in_opposite_orders_never_deadlock(
         t.join(timeout=120)
     assert [] == errors
     assert [2 * rounds] * 40 == counters(charter, own)
+
+
+# -- derived item keys (regressions) ----------------------------------------------------------
+
+from charter.actions import MAX_BATCH_LIMIT  # noqa: E402
+from charter.data.batch import MAX_BATCH_KEY  # noqa: E402
+from charter.idempotency.keys import MAX_KEY_LENGTH, item_key  # noqa: E402
+
+
+def test_every_derived_item_key_fits_the_key_column() -> None:
+    longest = item_key("k" * MAX_BATCH_KEY, MAX_BATCH_LIMIT - 1)
+    assert len(longest) <= MAX_KEY_LENGTH
+
+
+def test_a_client_key_cannot_take_a_batch_items_key_before_the_batch(
+    gate: Charter, alice: Actor
+) -> None:
+    own = docs(gate, alice, 2)
+    with pytest.raises(IdempotencyKeyInvalid):
+        gate.execute(alice, "doc.tick", target=own[0], key="run-7#0")
+    batch = gate.execute_many(alice, "doc.tick", own, key="run-7")
+    assert (2, ["applied", "applied"]) == (batch.applied, [i.status for i in batch.items])
+    assert [1, 1] == counters(gate, own)
+
+
+def test_a_batch_key_holding_the_item_separator_is_refused(gate: Charter, alice: Actor) -> None:
+    own = docs(gate, alice, 2)
+    with pytest.raises(IdempotencyKeyInvalid) as refused:
+        gate.execute_many(alice, "doc.tick", own, key="run#8")
+    assert "'#'" in refused.value.message
+    assert [0, 0] == counters(gate, own)
+
+
+@pytest.mark.parametrize("action", ["doc.tick", "doc.tick_all"])
+def test_a_credential_that_could_not_run_the_batch_gets_no_replay_of_it(
+    gate: Charter, alice: Actor, action: str
+) -> None:
+    """A token of the same user without the action's scope got the stored result of alice's
+    batch under her key: it now runs as a new batch would, each item refused, nothing told."""
+    own = docs(gate, alice, 2)
+    first = gate.execute_many(alice, action, own, key="k-cred")
+    read_only = Actor.make("alice", "acme", roles={"member"}, scopes={"test_docs:read"})
+    if action == "doc.tick":
+        again = gate.execute_many(read_only, action, own, key="k-cred")
+        assert not again.replayed
+        assert {"forbidden"} == {item.error["code"] for item in again.items if item.error}
+        assert {"refused"} == {item.status for item in again.items}
+    else:
+        with pytest.raises(BatchFailed) as caught:
+            gate.execute_many(read_only, action, own, key="k-cred")
+        assert "replayed" not in str(caught.value.headers).lower()
+    assert not first.replayed
+    assert [1, 1] == counters(gate, own)

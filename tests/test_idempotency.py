@@ -127,7 +127,7 @@ def test_keys_are_scoped_to_the_subject_so_another_user_runs_independently(chart
 def test_a_new_token_for_the_same_user_keeps_the_scope(charter, alice):
     doc_id = create_doc(charter, alice)
     charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="k")
-    rotated = Actor.make("alice", "acme", roles={"member"}, scopes={"other"})
+    rotated = Actor.make("alice", "acme", roles={"member"}, scopes={"test_docs:write"})
     assert charter.execute(rotated, "doc.charge", {"amount": "5"}, target=doc_id, key="k").replayed
 
 
@@ -463,3 +463,158 @@ def test_a_cold_retry_neither_waits_on_the_records_lock_nor_needs_the_record(pg,
     assert 2 == len(replays)
     report = pg.verify_audit()
     assert report.ok, report.problems
+
+
+# -- fingerprints, replays and the credential (regressions) ---------------------------------
+
+from decimal import Decimal as _D  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr  # noqa: E402
+
+from charter.audit import AuditKeyring  # noqa: E402
+from charter.idempotency.keys import fingerprint, fingerprint_key  # noqa: E402
+
+KEY = fingerprint_key(AuditKeyring(AUDIT_KEYS))
+
+
+class _Amount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: _D
+
+
+class _Transfer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to_account: str = Field(exclude=True)
+    amount: Annotated[_D, PlainSerializer(lambda v: round(v), return_type=int)]
+    pin: SecretStr
+
+
+def _declare_amount(charter: Charter) -> None:
+    @charter.action("amount.record", input=_Amount, allow=True)
+    def record(ctx, _, data: _Amount) -> dict:
+        return {"amount": str(data.amount)}
+
+
+def test_a_fingerprint_covers_excluded_fields_serialized_values_and_secrets():
+    def fp(account: str, amount: str, pin: str) -> str:
+        return fingerprint("transfer", None, _Transfer(to_account=account, amount=amount, pin=pin),
+                           key=KEY)  # fmt: skip
+
+    base = fp("ACC-1", "10.2", "1111")
+    assert base == fp("ACC-1", "10.20", "1111")
+    assert base not in {fp("ACC-2", "10.2", "1111"), fp("ACC-1", "9.8", "1111"),
+                        fp("ACC-1", "10.2", "1112")}  # fmt: skip
+
+
+def test_equal_amounts_share_a_fingerprint_and_amounts_past_28_digits_do_not():
+    def fp(amount: str) -> str:
+        return fingerprint("amount.record", None, _Amount(amount=amount), key=KEY)
+
+    assert 1 == len({fp("5"), fp("5.00"), fp("5.000"), fp("5E+0"), fp("0.5E+1")})
+    assert fp("1.00000000000000000000000000001") != fp("1.00000000000000000000000000009")
+    assert fp("0") == fp("-0.00")
+
+
+def test_a_fingerprint_is_keyed_by_the_servers_secret_and_stable_across_a_rotation():
+    """A stored fingerprint of a PIN cannot be brute-forced without the key; adding a newer
+    audit key (rotation) changes no fingerprint, so a retry across it still matches."""
+    data = _Transfer(to_account="A", amount="1", pin="1234")
+    other = fingerprint_key(AuditKeyring({"k": "another-secret-of-16-bytes-or-more"}))
+    rotated = fingerprint_key(AuditKeyring({"new": "a-newer-audit-key-of-16-bytes", **AUDIT_KEYS}))
+    assert fingerprint("t", None, data, key=KEY) != fingerprint("t", None, data, key=other)
+    assert KEY == rotated
+    assert all(KEY != value.encode() for value in AUDIT_KEYS.values())
+
+
+def test_the_same_key_with_another_secret_is_another_request(charter, alice):
+    charter.execute(alice, "doc.create", {"title": "x", "api_token": "tok_A"}, key="sec-1")
+    with pytest.raises(IdempotencyKeyReused):
+        charter.execute(alice, "doc.create", {"title": "x", "api_token": "tok_B"}, key="sec-1")
+    assert charter.execute(
+        alice, "doc.create", {"title": "x", "api_token": "tok_A"}, key="sec-1"
+    ).replayed
+
+
+def test_the_same_key_with_an_amount_differing_past_28_digits_is_another_request(charter, alice):
+    _declare_amount(charter)
+    charter.execute(alice, "amount.record", {"amount": "1.00000000000000000000000000001"}, key="d")
+    with pytest.raises(IdempotencyKeyReused):
+        charter.execute(alice, "amount.record", {"amount": "1.00000000000000000000000000009"},
+                        key="d")  # fmt: skip
+    assert charter.execute(alice, "amount.record", {"amount": "1.000000000000000000000000000010"},
+                           key="d").replayed  # fmt: skip
+
+
+@pytest.mark.parametrize("amount", ["1E+1000000", "1E+99999999", "-1E-99999999"])
+def test_a_keyed_amount_with_a_huge_exponent_runs_as_the_unkeyed_call_does(charter, alice, amount):
+    _declare_amount(charter)
+    assert 200 == charter.execute(alice, "amount.record", {"amount": amount}).status
+    first = charter.execute(alice, "amount.record", {"amount": amount}, key="huge")
+    assert (200, True) == (first.status, charter.execute(
+        alice, "amount.record", {"amount": amount}, key="huge").replayed)  # fmt: skip
+
+
+def _denials(charter: Charter, key: str) -> list[tuple[str, str | None, str | None]]:
+    return [
+        (r["decision"], r["rule"], r["real_actor"])
+        for r in audit_rows(charter)
+        if r["idempotency_key"] == key and r["decision"] == "deny"
+    ]
+
+
+def test_a_credential_without_the_scope_gets_no_replay_from_memory_or_the_database(
+    charter, alice, database_url
+):
+    doc_id = create_doc(charter, alice)
+    charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="pay-1")
+    other = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    read_only = Actor.make("alice", "acme", roles={"member"}, scopes={"test_docs:read"})
+    try:
+        for worker in (charter, other):  # this worker's cache, then another's lookup
+            with pytest.raises(Forbidden) as refused:
+                worker.execute(read_only, "doc.charge", {"amount": "5"}, target=doc_id,
+                               key="pay-1")  # fmt: skip
+            assert 403 == refused.value.status
+    finally:
+        other.engine.dispose()
+    assert [("deny", "scope", None)] * 2 == _denials(charter, "pay-1")
+    assert 1 == load(charter, doc_id).counter
+
+
+def test_an_impersonator_without_a_grant_for_the_subject_gets_no_replay(charter, database_url):
+    """Refused as a new call is (404: the support user may not read the editor's document)."""
+    erin = Actor.make("erin", "acme", roles={"editor"})  # the grant covers members only
+    sam = Actor.make("sam", "acme", kind="support", roles={"support"})
+    doc_id = create_doc(charter, erin)
+    charter.execute(erin, "doc.charge", {"amount": "5"}, target=doc_id, key="erin-1")
+    other = test_app.build(Charter(database_url=database_url, audit_keys=AUDIT_KEYS))
+    try:
+        for worker in (charter, other):
+            for key in ("fresh", "erin-1"):  # a new key and erin's: the same answer
+                with pytest.raises(CharterError) as refused:
+                    worker.execute(sam.impersonate(erin), "doc.charge", {"amount": "5"},
+                                   target=doc_id, key=key, reason="help")  # fmt: skip
+                assert (404, "not_found") == (refused.value.status, refused.value.code)
+    finally:
+        other.engine.dispose()
+    assert [("deny", "impersonation-grant", "sam")] * 2 == _denials(charter, "erin-1")
+    assert 1 == load(charter, doc_id).counter
+
+
+def test_an_impersonator_with_a_grant_for_the_subject_gets_the_replay(charter, alice):
+    sam = Actor.make("sam", "acme", kind="support", roles={"support"}, scopes={"test_docs:write"})
+    doc_id = create_doc(charter, alice)
+    first = charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="al-1")
+    again = charter.execute(sam.impersonate(alice), "doc.charge", {"amount": "5"},
+                            target=doc_id, key="al-1", reason="help")  # fmt: skip
+    assert (True, first.body) == (again.replayed, again.body)
+
+
+def test_a_client_key_may_not_hold_the_batch_item_separator(charter, alice):
+    doc_id = create_doc(charter, alice)
+    with pytest.raises(IdempotencyKeyInvalid) as refused:
+        charter.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="run-7#0")
+    assert (400, "idempotency_key_invalid") == (refused.value.status, refused.value.code)
+    assert "'#'" in refused.value.message
+    assert ([], 0) == (idem_rows(charter), load(charter, doc_id).counter)

@@ -335,6 +335,7 @@ class Charter:
         request = BatchRequest(
             spec=spec,
             pipeline=self._pipelines[spec.name],
+            policy=self.policy_of(spec.name),
             actor=self._registry.impersonation.resolve(actor),
             items=items,
             key=key,

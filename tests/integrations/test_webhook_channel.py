@@ -20,7 +20,7 @@ from charter.demo.payments import PaymentProviderStub
 from charter.demo.service import Settle, build_charter, payments_partner
 from charter.errors import ConfigurationError, HandlerFailed, StorageUnavailable
 from charter.idempotency import idempotency_table
-from charter.idempotency.keys import fingerprint
+from charter.idempotency.keys import fingerprint, fingerprint_key
 from charter.integrations.webhooks import WebhookReceiver, WebhookRoute
 from charter.settings import DEVELOPMENT_TOKEN_SECRET, DEVELOPMENT_WEBHOOK_SECRET, Settings
 from charter.webhooks import StandardWebhookSigner, StandardWebhookVerifier
@@ -246,7 +246,10 @@ def test_a_key_still_in_progress_asks_the_sender_to_retry_and_the_retry_is_appli
             insert(idempotency_table).values(
                 **scope,
                 fingerprint=fingerprint(
-                    "invoice.mark_paid", str(invoice), Settle(charge_id=charge)
+                    "invoice.mark_paid",
+                    str(invoice),
+                    Settle(charge_id=charge),
+                    key=fingerprint_key(charter.keyring),
                 ),
                 action="invoice.mark_paid",
                 phase=0,

@@ -87,6 +87,11 @@ class AuditKeyring:
     def current_id(self) -> str:
         return self._current
 
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of the keys, newest first (the order they were given in)."""
+        return tuple(self._keys)
+
     def mac(self, message: bytes, key_id: str | None = None) -> str:
         key = self._keys[key_id or self._current]
         return hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -17,6 +17,7 @@ the values it reads and returns, which every channel renders the same way:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -271,15 +272,18 @@ def split_item(spec: ActionSpec, item: Any) -> tuple[Any, Any]:
     )
 
 
-def item_fingerprint(spec: ActionSpec, target: Any, data: BaseModel | None, raw: Any) -> str:
-    """The item's part of the batch fingerprint: the single call's, or its raw form if invalid."""
+def item_fingerprint(
+    spec: ActionSpec, target: Any, data: BaseModel | None, raw: Any, *, key: bytes
+) -> str:
+    """The item's part of the batch fingerprint: the single call's, or its raw form if invalid
+    (keyed too: it may hold a secret)."""
     if data is not None:
-        return fingerprint(spec.name, target, data)
+        return fingerprint(spec.name, target, data, key=key)
     try:
         canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
     except (TypeError, ValueError):  # keys of mixed types: still a stable, distinct form
         canonical = repr(raw)
-    return "invalid:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return "invalid:" + hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
 
 
 def batch_fingerprint(spec: ActionSpec, mode: BulkMode, items: Sequence[str]) -> str:

@@ -63,6 +63,8 @@ from ..idempotency.keys import (
     IdempotencyKeyMissing,
     IdempotencyKeyUnsupported,
     IdempotencyMode,
+    fingerprint_key,
+    item_key,
     validate_key,
 )
 from ..idempotency.store import (
@@ -78,6 +80,7 @@ from ..pipeline.runtime import Runtime
 from ..pipeline.stages import check_reason
 from ..pipeline.tenancy import SCOPED, TenantGuard
 from ..pipeline.writes import Committer, finish
+from ..policy import ActionPolicy
 from ..resources import ResourceSpec
 from ..storage import translate_errors
 from .batch import (
@@ -108,6 +111,7 @@ class BatchRequest:
 
     spec: ActionSpec
     pipeline: Pipeline
+    policy: ActionPolicy
     actor: Actor
     items: Sequence[Any]
     key: str | None
@@ -150,11 +154,18 @@ class Bulk:
         self._check_size(spec, request.items)
         check_reason(spec, request.actor, request.reason)  # the batch's, once: before any item
         _check_batch_key(spec, request.key)
+        if request.key is not None and request.policy.credential_denial(request.actor) is not None:
+            # No replay for a credential that could not make the call (a token without the
+            # action's scope, an impersonation no grant covers): the batch runs unkeyed, and
+            # each item is refused as in a new batch; the stored outcome is never told.
+            request = dataclasses.replace(request, key=None)
         items = [self._parse(spec, position, item) for position, item in enumerate(request.items)]
         fingerprint = None
         if request.key is not None:
+            fp_key = fingerprint_key(self.runtime.audit_trail.keyring)
             parts = [
-                item_fingerprint(spec, i.target, i.data, request.items[i.position]) for i in items
+                item_fingerprint(spec, i.target, i.data, request.items[i.position], key=fp_key)
+                for i in items
             ]
             fingerprint = batch_fingerprint(spec, mode, parts)
         if mode is BulkMode.PER_ITEM:
@@ -177,7 +188,7 @@ class Bulk:
             if item.error is not None:
                 results.append(BatchItem.refused(item.position, item.error))
                 continue
-            key = None if request.key is None else f"{request.key}#{item.position}"
+            key = None if request.key is None else item_key(request.key, item.position)
             call = Call(
                 request.spec, self._context(request, item.position, key),
                 raw_input=item.data, target=item.target,

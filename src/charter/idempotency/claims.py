@@ -32,7 +32,7 @@ from ..decision import Decision
 from ..errors import CharterError
 from ..outcome import Outcome
 from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
-from .recovery import takeover_statement
+from .recovery import StepRunner, takeover_statement
 from .store import (
     StoredOutcome,
     claim_insert,
@@ -40,7 +40,10 @@ from .store import (
     claim_values,
     completion_params,
     completion_statement,
+    idempotency_table,
     lookup,
+    not_completed,
+    release_statement,
     stored_error,
 )
 
@@ -132,7 +135,7 @@ def answer_duplicate(
         return None
     done = row.completed_at is not None
     if not done and row.fingerprint == call.fingerprint:
-        if row.recovery is not None and _take_over(runtime, int(row.id)):
+        if row.recovery is not None and _take_over(runtime, int(row.id), int(row.phase)):
             call.resume = row
             return None
         raise IdempotencyKeyInProgress(
@@ -151,11 +154,11 @@ def _claim_of_call(runtime: Runtime, call: Call) -> Any:
         return lookup(connection, tenant, subject, key)
 
 
-def _take_over(runtime: Runtime, claim_id: int) -> bool:
+def _take_over(runtime: Runtime, claim_id: int, phase: int) -> bool:
     """Take an abandoned multi-phase request over: one conditional UPDATE, one winner."""
     with runtime.write_session() as session:
         taken = session.execute(
-            takeover_statement(claim_id, runtime.clock(), runtime.recovery_lease)
+            takeover_statement(claim_id, phase, runtime.clock(), runtime.recovery_lease)
         )
         session.commit()
     return getattr(taken, "rowcount", 0) == 1
@@ -240,7 +243,10 @@ def store_refusal(
     """Store a handler's refusal as the key's outcome, after its effect was rolled back.
 
     The claim rolled back with the effect, so it is taken again here; a
-    duplicate that claimed the key in between keeps its own outcome.
+    duplicate that claimed the key in between keeps its own outcome. A
+    multi-phase request's claim did not roll back (a recovery point committed
+    it): the outcome is stored under it, and its input and lease are released,
+    unless another worker has taken the request over since.
     """
     ctx = call.ctx
     assert ctx.idempotency_key is not None  # keyed calls only
@@ -251,9 +257,25 @@ def store_refusal(
         retention=runtime.idempotency_retention,
     )  # fmt: skip
     claimed = session.execute(claim_statement(runtime.engine.dialect.name, values))
-    if claimed.scalar_one_or_none() is None:
+    if claimed.scalar_one_or_none() is None and not _still_holds(session, call):
         return
     session.execute(completion_statement(), outcome_of(call, error, resource_id))
+
+
+def _still_holds(session: Session, call: Call) -> bool:
+    """Release the claim of a multi-phase call that still holds it; whether it did."""
+    steps, resume = call.ctx.steps, call.resume
+    if isinstance(steps, StepRunner):
+        phase = steps.phase  # the phase this worker last saved or took
+    elif resume is not None:
+        phase = int(resume.phase) + 1  # taken over (takeover_statement), nothing saved since
+    else:
+        return False  # no recovery point: the claim is another request's
+    t = idempotency_table
+    held = release_statement(call.ctx.idempotency_scope).where(
+        t.c.fingerprint == call.fingerprint, t.c.phase == phase, not_completed()
+    )
+    return getattr(session.execute(held), "rowcount", 0) == 1
 
 
 def _aware(when: datetime) -> datetime:

@@ -6,8 +6,10 @@ Semantics follow draft-ietf-httpapi-idempotency-key-header and Stripe's behaviou
   another user's identical key is an unrelated request, and rotating an access
   token does not change the scope;
 * the **fingerprint** is the action, the target and the canonical form of the
-  *validated* input; the same key with another fingerprint is refused (422)
-  and the stored record is left alone;
+  *validated* input — every field's exact value, excluded fields and secrets
+  included — keyed with a server-side secret (:func:`fingerprint_key`); the
+  same key with another fingerprint is refused (422) and the stored record is
+  left alone;
 * the same key and fingerprint after completion replays the stored outcome
   (status and body, or the stored domain error) without running anything;
 * only outcomes of a handler that ran are stored (success and domain errors).
@@ -30,19 +32,26 @@ everything (a retry replays).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
-from datetime import UTC, datetime, timedelta
+import hmac
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, Secret, SecretBytes, SecretStr
 
 from ..errors import CharterError, Conflict, InvalidInput
 
+if TYPE_CHECKING:
+    from ..audit.trail import AuditKeyring
+
 __all__ = [
     "DEFAULT_RETENTION",
+    "ITEM_SEPARATOR",
     "MAX_KEY_LENGTH",
     "IdempotencyKeyInProgress",
     "IdempotencyKeyInvalid",
@@ -51,11 +60,16 @@ __all__ = [
     "IdempotencyMode",
     "ReplayedError",
     "fingerprint",
+    "fingerprint_key",
+    "item_key",
     "validate_key",
 ]
 
 DEFAULT_RETENTION = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
+#: Reserved: the key of a batch's item *i* is ``<batch key>#<i>`` (:func:`item_key`), so a
+#: client's key may not contain it, or it could name (replay, or block) another batch's item.
+ITEM_SEPARATOR = "#"
 
 
 class IdempotencyMode(StrEnum):
@@ -113,8 +127,9 @@ class ReplayedError(CharterError):
         self.headers["Idempotent-Replayed"] = "true"
 
 
-def validate_key(key: str | None) -> str | None:
-    """Return the key if well-formed (1-255 printable ASCII), ``None`` if absent; else raise."""
+def validate_key(key: str | None, *, derived: bool = False) -> str | None:
+    """Return the key if well-formed (1-255 printable ASCII, no ``#``), ``None`` if absent; else
+    raise. ``derived=True``: a key Charter derived itself (:func:`item_key`), which holds ``#``."""
     if key is None:
         return None
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
@@ -124,31 +139,110 @@ def validate_key(key: str | None) -> str | None:
             "An Idempotency-Key may only contain printable ASCII characters (no control "
             "characters, no non-ASCII)."
         )
+    if not derived and ITEM_SEPARATOR in key:
+        raise IdempotencyKeyInvalid(
+            f"An Idempotency-Key may not contain {ITEM_SEPARATOR!r}: it is reserved for the keys "
+            f"Charter derives for the items of a batch (<key>{ITEM_SEPARATOR}<position>)."
+        )
     return key
 
 
-def fingerprint(action: str, target: Any, data: BaseModel) -> str:
-    """Hash of what makes a request *this* request: action, target, canonical validated input."""
-    canonical = json.dumps(
-        [action, None if target is None else str(target), _canonical(data.model_dump())],
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
+def item_key(batch_key: str, position: int) -> str:
+    """The key of a per-item batch's item: a client cannot send it (``#`` is reserved)."""
+    return f"{batch_key}{ITEM_SEPARATOR}{position}"
+
+
+_FINGERPRINT_LABEL = b"charter idempotency fingerprint v1"
+
+
+@functools.lru_cache(maxsize=16)
+def fingerprint_key(keyring: AuditKeyring) -> bytes:
+    """The fingerprints' HMAC key, derived from the *oldest* audit key under its own label.
+
+    Keyed, so that a stored fingerprint of a low-entropy secret (a PIN) in the
+    input cannot be brute-forced from the database. Derived as the cursor keys
+    are (HKDF-SHA256, RFC 5869, under a label of its own), over the audit key's
+    MAC of the label: every message the audit key otherwise signs is JSON, so
+    this MAC is no entry's, checkpoint's or anchor's, and knowing the derived key
+    tells nothing of the audit key.
+
+    Rotation: the oldest key, not the newest, so that adding a key (the usual
+    rotation, newest first) changes no fingerprint, and a retry that straddles
+    the rotation still matches its stored request. Dropping the oldest key
+    changes every fingerprint: a retry of a request stored before that, still
+    within retention, is refused 422 (never run twice). Audit keys are kept
+    while old entries must verify, so that is rare; drop one only after the
+    retention has passed since the last restart that still had it.
+    """
+    # The keyring lists its ids newest first.
+    oldest = keyring.key_ids[-1]
+    material = bytes.fromhex(keyring.mac(_FINGERPRINT_LABEL, oldest))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_FINGERPRINT_LABEL).derive(
+        material
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def fingerprint(action: str, target: Any, data: BaseModel, *, key: bytes) -> str:
+    """What makes a request *this* request, as HMAC-SHA256 under ``key``: the action, the
+    target and every validated field's exact value (:func:`_canonical`), secrets included."""
+    canonical = repr((action, None if target is None else str(target), _canonical(data)))
+    message = canonical.encode("utf-8", "backslashreplace")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
-    """Equal values, equal forms: ``Decimal("5")`` and ``Decimal("5.00")`` are one request."""
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_canonical(v) for v in value]
-        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f") if value.is_finite() else str(value)
-    if isinstance(value, datetime):
-        return (value.astimezone(UTC) if value.tzinfo else value).isoformat()
+    """Equal values, equal forms; distinct values, distinct forms (compared by ``repr``).
+
+    The validated model's attributes, not ``model_dump()``: a field declared
+    ``exclude=True`` and a serializer that rounds would make two requests one.
+    A secret counts by its value. ``Decimal("5")`` and ``Decimal("5.00")`` are
+    one amount; two aware datetimes at the same instant are one time.
+    """
+    if value is None or type(value) in _PLAIN:
+        return value  # repr tells 1 from True from "1", and is exact for floats
     if isinstance(value, Enum):
         return _canonical(value.value)
-    return value
+    if isinstance(value, BaseModel):
+        fields = [(name, _canonical(getattr(value, name))) for name in type(value).model_fields]
+        extra = value.model_extra or {}
+        fields += sorted(((str(k), _canonical(v)) for k, v in extra.items()), key=repr)
+        return ("model", tuple(fields))
+    if isinstance(value, Decimal):
+        return ("decimal", _decimal(value))
+    if isinstance(value, SecretStr | SecretBytes | Secret):
+        return ("secret", _canonical(value.get_secret_value()))
+    if isinstance(value, dict):
+        pairs = ((_canonical(k), _canonical(v)) for k, v in value.items())
+        return ("dict", tuple(sorted(pairs, key=repr)))
+    if isinstance(value, list | tuple):
+        return ("list", tuple(_canonical(v) for v in value))
+    if isinstance(value, set | frozenset):
+        return ("set", tuple(sorted((_canonical(v) for v in value), key=repr)))
+    if isinstance(value, datetime):
+        return ("datetime", (value.astimezone(UTC) if value.tzinfo else value).isoformat())
+    if isinstance(value, date | time):
+        return (type(value).__name__, value.isoformat())
+    if isinstance(value, bool | int | float | str | bytes):  # a subclass: as its base type
+        return ("plain", type(value).__mro__[-2].__name__, repr(value))
+    return (type(value).__qualname__, str(value))
+
+
+_PLAIN = frozenset({bool, int, float, str, bytes})
+
+
+def _decimal(value: Decimal) -> str:
+    """A Decimal's exact canonical form, without a context: it never rounds nor raises.
+
+    ``normalize()`` rounds to the context's 28 digits (two amounts became one)
+    and overflows on a large exponent (``1E+1000000``); the digits themselves,
+    trailing zeros stripped into the exponent, do neither.
+    """
+    if not value.is_finite():
+        return str(value)  # NaN, sNaN, Infinity, -Infinity
+    sign, digits, exponent = value.as_tuple()
+    text = "".join(map(str, digits))
+    significant = text.rstrip("0")
+    if not significant:
+        return "0"  # 0, 0.00 and -0 are one amount
+    exponent = int(exponent) + len(text) - len(significant)  # an int: the value is finite
+    return f"{'-' if sign else ''}{significant}e{exponent}"

@@ -21,7 +21,8 @@ and Charter splits the action into atomic phases:
 
 A retry with the same key, after the request's lease has run out (its worker
 died), **resumes**: it takes the lease over with a conditional update (only
-one retry can win it), re-runs the handler, and every ``ctx.external`` step
+one retry can win it, and the takeover moves the request to its next phase),
+re-runs the handler, and every ``ctx.external`` step
 already completed returns its stored result instead of running again; a step
 that was started but not recorded is called again with the *same* derived key,
 so the outside service answers with the original result. The handler's local
@@ -29,6 +30,11 @@ code before a step may run again on resume and must be idempotent with respect
 to the record (typically: set a state, which is the same on every run).
 ``charter idempotency resume`` (and :meth:`Charter.resume_abandoned`) drives
 abandoned requests to a final state without waiting for a client retry.
+
+A worker that was only slow, not dead, may find its request taken over: each
+recovery point is saved only if the claim is still at the phase this worker
+last saw, and not completed; otherwise the worker commits nothing more and
+answers 409 ``idempotency_key_in_progress`` (the taker finishes the request).
 """
 
 from __future__ import annotations
@@ -40,14 +46,22 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, Secret, SecretBytes, SecretStr
 from pydantic_core import to_jsonable_python
 from sqlalchemy import or_, update
 
 from ..actor import Actor
 from ..errors import ConfigurationError
+from .keys import IdempotencyKeyInProgress
 from .store import idempotency_table, not_completed
 
-__all__ = ["StepRunner", "actor_from_snapshot", "actor_snapshot", "takeover_statement"]
+__all__ = [
+    "StepRunner",
+    "actor_from_snapshot",
+    "actor_snapshot",
+    "exact_input",
+    "takeover_statement",
+]
 
 T = TypeVar("T")
 
@@ -96,14 +110,43 @@ def actor_from_snapshot(snap: Mapping[str, Any]) -> Actor:
     return actor if session is None else replace(actor, session=str(session))
 
 
-def takeover_statement(claim_id: int, now: datetime, lease: timedelta) -> Any:
-    """Take an abandoned request over: succeeds for exactly one of several concurrent retries."""
+def exact_input(data: BaseModel) -> dict[str, Any]:
+    """The validated input as JSON that validates back to the same values, for a resume.
+
+    Not ``model_dump(mode="json")``, which drops the fields declared
+    ``exclude=True``, masks secrets (``"**********"``) and applies serializers:
+    the resumed handler would get other input, and its fingerprint would differ.
+    Stored with the recovery point until the request finishes.
+    """
+    out = {name: _plain(getattr(data, name)) for name in type(data).model_fields}
+    out.update({str(k): _plain(v) for k, v in (data.model_extra or {}).items()})
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return exact_input(value)
+    if isinstance(value, SecretStr | SecretBytes | Secret):
+        return _plain(value.get_secret_value())
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return to_jsonable_python(value)
+
+
+def takeover_statement(claim_id: int, phase: int, now: datetime, lease: timedelta) -> Any:
+    """Take an abandoned request over: succeeds for exactly one of several concurrent retries.
+
+    Only at ``phase``, the one the taker read, and it moves the claim to the
+    next phase: the worker it was taken from can no longer save (:class:`StepRunner`).
+    """
     t = idempotency_table
     return (
         update(t)
-        .where(t.c.id == claim_id, t.c.recovery.is_not(None), not_completed())
+        .where(t.c.id == claim_id, t.c.phase == phase, t.c.recovery.is_not(None), not_completed())
         .where(or_(t.c.locked_until.is_(None), t.c.locked_until <= now))
-        .values(locked_until=now + lease)
+        .values(locked_until=now + lease, phase=phase + 1)
     )
 
 
@@ -115,8 +158,9 @@ class StepRunner:
         *,
         clock: Callable[[], datetime],
         lease: timedelta,
-        commit_phase: Callable[[Any, Any], None],
+        commit_phase: Callable[[Any, Any], bool],
         claim_id: int,
+        phase: int,
         recovery: dict[str, Any] | None,
         request: dict[str, Any],
         request_input: str,
@@ -125,8 +169,11 @@ class StepRunner:
     ) -> None:
         self.clock = clock
         self.lease = lease
-        self.commit_phase = commit_phase  # (statement, audit entry or None): commits a phase
+        # (statement, audit entry or None): commits a phase; False: the statement changed no
+        # row (the request was taken over), and nothing was committed.
+        self.commit_phase = commit_phase
         self.claim_id = claim_id
+        self.phase = phase  # the claim's phase as this worker last saved or took it
         self.recovery: dict[str, Any] = dict(recovery or {})
         self.recovery.setdefault("steps", {})
         self.recovery.setdefault("request", request)
@@ -158,15 +205,21 @@ class StepRunner:
         return result
 
     def _save(self, *, locked_until: datetime | None, entry: Any) -> None:
+        """Commit a recovery point, while this worker still holds the request; else 409."""
+        t = idempotency_table
         values: dict[str, Any] = {
             "recovery": json.loads(json.dumps(self.recovery, default=str)),
             "request_input": self.request_input,
             "locked_until": locked_until,
-            "phase": idempotency_table.c.phase + 1,
+            "phase": self.phase + 1,
         }
-        self.commit_phase(
-            update(idempotency_table)
-            .where(idempotency_table.c.id == self.claim_id)
-            .values(**values),
-            entry,
-        )
+        held = update(t).where(t.c.id == self.claim_id, t.c.phase == self.phase, not_completed())
+        if not self.commit_phase(held.values(**values), entry):
+            # Its lease ran out and another worker took the request over (and may have
+            # finished it): writing now would put the input (it may hold secrets) and
+            # a lease back on that worker's claim.
+            raise IdempotencyKeyInProgress(
+                "This request was taken over by another worker after its lease ran out; "
+                "retry with the same key for its outcome."
+            )
+        self.phase += 1

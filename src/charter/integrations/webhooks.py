@@ -50,7 +50,7 @@ from ..context import ActionContext
 from ..errors import CharterError, ConfigurationError, InvalidInput
 from ..gate import Charter, Outcome
 from ..idempotency import IdempotencyMode
-from ..idempotency.keys import ReplayedError, fingerprint
+from ..idempotency.keys import ReplayedError, fingerprint, fingerprint_key
 from ..idempotency.store import (
     claim_statement,
     claim_values,
@@ -287,7 +287,7 @@ def _remember(
     pipeline = charter.pipeline_of(delivery.spec.name)
     runtime, committer = pipeline.runtime, pipeline.committer
     ctx = delivery.context(charter.clock())
-    fp = _fingerprint(delivery, data)
+    fp = _fingerprint(delivery, data, fingerprint_key(runtime.audit_trail.keyring))
     values = claim_values(
         tenant=delivery.actor.tenant_id, subject=delivery.actor.subject.id, key=delivery.key,
         fp=fp, action=delivery.spec.name, now=ctx.now, retention=runtime.idempotency_retention,
@@ -314,14 +314,14 @@ def _remember(
     return refused_now
 
 
-def _fingerprint(delivery: _Delivery, data: BaseModel | None) -> str:
+def _fingerprint(delivery: _Delivery, data: BaseModel | None, key: bytes) -> str:
     """The gate's fingerprint of the call (as its replay stage computes it); for input it
     refused, one of the raw input (the gate never replays that: it refuses it first)."""
     spec = delivery.spec
     if data is not None:
         by_field = spec.target not in (None, "argument")
         target = getattr(data, str(spec.target)) if by_field else delivery.target
-        return fingerprint(spec.name, target, data)
+        return fingerprint(spec.name, target, data, key=key)
     raw = json.dumps(
         [spec.name, None if delivery.target is None else str(delivery.target), delivery.input],
         sort_keys=True,

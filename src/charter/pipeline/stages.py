@@ -42,9 +42,11 @@ from ..idempotency.keys import (
     IdempotencyKeyUnsupported,
     IdempotencyMode,
     fingerprint,
+    fingerprint_key,
+    item_key,
     validate_key,
 )
-from ..idempotency.recovery import StepRunner, actor_snapshot
+from ..idempotency.recovery import StepRunner, actor_snapshot, exact_input
 from ..idempotency.store import claim_id_statement, release_statement
 from ..policy import ActionPolicy
 from ..ratelimit import stage as ratelimit
@@ -102,7 +104,7 @@ def validate(a: Assembly) -> Stage:
     def validate(call: Call) -> None:
         """Check the key, the input (unknown fields refused), the reason; locate the target."""
         ctx = call.ctx
-        ctx.idempotency_key = _check_key(spec, ctx.idempotency_key)
+        ctx.idempotency_key = _check_key(spec, ctx.idempotency_key, derived=_derived(ctx))
         ctx.input = data = spec.validate(call.raw_input)
         ctx.reason = check_reason(spec, ctx.actor, ctx.reason)
         ctx.request_id = request_id_or_new(ctx.request_id)
@@ -117,14 +119,25 @@ def validate(a: Assembly) -> Stage:
 def replay(a: Assembly) -> Stage | None:
     if not a.keyable:
         return None
-    outcomes, committer = a.runtime.outcomes, a.committer
+    outcomes, committer, policy = a.runtime.outcomes, a.committer, a.policy
+    key = fingerprint_key(a.runtime.audit_trail.keyring)
 
     def replay(call: Call) -> None:
-        """Fingerprint a keyed call; answer a key this process saw complete from memory."""
-        if call.ctx.idempotency_key is None:
+        """Fingerprint a keyed call its credential may make; answer a key seen complete."""
+        ctx = call.ctx
+        if ctx.idempotency_key is None:
             return
-        call.fingerprint = fingerprint(call.spec.name, call.target, call.data)
-        stored = outcomes.get(call.ctx.idempotency_scope, call.ctx.now)
+        if policy.credential_denial(ctx.actor) is not None:
+            # A credential without the action's scope, or an impersonation no grant
+            # covers, may not have a key's stored outcome (nor take its abandoned
+            # request over): the call goes on unkeyed, and the policy's gates, the
+            # same ones, refuse it as they refuse a new call (404 or 403, audited).
+            # Only the credential is checked before a replay, not the record's rules:
+            # the original call changed the record (a replay of "approve" finds it
+            # approved), and a retry must keep getting its answer.
+            return
+        call.fingerprint = fingerprint(call.spec.name, call.target, call.data, key=key)
+        stored = outcomes.get(ctx.idempotency_scope, ctx.now)
         if stored is not None:
             call.outcome = claims.replay_stored(
                 committer, call, stored, stored.fingerprint, stored.action
@@ -133,8 +146,18 @@ def replay(a: Assembly) -> Stage | None:
     return Stage("replay", replay, "prepare")
 
 
-def _check_key(spec: ActionSpec, key: str | None) -> str | None:
-    key = validate_key(key)
+def _derived(ctx: Any) -> bool:
+    """Whether the call's key is the one a per-item batch derived for it (``<key>#<i>``)."""
+    batch = ctx.extra.get("batch")
+    return (
+        batch is not None
+        and "position" in batch
+        and ctx.idempotency_key == item_key(str(batch["key"]), int(batch["position"]))
+    )
+
+
+def _check_key(spec: ActionSpec, key: str | None, *, derived: bool = False) -> str | None:
+    key = validate_key(key, derived=derived)
     if spec.idempotency is IdempotencyMode.NONE:
         if key is not None:
             # Ignoring it would let the client believe a retry is safe: it is not.
@@ -312,8 +335,16 @@ def decide(a: Assembly) -> Stage:
     def decide(call: Call) -> None:
         """Decide the policy on the record as it is now (deny by default, explained)."""
         if call.resume is not None:
-            # Authorized when the request first ran; it is the same request.
-            decision = Decision.allow("resume", "resumed after a recovery point")
+            # Authorized when the request first ran; it is the same request, so its
+            # record rules are not decided again (its first phases changed the record).
+            # The credential is: the scope, and under impersonation the grant (the
+            # replay stage checked it already, before the takeover; kept as a guard).
+            denial = policy.credential_denial(call.ctx.actor)
+            decision = (
+                denial
+                if denial is not None
+                else Decision.allow("resume", "resumed after a recovery point")
+            )
         else:
             decision = policy.decide(call.ctx.actor, call.record, call.ctx)
         if decision.kind is DecisionKind.ERROR:
@@ -378,6 +409,8 @@ def _store_domain_error(
     )
     call.writes.entries = [entry]
     call.writes.outcome = claims.outcome_of(call, exc, entry.resource_id)
+    if _multi_phase(call):  # its claim holds the input (it may hold secrets) and a lease
+        call.writes.before.append(release_statement(call.ctx.idempotency_scope))
     committer.commit(call)
     claims.remember(
         runtime, call, status=exc.status, body=None, error=call.writes.outcome["u_error"],
@@ -399,35 +432,48 @@ def _lock_more(
     return record
 
 
+def _multi_phase(call: Call) -> bool:
+    """Whether the call committed a recovery point, or resumed after one."""
+    return call.resume is not None or isinstance(call.ctx.steps, StepRunner)
+
+
 def _step_runner(runtime: Runtime, committer: Committer, call: Call) -> StepRunner:
     session, ctx = _session(call), call.ctx
     if call.resume is not None:
-        claim_id = int(call.resume.id)
+        # Taken over: the takeover moved the claim to the next phase (takeover_statement).
+        claim_id, phase = int(call.resume.id), int(call.resume.phase) + 1
     else:  # claimed by this transaction, which is the only one that can see it yet
         claim_id = session.execute(claim_id_statement(ctx.idempotency_scope)).scalar_one()
+        phase = 0
     record, decision = call.record, call.decision
 
     def relock() -> None:
         if record is not None and runtime.postgres:
             session.refresh(record, with_for_update=True)
 
-    def commit_phase(statement: Any, entry: Any) -> None:
+    def commit_phase(statement: Any, entry: Any) -> bool:
         lease = runtime.audit_trail.lease()
         try:
-            session.execute(statement)
+            saved = session.execute(statement)
+            if getattr(saved, "rowcount", 1) != 1:
+                return False  # another worker took the request over: commit nothing
             session.flush()
             committer.write(session, lease, [entry] if entry is not None else [], None)
             finish(session, lease)
             call.phases += 1
-            call.connection = session.connection()  # the next phase's transaction
+            # The next phase's transaction begins with its first statement, not here: on
+            # SQLite, BEGIN IMMEDIATE now would hold the write lock through the outside call.
+            call.connection = None
         finally:
             lease.rolled_back()
+        return True
 
     return StepRunner(
         clock=runtime.clock,
         lease=runtime.recovery_lease,
         commit_phase=commit_phase,
         claim_id=claim_id,
+        phase=phase,
         recovery=None if call.resume is None else call.resume.recovery,
         request={
             "actor": actor_snapshot(ctx.actor),
@@ -435,7 +481,7 @@ def _step_runner(runtime: Runtime, committer: Committer, call: Call) -> StepRunn
             "channel": str(ctx.channel),
             "reason": ctx.reason,
         },
-        request_input=json.dumps(call.data.model_dump(mode="json")),
+        request_input=json.dumps(exact_input(call.data)),
         relock=relock,
         audit=lambda outcome: call.entry(outcome, decision=decision, record=record),
     )
