@@ -895,11 +895,11 @@ def test_the_exit_hook_keeps_no_denial_log_alive(clock):
     import gc
     import weakref
 
-    from charter.ratelimit.denials import _live
+    from charter.ratelimit.denials import PROCESS_HOOKS
 
     log = DenialLog(lambda entry: None, clock, interval=0.01)
     log.denied("key", first=True, closes=clock.now, entry=lambda: _entry(clock))
-    assert log in _live
+    assert log in PROCESS_HOOKS
     log.close()  # its writer thread ends
     gone = weakref.ref(log)
     del log

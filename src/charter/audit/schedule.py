@@ -27,12 +27,9 @@ For tests, :meth:`checkpoint_now` runs the scheduled checkpoint synchronously.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import random
 import threading
-import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,6 +38,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from ..errors import AuditIntegrityError, ConfigurationError
+from ..lifecycle import ProcessHooks
 from .anchor import AuditAnchor, anchor_checkpoint, anchor_identity
 from .checkpoint import write_checkpoint
 from .prune import Pruned, prune
@@ -94,8 +92,7 @@ class AuditCheckpointer:
         self._fresh_state()
         trail.observer = self.notice
         event.listen(engine, "engine_disposed", self._on_dispose)
-        _live.add(self)
-        _install_process_hooks()
+        PROCESS_HOOKS.watch(self)
 
     def _fresh_state(self) -> None:
         self._state = threading.Lock()  # guards the thread's lifecycle
@@ -262,7 +259,7 @@ class AuditCheckpointer:
                 self.checkpoint_now()
             except Exception:
                 log.warning("final audit checkpoint failed", exc_info=True)
-        _live.discard(self)
+        PROCESS_HOOKS.forget(self)
         if event.contains(self.engine, "engine_disposed", self._on_dispose):
             event.remove(self.engine, "engine_disposed", self._on_dispose)
 
@@ -283,26 +280,12 @@ def _in_memory(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
 
 
-_live: weakref.WeakSet[AuditCheckpointer] = weakref.WeakSet()
-_hooks: list[bool] = []
+def _final_checkpoint(checkpointer: AuditCheckpointer) -> None:
+    if not checkpointer._paused:  # a disposed engine is not reopened at exit
+        checkpointer.close()
 
 
-def _install_process_hooks() -> None:
-    """Once per process, on first use (no import-time side effect)."""
-    if _hooks:
-        return
-    _hooks.append(True)
-    atexit.register(_at_exit)
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork)
-
-
-def _at_exit() -> None:
-    for checkpointer in list(_live):
-        if not checkpointer._paused:  # a disposed engine is not reopened at exit
-            checkpointer.close()
-
-
-def _after_fork() -> None:
-    for checkpointer in list(_live):
-        checkpointer._after_fork()
+#: Checkpointers alive, weakly: each takes its final checkpoint at exit.
+PROCESS_HOOKS: ProcessHooks[AuditCheckpointer] = ProcessHooks(
+    at_exit=_final_checkpoint, after_fork=AuditCheckpointer._after_fork
+)

@@ -32,18 +32,16 @@ refused: the failure is logged, never raised to the caller.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..audit.entry import AuditEntry
 from ..errors import CharterError
+from ..lifecycle import ProcessHooks
 
 __all__ = ["SUMMARY", "DenialLog"]
 
@@ -106,7 +104,7 @@ class DenialLog:
                 return
             pending = self._pending[key] = _Pending(entry(), closes, 0 if first else 1)
             crowded = len(self._pending) > MAX_PENDING
-        _watch(self)
+        PROCESS_HOOKS.watch(self)
         if first:
             self._append(pending.entry)
         if crowded:
@@ -198,30 +196,10 @@ class DenialLog:
         self._pending, self._thread, self._halt = {}, None, threading.Event()
 
 
-_live: weakref.WeakSet[DenialLog] = weakref.WeakSet()  # logs with windows counted, weakly
-_hooks: list[bool] = []
-
-
-def _watch(denials: DenialLog) -> None:
-    """Summarise ``denials`` at exit; the process hooks are installed on first use (no
-    import-time side effect), once."""
-    _live.add(denials)
-    if _hooks:
-        return
-    _hooks.append(True)
-    atexit.register(_at_exit)
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork)
-
-
-def _at_exit() -> None:
-    for denials in list(_live):
-        denials._at_exit()
-
-
-def _after_fork() -> None:
-    for denials in list(_live):
-        denials._after_fork()
+#: Logs with windows counted, weakly: their open windows are summarised at exit.
+PROCESS_HOOKS: ProcessHooks[DenialLog] = ProcessHooks(
+    at_exit=DenialLog._at_exit, after_fork=DenialLog._after_fork
+)
 
 
 def summary(pending: _Pending, now: datetime) -> AuditEntry:
