@@ -23,18 +23,25 @@ Token layout (base64url, no padding)::
 
     version (1) | key tag (4) | nonce (12) | ciphertext + GCM tag (16)
 
-The plaintext is compact JSON ``{"k": [<sort value>, <id>], "e": <expiry, unix s>}``
+The plaintext is compact UTF-8 JSON ``{"k": [<sort value>, <id>], "e": <expiry, unix s>}``
 with each value tagged by its type (``["i", 7]``, ``["d", "12.50"]``,
-``["t", "2026-01-01T00:00:00+00:00"]``), so a Decimal stays a Decimal.
+``["t", "2026-01-01T00:00:00+00:00"]``, an enum member by its name ``["e", "RED"]``,
+which is what SQLAlchemy stores), so a Decimal stays a Decimal. Text is not
+escaped beyond what JSON requires, so a sort value of
+:data:`MAX_SORT_TEXT` characters of any kind — an emoji is 4 bytes, a control
+character 6 — always fits :data:`MAX_CURSOR`, which is computed from that
+worst case.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import hmac
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,28 +54,49 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import ConfigurationError, InvalidCursor
+from ..errors import ConfigurationError, InvalidCursor, InvalidPage
 
 __all__ = [
     "DEFAULT_TTL",
     "DEVELOPMENT_CURSOR_KEY",
     "MAX_CURSOR",
+    "MAX_SORT_TEXT",
     "CursorBinding",
     "CursorSealer",
 ]
 
 #: How long a cursor opens its next page (AIP-158 leaves it to the service; three days).
 DEFAULT_TTL: Final = timedelta(days=3)
-#: The longest cursor accepted (characters): anything longer is refused unread.
-MAX_CURSOR: Final = 512
 #: Used only when ``development=True`` and no cursor keys are given.
 DEVELOPMENT_CURSOR_KEY: Final = "charter-development-cursor-key-not-secret"
+#: The longest text a position may hold (characters), a sort value or an id: a
+#: longer text column is not a sort key (``lists``).
+MAX_SORT_TEXT: Final = 256
 
 _VERSION: Final = b"\x01"
 _TAG_BYTES: Final = 4
 _NONCE_BYTES: Final = 12
 _HEADER: Final = 1 + _TAG_BYTES + _NONCE_BYTES
+_GCM_TAG: Final = 16
 _LABEL: Final = b"charter page cursor v1"
+
+
+def _dumps(doc: Any) -> bytes:
+    """Compact JSON in UTF-8: a character takes 1 to 4 bytes, or 6 where JSON escapes it."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+#: JSON's longest encoding of one character: a control character as ``\u001f``.
+_WORST_CHAR: Final = 6
+#: The longest plaintext: two texts of MAX_SORT_TEXT worst-case characters, the longest expiry.
+_MAX_PLAIN: Final = len(_dumps({"k": [["s", ""], ["s", ""]], "e": 10**12})) + (
+    2 * MAX_SORT_TEXT * _WORST_CHAR
+)
+#: The longest cursor accepted (characters): anything longer is refused unread. Every
+#: position of a sort value and an id of at most MAX_SORT_TEXT characters fits.
+MAX_CURSOR: Final = math.ceil((_HEADER + _MAX_PLAIN + _GCM_TAG) / 3) * 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +113,7 @@ class CursorBinding:
     def associated_data(self) -> bytes:
         filters = [[name, _tagged(value)] for name, value in self.filter]
         doc = [self.tenant, self.subject, self.real_actor, self.action, filters, self.sort]
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
+        return _dumps(doc)
 
 
 class CursorSealer:
@@ -141,14 +169,16 @@ class CursorSealer:
         """The cursor of ``position`` (the last row's sort value and id) for ``binding``."""
         expires = int((self._clock() + self.ttl).timestamp())
         body = {"k": [_tagged(v) for v in position], "e": expires}
-        plain = json.dumps(body, separators=(",", ":"), ensure_ascii=True).encode()
+        plain = _dumps(body)
+        if len(plain) > _MAX_PLAIN:  # a Decimal of hundreds of digits, a very long text id
+            raise InvalidPage(
+                "sort: the records' values are too long to page by; sort by another field",
+                parameter="sort",
+            )
         tag, aead = self._ring[0]
         nonce = os.urandom(_NONCE_BYTES)
         sealed = aead.encrypt(nonce, plain, binding.associated_data())
-        token = base64.urlsafe_b64encode(_VERSION + tag + nonce + sealed).rstrip(b"=").decode()
-        if len(token) > MAX_CURSOR:
-            raise ConfigurationError("a page cursor would exceed MAX_CURSOR: sort by a shorter key")
-        return token
+        return base64.urlsafe_b64encode(_VERSION + tag + nonce + sealed).rstrip(b"=").decode()
 
     def open(self, token: object, binding: CursorBinding) -> list[Any]:
         """The position sealed in ``token``, if it was issued for ``binding`` and is not expired.
@@ -171,7 +201,7 @@ class CursorSealer:
 
     def _position(self, plain: bytes) -> list[Any]:
         try:
-            body = json.loads(plain)
+            body = json.loads(plain.decode("utf-8", "surrogatepass"))
             expires, position = body["e"], [_untagged(v) for v in body["k"]]
         except (ValueError, KeyError, TypeError) as exc:  # pragma: no cover - we sealed it
             raise _invalid() from exc
@@ -191,7 +221,7 @@ def _decode(token: object) -> bytes:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError) as exc:
         raise _invalid() from exc
-    if len(raw) < _HEADER + 16 or raw[:1] != _VERSION:
+    if len(raw) < _HEADER + _GCM_TAG or raw[:1] != _VERSION:
         raise _invalid()
     return raw
 
@@ -223,16 +253,15 @@ def _tagged(value: Any) -> list[Any]:
         return ["D", value.isoformat()]
     if value is None:
         return ["n", None]
-    value = getattr(value, "value", value)  # an Enum member: its value
-    if isinstance(value, str | int):
-        return _tagged(value)
-    raise ConfigurationError(f"cannot page by a value of type {type(value).__name__}")
+    if isinstance(value, enum.Enum):
+        return ["e", value.name]  # what SQLAlchemy's Enum stores, and binds back
+    raise InvalidPage(f"cannot page by a value of type {type(value).__name__}", parameter="sort")
 
 
 def _untagged(item: Any) -> Any:
     kind, value = item
     try:
-        if kind in ("b", "i", "s", "n"):
+        if kind in ("b", "i", "s", "n", "e"):
             return value
         if kind == "d":
             return Decimal(value)

@@ -23,21 +23,26 @@ count and a SHA-256 digest of the exported ids, one per line in export order
 (``sha256("1\\n2\\n3\\n")``), so an export cut off midway is on record too,
 with what it had sent.
 
-CSV cells of text columns that a spreadsheet would run as a formula (leading
+CSV cells written as text that a spreadsheet would run as a formula (leading
 ``=``, ``+``, ``-``, ``@``, tab or CR: OWASP "CSV injection") are prefixed
-with ``'``, in SQL, so the stream stays as fast as the database.
+with ``'``: in SQL for a plain text column, so the stream stays as fast as the
+database; in Python for any other column whose value is not a number, a
+boolean or a date (an enum, JSON, a ``TypeDecorator`` over text: what it
+returns is only known once it has run). An enum is written as its value, as
+the JSON of a single read shows it, in both formats.
 """
 
 from __future__ import annotations
 
 import csv
+import enum
 import hashlib
 import io
 import json
 import logging
 import weakref
 from collections.abc import Generator, Iterator, Mapping, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, Final
 
@@ -244,7 +249,8 @@ class _Export:
             return _jsonl(self.fields)
         resource = self.query.resource
         dates = [i for i, name in enumerate(self.fields) if _is_date(resource, name)]
-        if not dates:
+        texts = [i for i, name in enumerate(self.fields) if _needs_cell_check(resource, name)]
+        if not dates and not texts:
             return _csv_rows
 
         def encode(rows: Sequence[Sequence[Any]]) -> bytes:
@@ -254,6 +260,8 @@ class _Export:
                 for i in dates:
                     if cells[i] is not None:
                         cells[i] = cells[i].isoformat()
+                for i in texts:
+                    cells[i] = _csv_cell(cells[i])
                 out.append(cells)
             return _csv_rows(out)
 
@@ -313,11 +321,36 @@ def _fields(
 
 def _column(resource: ResourceSpec, name: str, *, csv: bool) -> Any:
     column: Any = resource.column(name)
-    if csv and isinstance(column.type, String):
+    if csv and _plain_text(column.type):
         # Neutralize spreadsheet formulas in SQL (see the module docstring).
         first = sa.func.substr(column, 1, 1)
         column = sa.case((first.in_(_FORMULA), sa.literal("'") + column), else_=column)
     return column.label(name)
+
+
+def _plain_text(sql_type: Any) -> bool:
+    """A text column read as it is stored: neutralized in SQL (an Enum is a String too)."""
+    return isinstance(sql_type, String) and not isinstance(sql_type, sa.Enum)
+
+
+#: Types whose values csv writes as numbers, booleans or dates: never a formula.
+_NOT_TEXT: Final = (sa.Integer, sa.Numeric, sa.Float, sa.Boolean, sa.Date, sa.DateTime, sa.Time)
+
+
+def _needs_cell_check(resource: ResourceSpec, name: str) -> bool:
+    """A column whose cells are checked in Python: not plain text, not a number or date."""
+    sql_type = resource.column(name).type
+    return not _plain_text(sql_type) and not isinstance(sql_type, _NOT_TEXT)
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell as csv writes it, with a leading formula character neutralized (OWASP)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value is None or isinstance(value, bool | int | float | Decimal):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return "'" + text if text[:1] in _FORMULA else text
 
 
 def _is_date(resource: ResourceSpec, name: str) -> bool:
@@ -331,11 +364,14 @@ def _csv_rows(rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def _json_value(value: Any) -> Any:
+    """What ``json`` cannot write: as the JSON of a single read shows it."""
+    if isinstance(value, enum.Enum):
+        return value.value  # json calls this again if the value needs it
     if isinstance(value, Decimal):
         return str(value)
-    if isinstance(value, datetime | date):
+    if isinstance(value, datetime | date | time):
         return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    return str(value)  # a UUID, or any other type: never a failure mid-stream
 
 
 def _jsonl(fields: list[str]) -> Any:

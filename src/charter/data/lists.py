@@ -22,10 +22,12 @@ nor its existence leak.
 
 from __future__ import annotations
 
+import enum
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -44,7 +46,7 @@ from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
 from ..policy.visibility import hidden_fields, redact
 from ..resources import ColumnDomain, ResourceSpec
-from .cursors import CursorBinding, CursorSealer
+from .cursors import MAX_SORT_TEXT, CursorBinding, CursorSealer
 
 __all__ = [
     "DEFAULT_PAGE",
@@ -55,6 +57,7 @@ __all__ = [
     "Page",
     "check_max_page",
     "list_records",
+    "parse_limit",
 ]
 
 DEFAULT_PAGE: Final = 50
@@ -62,7 +65,10 @@ MAX_PAGE: Final = 200  # server-enforced page cap (Charter(max_page=)): a caller
 #: The largest cap a Charter or a route may configure.
 HARD_MAX_PAGE: Final = 1000
 MAX_FILTERS: Final = 8
-_SORTABLE_LENGTH: Final = 256  # a sort key longer than this would not fit a cursor
+#: The most digits ``?limit=`` may have: any larger number is clamped all the same.
+MAX_LIMIT_DIGITS: Final = 18
+#: The Python types a sort key may have: what a cursor carries (:mod:`.cursors`).
+_SORTABLE_TYPES: Final = (bool, int, float, Decimal, str, datetime, date)
 
 
 def check_max_page(value: int, where: str) -> int:
@@ -146,13 +152,14 @@ class ListQuery:
         spec = self.resource
         id_column = spec.column(spec.id)
         for name, value in self.where:
-            stmt = stmt.where(spec.column(name) == sa.bindparam(None, value))
+            stmt = stmt.where(spec.column(name) == _bound(spec.column(name), value))
         after = operator.lt if self.descending else operator.gt
         if position is not None:
             if self.sort is None:
-                stmt = stmt.where(after(id_column, sa.bindparam(None, position[-1])))
+                stmt = stmt.where(after(id_column, _bound(id_column, position[-1])))
             else:
-                column, value = spec.column(self.sort), sa.bindparam(None, position[0])
+                column = spec.column(self.sort)
+                value = _bound(column, position[0])
                 stmt = stmt.where(
                     sa.or_(
                         after(column, value),
@@ -238,11 +245,27 @@ def list_records(
     with committer.audited_read() as (connection, entries):  # no entry written, no page
         rows = _records(adopter, connection, stmt, params)
         page, more = rows[:size], len(rows) > size
+        # Sealed before the entry: a page that cannot be returned is not audited as listed.
+        cursor = cursors.seal(binding, query.position(page[-1])) if more and page else None
         detail = {"listed": len(page), "after": after is not None, **query.describe()}
         entries.append(entry_for(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
                                  detail=detail))  # fmt: skip
-    cursor = cursors.seal(binding, query.position(page[-1])) if more and page else None
     return Page(page, cursor, size, hidden, resource, rate_limit)
+
+
+def parse_limit(text: str) -> int:
+    """``?limit=`` as a number: ASCII digits only, at most :data:`MAX_LIMIT_DIGITS` of them.
+
+    ``int()`` also reads ``"1_0"``, ``" 7"``, ``"+7"`` and Arabic-Indic digits; a
+    number too large for any page is still a number, and :func:`page_size`
+    clamps it to the cap (AIP-158) — only a string too long to be worth parsing
+    is refused. Zero is refused by :func:`page_size`.
+    """
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_LIMIT_DIGITS):
+        raise InvalidPage(
+            "limit must be a whole number from 1 (larger values are capped)", parameter="limit"
+        )
+    return int(text)
 
 
 def page_size(limit: Any, max_page: int) -> int:
@@ -297,20 +320,62 @@ def _check_sortable(resource: ResourceSpec, name: str) -> None:
         raise InvalidPage(
             f"sort: {name} may be empty; sort by a field every record has", parameter="sort"
         )
-    if isinstance(column.type, String) and (column.type.length or 10**9) > _SORTABLE_LENGTH:
+    enum_class = getattr(column.type, "enum_class", None)
+    if enum_class is not None or isinstance(column.type, sa.Enum):
+        return  # a cursor holds the member's name; the database orders (see the README)
+    if isinstance(column.type, String) and (column.type.length or 10**9) > MAX_SORT_TEXT:
         raise InvalidPage(f"sort: {name} is too long a text to sort by", parameter="sort")
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        python_type = None
+    if python_type is None or not issubclass(python_type, _SORTABLE_TYPES):
+        raise InvalidPage(f"sort: {name} is not a field to sort by", parameter="sort")
 
 
 def _coerce(column: Any, raw: Any) -> Any:
     """A filter value as a value of ``column``, or None if no row can hold it."""
     if raw is None or isinstance(raw, bool | dict | list):
         return None
+    if isinstance(column.type, sa.Enum):
+        return _enum_member(column.type, raw)
     domain = ColumnDomain.of(column)
     kind = domain.python_type
     try:
         if kind in (datetime, date) and isinstance(raw, str):
             value: Any = kind.fromisoformat(raw)
-            return value if isinstance(value, kind) else None
+            if not isinstance(value, kind):
+                return None
+            if isinstance(value, datetime) and getattr(column.type, "timezone", False):
+                # SQLite keeps no zone: compare instants in UTC, as the policy does.
+                value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+            return value
         return domain.coerce(raw)
     except Exception:  # Decimal("x") is InvalidOperation, not a ValueError
         return None
+
+
+def _enum_member(enum_type: Any, raw: Any) -> Any:
+    """An enum column's value: a member, or its value as JSON shows it, or its name."""
+    enum_class = enum_type.enum_class
+    if enum_class is None:  # Enum("a", "b"): plain strings
+        return raw if isinstance(raw, str) and raw in enum_type.enums else None
+    if isinstance(raw, enum_class):
+        return raw
+    if isinstance(raw, enum.Enum):
+        return None
+    for member in enum_class:
+        if member.value == raw and type(member.value) is type(raw):
+            return member
+    return enum_class.__members__.get(raw) if isinstance(raw, str) else None
+
+
+def _bound(column: Any, value: Any) -> Any:
+    """``value`` bound with ``column``'s type (a cursor holds an enum member by its name)."""
+    enum_class = getattr(column.type, "enum_class", None)
+    if enum_class is not None and isinstance(value, str):
+        member = enum_class.__members__.get(value)
+        if member is None:  # pragma: no cover - we sealed it
+            raise InvalidPage("the page cursor is not valid for this list", parameter="after")
+        value = member
+    return sa.bindparam(None, value, type_=column.type)

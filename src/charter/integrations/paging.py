@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..data import DEFAULT_PAGE, FORMATS, ExportStream
 from ..data.cursors import MAX_CURSOR
+from ..data.lists import parse_limit
 from ..errors import ConfigurationError, InvalidCursor, InvalidPage
 from ..ratelimit import rate_headers
 
@@ -40,14 +41,9 @@ LIST_PARAMETERS: Final[list[dict[str, Any]]] = [
 
 
 def page_limit(value: str | None) -> int:
-    """``?limit=``: ASCII digits only; 0 is refused by the list, a large value capped."""
-    if value is None:
-        return DEFAULT_PAGE
-    if not (value.isascii() and value.isdigit() and len(value) <= 9):
-        raise InvalidPage(
-            "limit must be a whole number from 1 (larger values are capped)", parameter="limit"
-        )
-    return int(value)
+    """``?limit=``: ASCII digits only (:func:`~charter.data.lists.parse_limit`); 0 is
+    refused by the list, a large value capped."""
+    return DEFAULT_PAGE if value is None else parse_limit(value)
 
 
 def list_query(params: Mapping[str, str], *, page: bool = True) -> dict[str, Any]:

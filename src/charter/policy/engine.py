@@ -66,6 +66,7 @@ from .sql import (
     table_column,
     unfilterable_reason,
 )
+from .sqlvalues import aware_columns
 
 __all__ = ["ActionPolicy", "BoundFilter", "BoundStatement", "PolicySet", "Rule", "allowed_actions"]
 
@@ -319,6 +320,7 @@ class ActionPolicy:
             [r.condition for r in self.denies],
             [r.condition for r in self.allows],
             name=action,
+            aware=_aware_columns(resource),
         )
         # Decisions are immutable: the allowed ones are built once, not per call.
         self._allowed = tuple(
@@ -652,6 +654,13 @@ class ActionPolicy:
     def __repr__(self) -> str:
         resource = self.resource.name if self.resource is not None else None
         return f"<ActionPolicy {self.action} on {resource}: {len(self.rules)} rules>"
+
+
+def _aware_columns(resource: ResourceSpec | None) -> frozenset[str]:
+    """The resource's ``DateTime(timezone=True)`` columns (read as UTC when naive)."""
+    if resource is None:
+        return frozenset()
+    return aware_columns({name: table_column(resource, name) for name in resource.columns})
 
 
 def _cached(cache: ShapeCache[Any, T], key: Any, build: Callable[[], T]) -> T:

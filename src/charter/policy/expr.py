@@ -31,6 +31,8 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any, ClassVar, Final, NoReturn
 
+from ..redaction import MASK, is_secret_name, is_secret_value
+
 __all__ = [
     "ALWAYS",
     "NEVER",
@@ -56,6 +58,7 @@ __all__ = [
     "as_condition",
     "as_value",
     "show",
+    "show_operand",
 ]
 
 #: Actor fields that resolve on the subject (``A.<name>``) without going through attributes.
@@ -68,7 +71,9 @@ ORDERING: Final = frozenset({"<", "<=", ">", ">="})
 
 
 def show(value: Any) -> str:
-    """Render a runtime value for an explanation (``12000``, ``'draft'``, ``None``)."""
+    """Render a runtime value for an explanation (``12000``, ``'draft'``, ``None``, ``***``)."""
+    if is_secret_value(value):
+        return MASK
     if isinstance(value, Enum):
         return repr(value.value)
     if isinstance(value, bool) or value is None:
@@ -80,6 +85,18 @@ def show(value: Any) -> str:
     if isinstance(value, frozenset | set):
         return "{" + ", ".join(sorted(show(v) for v in value)) + "}" if value else "{}"
     return repr(value)
+
+
+def show_operand(node: Value, value: Any) -> str:
+    """``R.amount 12000``: an operand and its value, for an explanation.
+
+    Explanations go to the audit trail and the log, so the value of an operand
+    that names a secret (``R.pin``, ``C.input.password``, ``A.api_token``: the
+    names :mod:`charter.redaction` calls secret) is shown as ``***``; the
+    operand's name still says which condition failed.
+    """
+    secret = isinstance(node, Ref) and any(is_secret_name(name) for name in node.path)
+    return f"{node.text()} {MASK if secret else show(value)}"
 
 
 class Expr:

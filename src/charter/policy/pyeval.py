@@ -21,8 +21,12 @@ compiler to fold actor- and context-only parts into constants.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
+from datetime import UTC, datetime
 from typing import Any
+
+import sqlalchemy as sa
 
 from .expr import (
     SUBJECT_FIELDS,
@@ -43,9 +47,18 @@ from .expr import (
     Truthy,
     Value,
     show,
+    show_operand,
 )
 
-__all__ = ["Check", "compile_check", "describe_leaf", "evaluate", "failures", "resolve"]
+__all__ = [
+    "Check",
+    "compile_check",
+    "describe_leaf",
+    "evaluate",
+    "failures",
+    "resolve",
+    "utc_if_naive",
+]
 
 Check = Callable[[Any, Any, Any], Any]
 
@@ -71,6 +84,28 @@ def in_collection(item: Any, options: Any) -> bool:
     return item in options
 
 
+def utc_if_naive(value: Any) -> Any:
+    """A naive datetime read from a ``DateTime(timezone=True)`` column, as UTC.
+
+    SQLite keeps no zone: SQLAlchemy reads such a column back naive, and
+    comparing it with an aware value would raise (a denial) while the list,
+    comparing the stored text with the value in UTC, selects the row. Charter
+    reads it as UTC, as it does for its own tables; PostgreSQL's values are
+    aware already and pass unchanged.
+    """
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _aware_column(model: Any, name: str) -> bool:
+    mapper: Any = sa.inspect(model, raiseerr=False)
+    column = None if mapper is None else mapper.columns.get(name)
+    col_type = getattr(column, "type", None)
+    return isinstance(col_type, sa.DateTime) and bool(col_type.timezone)
+
+
 # ---------------------------------------------------------------------------------------
 # Interpreter (slow path, same semantics as the generated code)
 # ---------------------------------------------------------------------------------------
@@ -82,7 +117,11 @@ def resolve(ref: Ref, actor: Any, record: Any, ctx: Any) -> Any:
     if root == "R":
         if record is None:
             raise LookupError(f"{ref.text()}: this action has no target record")
-        return getattr(record, path[0])
+        value = getattr(record, path[0])
+        model: Any = type(record)
+        if isinstance(value, datetime) and _aware_column(model, path[0]):
+            return utc_if_naive(value)
+        return value
     if root == "A":
         name = path[0]
         if name == "impersonating":
@@ -149,7 +188,7 @@ def _operand(node: Value, actor: Any, record: Any, ctx: Any) -> str:
     if isinstance(node, Const):
         return node.text()
     try:
-        return f"{node.text()} {show(value_of(node, actor, record, ctx))}"
+        return show_operand(node, value_of(node, actor, record, ctx))
     except Exception as exc:
         return f"{node.text()} <{type(exc).__name__}>"
 
@@ -236,9 +275,10 @@ def first_error(node: Condition, actor: Any, record: Any, ctx: Any) -> Condition
 
 
 class _Gen:
-    def __init__(self) -> None:
+    def __init__(self, aware: frozenset[str]) -> None:
         self.consts: dict[str, Any] = {}
         self.uses_subject = False
+        self.aware = aware
 
     def const(self, value: Any) -> str:
         name = f"_k{len(self.consts)}"
@@ -257,7 +297,8 @@ class _Gen:
             raise TypeError(f"not a value: {node!r}")
         root, path = node.root, node.path
         if root == "R":
-            return f"record.{path[0]}" if path[0].isidentifier() else self._getattr("record", path)
+            read = f"record.{path[0]}" if path[0].isidentifier() else self._getattr("record", path)
+            return f"_utc({read})" if path[0] in self.aware else read
         if root == "A.real":
             return f"actor.{path[0]}"
         if root == "A":
@@ -310,6 +351,7 @@ def compile_check(
     allows: list[Condition],
     *,
     name: str,
+    aware: frozenset[str] = frozenset(),
 ) -> tuple[Check, Check, str]:
     """Compile one action's rules into ``(is_allowed, which, source)``.
 
@@ -319,8 +361,10 @@ def compile_check(
     when a deny rule matched and ``-3`` when no allow rule matched. Both
     evaluate the same expression in the same order:
     ``gate_1 and ... and not (deny_1 or ...) and (allow_1 or ...)``.
+    ``aware``: the record's ``DateTime(timezone=True)`` columns, read through
+    :func:`utc_if_naive`.
     """
-    gen = _Gen()
+    gen = _Gen(aware)
     gate_src = [gen.cond(g) for g in gates]
     deny_src = [gen.cond(d) for d in denies]
     allow_src = [gen.cond(a) for a in allows]
@@ -329,7 +373,7 @@ def compile_check(
         parts.append(f"not ({' or '.join(deny_src)})")
     parts.append(f"({' or '.join(allow_src)})" if allow_src else "False")
     prelude = "    _s = actor.on_behalf_of or actor\n" if gen.uses_subject else ""
-    defaults = "".join(f", {k}={k}" for k in gen.consts) + ", _in=_in"
+    defaults = "".join(f", {k}={k}" for k in gen.consts) + ", _in=_in, _utc=_utc"
     lines = [f"def is_allowed(actor, record, ctx{defaults}):", prelude.rstrip("\n")]
     lines.append(f"    return True if ({' and '.join(parts)}) else False")
     lines.append(f"def which(actor, record, ctx{defaults}):")
@@ -342,7 +386,7 @@ def compile_check(
         lines.append(f"    if {src}:\n        return {index}")
     lines.append("    return -3")
     source = "\n".join(line for line in lines if line) + "\n"
-    namespace: dict[str, Any] = {"_in": in_collection, **gen.consts}
+    namespace: dict[str, Any] = {"_in": in_collection, "_utc": utc_if_naive, **gen.consts}
     code = compile(source, f"<charter policy {name}>", "exec")
     exec(code, namespace)  # noqa: S102 - source generated from a validated rule tree
     return namespace["is_allowed"], namespace["which"], source

@@ -31,7 +31,11 @@ which keeps index use intact.
 **Values.** Actor and context parts are evaluated in Python and become bound
 parameters typed by the column they are compared with (``Decimal`` stays
 ``Decimal``, enums stay enum members). Actor-only conditions
-(``A.has_role("approver")``) fold to constants.
+(``A.has_role("approver")``) fold to constants. Where SQL's comparison differs
+from Python's for the column's type — numbers compared exactly, NaN stored on
+PostgreSQL, a column with a case-insensitive collation, aware datetimes on
+SQLite — :mod:`charter.policy.sqlvalues` places the value among the column's
+values and picks the SQL that agrees.
 
 **Compiled once per shape.** Building a clause costs far more than running
 the rule (SQLAlchemy's operator and coercion machinery: ~150 µs for the
@@ -66,11 +70,9 @@ from decimal import Decimal
 from typing import Any, Final, Generic, NoReturn, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.type_api import TypeEngine
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..errors import ConfigurationError
 from ..resources import ResourceSpec
@@ -93,6 +95,16 @@ from .expr import (
     Value,
 )
 from .pyeval import evaluate, uses_record, value_of
+from .sqlvalues import (
+    NUMBER,
+    CodePoint,
+    NanTest,
+    as_utc,
+    collated,
+    nan_capable,
+    number_kind,
+    number_type,
+)
 
 __all__ = [
     "FilterPlan",
@@ -328,19 +340,25 @@ class _Operand:
             return AS_COLUMN
         return ("literal", _literal_type(value)._static_cache_key)
 
-    def classify(self, value: Any) -> Any:
-        """``IS_NONE``, ``APART`` or the bind kind of a value compared with the column."""
+    def classify(self, value: Any, op: str = "==") -> tuple[Any, Any]:
+        """``(kind, value to bind)`` of ``column <op> value``: ``IS_NONE``, ``APART``,
+        ``RAISES`` or how the value binds (numbers and aware datetimes are placed
+        among the column's values first: :mod:`charter.policy.sqlvalues`)."""
         if value is None:
-            return IS_NONE
+            return IS_NONE, None
         rel = relation(self.category, value)
         if rel == "same":
-            return self.bind_kind(value)
+            if self.category == "number":
+                return number_kind(self.column, self.python_type, op, value)
+            if self.category == "datetime-aware":
+                value = as_utc(value)
+            return self.bind_kind(value), value
         if rel == "disjoint":
-            return APART
+            return APART, None
         self.refuse(value)
 
-    def classify_options(self, options: Iterable[Any]) -> tuple[Any, list[Any]]:
-        """``(("in", has_none, binds), kept)`` for ``column IN options``.
+    def classify_options(self, options: Iterable[Any]) -> tuple[Any, Any]:
+        """``(("in", has_none, binds), kept)`` for ``column IN options`` (or ``RAISES``).
 
         ``kept`` are the options that can equal a value of the column (None and
         values of other types never match); ``binds`` is ``EXPANDING`` when they all
@@ -354,12 +372,12 @@ class _Operand:
             if option is None:
                 has_none = True
                 continue
-            rel = relation(self.category, option)
-            if rel == "ambiguous":
-                self.refuse(option)
-            if rel == "same":
-                kinds.append(self.bind_kind(option))
-                kept.append(option)
+            kind, value = self.classify(option)
+            if kind == RAISES or (isinstance(kind, tuple) and kind[:2] == (NUMBER, "snan")):
+                return RAISES, None  # Decimal("sNaN") raises on ==: fail closed
+            if kind != APART:  # other types, and numbers the column cannot hold, never match
+                kinds.append(kind)
+                kept.append(value)
         binds = EXPANDING if kinds and all(k == AS_COLUMN for k in kinds) else tuple(kinds)
         return ("in", has_none, binds), kept
 
@@ -398,22 +416,23 @@ class _FoldSlot(_Slot):
 class _ValueSlot(_Slot):
     """An actor or context value compared with a column."""
 
-    __slots__ = ("operand", "value")
+    __slots__ = ("op", "operand", "value")
 
-    def __init__(self, operand: _Operand, value: Value) -> None:
+    def __init__(self, operand: _Operand, value: Value, op: str) -> None:
         super().__init__()
         self.operand = operand
         self.value = value
+        self.op = op  # with the column on the left
 
     def read(self, actor: Any, ctx: Any) -> tuple[Any, Any]:
         try:
             value = value_of(self.value, actor, None, ctx)
         except Exception:
             return RAISES, None
-        return self.operand.classify(value), value
+        return self.operand.classify(value, self.op)
 
     def bind(self, outcome: Any, value: Any, params: dict[str, Any]) -> None:
-        if outcome == AS_COLUMN or isinstance(outcome, tuple):
+        if outcome == AS_COLUMN or (isinstance(outcome, tuple) and value is not None):
             params[self.name] = value
 
 
@@ -510,7 +529,8 @@ class FilterPlan:
             if _is_column(left) != _is_column(right):
                 column, other = (left, right) if _is_column(left) else (right, left)
                 if isinstance(other, Ref):
-                    self._add(node, _ValueSlot(_Operand(node, self.column(column)), other))
+                    op = node.op if column is left else _FLIP[node.op]
+                    self._add(node, _ValueSlot(_Operand(node, self.column(column)), other, op))
         elif isinstance(node, In):
             member, options = node.item, node.options
             if _is_column(member) and isinstance(options, Ref) and not _is_column(options):
@@ -614,7 +634,7 @@ class _Builder:
 
     def binder(self, slot: _Slot, column: Any, kind: Any, value: Any) -> Callable[[], Any]:
         if not self.named:
-            return lambda: _bind(column, value)
+            return lambda: _bind(column, kind, value)
         type_ = _named_type(column, kind, value)
         return lambda: sa.bindparam(slot.name, type_=type_, required=True)
 
@@ -626,26 +646,48 @@ class _Builder:
             left, right, op = right, left, _FLIP[op]
         column = self.column(left)
         if isinstance(right, Const):  # fixed by the rule (and checked at declaration)
-            value = right.value
-            kind = _Operand(node, column).classify(value)
-            return self.column_value(op, column, kind, lambda: _bind(column, value))
-        slot, kind, value = self.slot(node)
+            kind, value = _Operand(node, column).classify(right.value, op)
+            bind: Callable[[], Any] = lambda: _bind(column, kind, value)  # noqa: E731
+        else:
+            slot, kind, value = self.slot(node)
+            bind = self.binder(slot, column, kind, value)
         if kind == RAISES:
             return _ERROR
-        return self.column_value(op, column, kind, self.binder(slot, column, kind, value))
+        if isinstance(kind, tuple) and kind[0] == NUMBER:
+            if kind[1] == "snan":  # Decimal("sNaN") == x raises, unless x is None
+                null = _is_null(column)
+                return _Tri(False, null) if op == "==" else _Tri(null, False)
+            if op not in ("==", "!="):
+                return _number_order(column, kind, bind)
+        return self.column_value(op, column, kind, bind)
 
     def column_pair(self, op: str, left: Any, right: Any) -> _Tri:
         nullable = self.nullable(left) or self.nullable(right)
+        a, b = _text(left), _text(right)
         if op in ("==", "!="):
+            eq: SqlBool
+            ne: SqlBool
             if nullable:
-                eq = _leaf(lambda: left.is_not_distinct_from(right))
-                ne = _leaf(lambda: left.is_distinct_from(right))
+                eq = _leaf(lambda: a.is_not_distinct_from(b))
+                ne = _leaf(lambda: a.is_distinct_from(b))
             else:
-                eq, ne = _leaf(lambda: left == right), _leaf(lambda: left != right)
+                eq, ne = _leaf(lambda: a == b), _leaf(lambda: a != b)
+            # NaN (PostgreSQL) equals nothing in Python, itself included; never raises.
+            for column in (c for c in (left, right) if nan_capable(c)):
+                not_nan: SqlBool = _nan(column, False)
+                if self.nullable(column):  # None == None holds
+                    not_nan = _or(not_nan, _is_null(column))
+                eq = _and(eq, not_nan)
+                ne = _or(ne, _nan(column, True))
             return _Tri(eq, ne) if op == "==" else _Tri(ne, eq)
-        return _Tri(
-            _leaf(lambda: _binary(op, left, right)), _leaf(lambda: _binary(OPS[op], left, right))
-        )
+        t: SqlBool = _leaf(lambda: _binary(op, left, right))
+        f: SqlBool = _leaf(lambda: _binary(OPS[op], left, right))
+        # An ordering with NaN: an error if a Decimal takes part, else False.
+        raises = any(_python_type(c) is Decimal for c in (left, right))
+        for column in (c for c in (left, right) if nan_capable(c)):
+            t = _and(t, _nan(column, False))
+            f = _and(f, _nan(column, False)) if raises else _or(f, _nan(column, True))
+        return _Tri(t, f)
 
     def column_value(self, op: str, column: Any, kind: Any, bind: Callable[[], Any]) -> _Tri:
         nullable = self.nullable(column)
@@ -665,8 +707,9 @@ class _Builder:
                 return _const(True)
             return _ERROR
         if op in ("==", "!="):
-            eq = _leaf(lambda: column == bind())
-            ne: SqlBool = _leaf(lambda: column != bind())
+            text = _text(column)
+            eq = _leaf(lambda: text == bind())
+            ne: SqlBool = _leaf(lambda: text != bind())
             if nullable:
                 ne = _or(ne, _leaf(lambda: column.is_(None)))
             return _Tri(eq, ne) if op == "==" else _Tri(ne, eq)
@@ -682,13 +725,16 @@ class _Builder:
         column = self.column(node.item)
         if isinstance(node.options, Const):  # fixed by the rule: anonymous literals
             kind, kept = _Operand(node, column).classify_options(node.options.value)
-            bound: Any = [_bind(column, v) for v in kept]
+            if kind == RAISES:
+                return _ERROR
+            kinds = _kinds(kind, kept)
+            bound: Any = [_bind(column, k, v) for v, k in zip(kept, kinds, strict=True)]
         else:
             slot, kind, kept = self.slot(node)
             if kind == RAISES:
                 return _ERROR
             if not self.named:
-                bound = [_bind(column, v) for v in kept]
+                bound = [_bind(column, k, v) for v, k in zip(kept, _kinds(kind, kept), strict=True)]
             elif kind[2] == EXPANDING:
                 bound = sa.bindparam(slot.name, expanding=True, type_=column.type, required=True)
             else:
@@ -697,8 +743,9 @@ class _Builder:
                     for j, (v, k) in enumerate(zip(kept, kind[2], strict=True))
                 ]
         has_none = kind[1]
-        t: SqlBool = _leaf(lambda: column.in_(bound)) if kept else False
-        f: SqlBool = _leaf(lambda: column.not_in(bound)) if kept else True
+        text = _text(column)
+        t: SqlBool = _leaf(lambda: text.in_(bound)) if kept else False
+        f: SqlBool = _leaf(lambda: text.not_in(bound)) if kept else True
         if has_none:
             t = _or(t, _leaf(lambda: column.is_(None)))
             f = _and(f, _leaf(lambda: column.is_not(None)))
@@ -714,20 +761,68 @@ def _named_type(column: Any, kind: Any, value: Any) -> Any:
     no value of the actor it was first built for: executed without its
     parameters it fails instead of filtering for somebody else.
     """
-    return column.type if kind == AS_COLUMN else _literal_type(value)
+    if kind == AS_COLUMN:
+        return column.type
+    if kind[0] == NUMBER:
+        return number_type(column, kind[4])
+    return _literal_type(value)
 
 
-def _bind(column: Any, value: Any) -> Any:
+def _bind(column: Any, kind: Any, value: Any) -> Any:
     """A bound parameter keeping the value's type: the column's when it is the same kind.
 
     ``Decimal("2.5")`` compared with an Integer column must stay numeric (typed
-    as the column it would be cast, and rounded, to an integer).
+    as the column it would be cast, and rounded, to an integer); numbers are
+    placed among the column's values first (:mod:`charter.policy.sqlvalues`).
     """
+    return sa.literal(value, type_=_named_type(column, kind, value))
+
+
+def _kinds(kind: Any, kept: list[Any]) -> Any:
+    """The bind kind of each kept option of an ``in_()`` shape."""
+    return [AS_COLUMN] * len(kept) if kind[2] == EXPANDING else kind[2]
+
+
+def _python_type(column: Any) -> Any:
     try:
-        same = isinstance(value, column.type.python_type)
+        return column.type.python_type
     except NotImplementedError:
-        same = False
-    return sa.literal(value, type_=column.type) if same else sa.literal(value)
+        return None
+
+
+def _text(column: Any) -> Any:
+    """A text column with a declared collation, compared by code point (sqlvalues doc)."""
+    return CodePoint(column, explicit=True) if collated(column) else column
+
+
+def _number_order(column: Any, kind: Any, bind: Callable[[], Any]) -> _Tri:
+    """``column <op> number`` placed among the column's values (:func:`number_kind`)."""
+    _, how, op, nan, _type = kind
+    present = _leaf(lambda: column.is_not(None))
+    t: SqlBool
+    f: SqlBool
+    if how == "nan":  # a NaN value: Python's ordering is False, NULL still raises
+        return _Tri(False, present)
+    if how == "exact":
+        t = _leaf(lambda: _binary(op, column, bind()))
+        f = _leaf(lambda: _binary(OPS[op], column, bind()))
+    elif (how == "above") == (op in ("<", "<=")):  # every value is on the true side
+        t, f = present, False
+    else:
+        t, f = False, present
+    if nan is not None:  # a NaN in the column (PostgreSQL): False or an error, never True
+        t = _and(t, _nan(column, False))
+        f = _and(f, _nan(column, False)) if nan == "raise" else _or(f, _nan(column, True))
+    return _Tri(t, f)
+
+
+def _is_null(column: Any) -> _Lazy:
+    return _leaf(lambda: column.is_(None))
+
+
+def _nan(column: Any, is_nan: bool) -> _Lazy:
+    """``column = 'NaN'`` / ``column <> 'NaN'`` on PostgreSQL (a constant elsewhere)."""
+    return _leaf(lambda: NanTest(column, is_nan))
 
 
 _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
@@ -737,7 +832,7 @@ def _binary(op: str, left: Any, right: Any) -> ColumnElement[bool]:
     if category_of_column(left) == "str" and op not in ("==", "!="):
         # Python orders strings by code point; so do SQLite (BINARY) and the "C"
         # collation on PostgreSQL, whatever the database's default collation is.
-        left = _CodePointOrder(left)
+        left = CodePoint(left, explicit=collated(left))
     result: ColumnElement[bool]
     if op == "<":
         result = left < right
@@ -748,27 +843,6 @@ def _binary(op: str, left: Any, right: Any) -> ColumnElement[bool]:
     else:
         result = left >= right
     return result
-
-
-class _CodePointOrder(ColumnElement[str]):
-    """A string column compared by code point (``COLLATE "C"`` on PostgreSQL)."""
-
-    inherit_cache = True
-    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
-
-    def __init__(self, column: Any) -> None:
-        self.column = column
-        self.type = column.type
-
-
-@compiles(_CodePointOrder)
-def _compile_default(element: _CodePointOrder, compiler: Any, **kw: Any) -> str:
-    return str(compiler.process(element.column, **kw))
-
-
-@compiles(_CodePointOrder, "postgresql")
-def _compile_pg(element: _CodePointOrder, compiler: Any, **kw: Any) -> str:
-    return f'{compiler.process(element.column, **kw)} COLLATE "C"'
 
 
 K = TypeVar("K", bound=Hashable)
