@@ -273,8 +273,9 @@ def action_parameters(
                 "description": "Makes a retry safe: the same key replays the first outcome "
                 "(draft-ietf-httpapi-idempotency-key-header).",
                 # printable ASCII without the sf-string's quote and backslash, which a
-                # bare key cannot hold (send those quoted)
-                "schema": {"type": "string", "pattern": f"^[ !#-\\[\\]-~]{{1,{MAX_KEY_LENGTH}}}$"},
+                # bare key cannot hold (send those quoted), and without "#", reserved for
+                # the keys of a batch's items
+                "schema": {"type": "string", "pattern": f"^[ !$-\\[\\]-~]{{1,{MAX_KEY_LENGTH}}}$"},
             }
         )
     if if_match:
