@@ -52,7 +52,8 @@ def plan_write(session: Session, record: Any, values: Mapping[str, Any]) -> None
     and a handler appending to that list in place must not change what the gate
     planned (it would have forged a step, and ``requires=`` trusts the log).
     """
-    session.info.setdefault(_PLANNED, {})[id(record)] = (record, copy.deepcopy(dict(values)))
+    planned = {k: copy.deepcopy(v) if isinstance(v, list | dict) else v for k, v in values.items()}
+    session.info.setdefault(_PLANNED, {})[id(record)] = (record, planned)
 
 
 def _planned(session: Session, record: Any) -> Mapping[str, Any]:
