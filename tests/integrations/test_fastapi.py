@@ -366,3 +366,13 @@ def test_a_quoted_key_replays_the_bare_one_and_two_key_fields_are_400(client):
     )
     assert (400, "idempotency_key_invalid") == (twice.status_code, twice.json()["code"])
     assert 1 == len(client.get("/invoices", headers=auth("bob")).json()["items"])
+
+
+def test_a_content_length_of_thousands_of_digits_is_413_with_the_request_id(client):
+    """int() refuses strings of more than 4,300 digits: that ValueError was a 500, outside the
+    layer that adds X-Request-ID."""
+    answer = client.post("/invoices", content=b"{}", headers={
+        **auth("alice"), "Content-Type": "application/json", "Content-Length": "9" * 5000,
+    })  # fmt: skip
+    assert (413, "payload_too_large") == (answer.status_code, answer.json()["code"])
+    assert answer.headers["x-request-id"]

@@ -252,3 +252,26 @@ def test_an_unknown_route_and_a_wrong_method_are_problems():
     )
     assert (413, "payload_too_large") == (big.status_code, big.get_json()["code"])
     charter.close()
+
+
+def test_two_idempotency_key_fields_are_refused_on_both_and_nothing_runs(call):
+    """WSGI joins repeated fields ("a, b"): Flask counted one field, ran the request under the
+    key "a, b", and a retry with only "b" created a second invoice. A bare key may not hold a
+    comma now (a key with one is sent quoted), so both adapters answer 400 alike."""
+    body = {"customer": "ACME", "amount": "10.00"}
+    fields = [*auth("alice").items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    twice = call("POST", "/invoices", json=body, headers=fields)
+    assert (400, "idempotency_key_invalid") == (twice.status, twice.body["code"])
+    quoted = call(
+        "POST", "/invoices", json=body, headers={**auth("alice"), "Idempotency-Key": '"a, b"'}
+    )
+    assert 201 == quoted.status  # one quoted key holding a comma is one key
+    listed = call("GET", "/invoices", headers=auth("alice"))
+    assert 1 == len(listed.body["items"])
+
+
+@pytest.mark.parametrize("name", ["X-Charter-Reason", "Idempotency-Key", "X-On-Behalf-Of"])
+def test_a_header_holding_nul_is_a_400_on_both_before_anything_reads_it(call, name):
+    answer = call("POST", "/invoices", json={"customer": "ACME", "amount": "1.00"},
+                  headers={**auth("alice"), name: "a\x00b"})  # fmt: skip
+    assert (400, "bad_request") == (answer.status, answer.body["code"])

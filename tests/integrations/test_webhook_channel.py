@@ -360,3 +360,12 @@ def test_concurrent_deliveries_of_a_refused_message_are_refused_once_then_duplic
     assert ["duplicate"] * (workers - 1) + ["refused"] == statuses
     assert {"not_found"} == {r.json()["refusal"]["code"] for r in responses}
     assert "payment_pending" == state(client, invoice)
+
+
+def test_a_malformed_event_is_told_what_is_wrong_without_pythons_exception_text(client):
+    body = b'{"type": "payment.settled", "data": 5}'
+    response = post(client, body, SIGNER.sign("msg_data_5", int(time.time()), body))
+    assert (400, "webhook_malformed") == (response.status_code, response.json()["code"])
+    detail = response.json()["detail"]
+    assert "payment.settled" in detail
+    assert "subscriptable" not in detail  # was Python's TypeError text

@@ -218,7 +218,9 @@ class RequestContextMiddleware:
         limit = self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
         declared = headers.get("content-length")
         if declared is not None and (
-            not (declared.isascii() and declared.isdigit()) or int(declared) > limit
+            not (declared.isascii() and declared.isdigit())
+            or len(declared.lstrip("0")) > len(str(limit))  # int() refuses 4,300+ digits
+            or int(declared) > limit
         ):
             error = PayloadTooLarge(f"The body exceeds {limit} bytes.")
             await self._refuse(scope, send_with_id, error)

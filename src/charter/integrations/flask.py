@@ -358,6 +358,8 @@ def _before() -> Response | None:
     then the per-address limit of unauthenticated requests, before any authentication."""
     state = _state()
     g.charter_request_id = request_id(request.headers.get(REQUEST_ID_HEADER), uuid.uuid4().hex)
+    if any(_UNSOUND_FIELD.search(value) for _, value in request.headers.items()):
+        raise _HTTPProblem(400, "A header field holds NUL, CR or LF.")  # as the ASGI adapter
     declared = request.content_length
     if declared is not None and declared > state.max_body_bytes:
         raise PayloadTooLarge(f"The body exceeds {state.max_body_bytes} bytes.")
@@ -401,6 +403,10 @@ def problem(error: CharterError) -> Response:
             "WWW-Authenticate", 'Bearer error="invalid_token"' if invalid else scheme
         )
     return response
+
+
+#: A header value no sound client sends: refused before anything reads it.
+_UNSOUND_FIELD = re.compile(r"[\x00\r\n]")
 
 
 class _HTTPProblem(CharterError):

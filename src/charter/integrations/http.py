@@ -113,6 +113,11 @@ def idempotency_key(fields: list[str]) -> str | None:
         raise IdempotencyKeyInvalid("Send one Idempotency-Key field, not several.")
     value = fields[0].strip()
     if len(value) < 2 or not (value.startswith('"') and value.endswith('"')):
+        if "," in value:  # WSGI joins repeated fields with ", ": two keys would pass as one
+            raise IdempotencyKeyInvalid(
+                "Send one Idempotency-Key field, not several (a key holding a comma is sent "
+                'as a quoted string: "a,b").'
+            )
         return value
     inner, key, escaped = value[1:-1], [], False
     for char in inner:  # RFC 8941 §4.2.5: only \" and \\ are escapes

@@ -76,6 +76,9 @@ FRAMEWORK_PROBLEMS: Mapping[int, tuple[str, ...]] = {
           "audit_integrity_error"),
     503: ("storage_unavailable",),
 }  # fmt: skip
+#: The bare form of an ``Idempotency-Key`` field: printable ASCII but ``"``, ``#``,
+#: ``,`` and ``\\``.
+_BARE_KEY = f"^[ !$-+\\--\\[\\]-~]{{1,{MAX_KEY_LENGTH}}}$"
 _RETRY_AFTER = {"description": "Seconds to wait before retrying (RFC 9110 section 10.2.3).",
                 "schema": {"type": "string", "pattern": "^[0-9]{1,10}$"}}  # fmt: skip
 _RATELIMIT = {
@@ -273,9 +276,9 @@ def action_parameters(
                 "description": "Makes a retry safe: the same key replays the first outcome "
                 "(draft-ietf-httpapi-idempotency-key-header).",
                 # printable ASCII without the sf-string's quote and backslash, which a
-                # bare key cannot hold (send those quoted), and without "#", reserved for
-                # the keys of a batch's items
-                "schema": {"type": "string", "pattern": f"^[ !$-\\[\\]-~]{{1,{MAX_KEY_LENGTH}}}$"},
+                # bare key cannot hold (send those quoted), without "," (two fields joined
+                # look so), and without "#", reserved for the keys of a batch's items
+                "schema": {"type": "string", "pattern": _BARE_KEY},
             }
         )
     if if_match:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,8 @@ from ..resources import request_id_or_new
 from ..storage import translate_errors
 from ..webhooks import VerifiedWebhook, WebhookMalformed, WebhookRetryLater, WebhookVerifier
 from . import strictjson
+
+log = logging.getLogger("charter.webhooks")
 
 __all__ = ["WebhookReceiver", "WebhookRefusal", "WebhookResult", "WebhookRoute"]
 
@@ -228,7 +231,12 @@ class WebhookReceiver:
             data = route.input(payload)
             target = route.target(payload) if route.target is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise WebhookMalformed(f"the {kind} event lacks a field: {exc}") from exc
+            # The exception's text is Python's ("'int' object is not subscriptable"): logged
+            # for the operator, never sent to the sender.
+            log.info("webhook %s: malformed %s event: %r", message_id, kind, exc)
+            raise WebhookMalformed(
+                f"the {kind} event does not have the fields and types this receiver reads"
+            ) from exc
         if not isinstance(actor, Actor) or actor.scopes is None:
             # scopes=None is "built in code, not narrowed": never a partner's delivery.
             raise ConfigurationError(
