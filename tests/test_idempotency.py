@@ -156,7 +156,7 @@ def test_a_domain_error_after_writes_rolls_the_effect_back_and_is_still_stored(c
 _SCRATCH = Table("test_scratch_writes", MetaData(), Column("id", Integer, primary_key=True))
 
 
-@pytest.mark.parametrize("how", ["core", "text", "credits"])
+@pytest.mark.parametrize("how", ["core", "text", "text_returning", "credits"])
 def test_a_keyed_domain_error_after_writes_outside_the_orm_rolls_them_back(charter, alice, how):
     """Core on the session's connection, text(), the credits ledger: none is an ORM write, and
     each used to be committed with the stored refusal (the refusal was stored in the call's own
@@ -181,6 +181,9 @@ def test_a_keyed_domain_error_after_writes_outside_the_orm_rolls_them_back(chart
             connection.execute(_SCRATCH.insert().values(id=1))
         elif how == "text":
             connection.execute(text("INSERT INTO test_scratch_writes (id) VALUES (1)"))
+        elif how == "text_returning":  # a TextualSelect: is_select, yet it writes
+            returning = text("INSERT INTO test_scratch_writes (id) VALUES (1) RETURNING id")
+            connection.execute(returning.columns(_SCRATCH.c.id))
         else:
             credits.capture(ctx, credits.hold(ctx, 4, expires_in=timedelta(minutes=5)))
         raise Refused("refused after writing")

@@ -275,3 +275,12 @@ def test_a_header_holding_nul_is_a_400_on_both_before_anything_reads_it(call, na
     answer = call("POST", "/invoices", json={"customer": "ACME", "amount": "1.00"},
                   headers={**auth("alice"), name: "a\x00b"})  # fmt: skip
     assert (400, "bad_request") == (answer.status, answer.body["code"])
+
+
+def test_a_plain_tokens_claim_to_act_for_someone_is_refused_on_both(call):
+    """The Flask reference service still accepted sam's own token with X-On-Behalf-Of: alice
+    (201, no session), which the FastAPI one refuses since sessions exist."""
+    headers = {**auth("sam"), "X-On-Behalf-Of": "alice", "X-Charter-Reason": "t"}
+    body = {"customer": "ACME", "amount": "1.00"}
+    claimed = call("POST", "/invoices", json=body, headers=headers)
+    assert (401, "unauthenticated") == (claimed.status, claimed.body["code"])

@@ -140,3 +140,18 @@ def test_a_rule_failing_closed_logs_and_audits_no_secret(charter, caplog) -> Non
     (detail,) = details(charter)
     assert PIN not in caplog.text
     assert PIN not in str(detail)
+
+
+def test_a_composite_value_shows_only_its_type():
+    """A rule over a nested input printed the whole object (Payment(number='4111…',
+    pin='9999')) into the explanation, the audit entry and the log."""
+    from charter.policy.expr import C, show_operand
+
+    class Payment(BaseModel):
+        number: str
+        pin: str
+
+    payment = Payment(number="4111111111111111", pin="9999")
+    assert "C.input.card <Payment>" == show_operand(C.input.card, payment)
+    assert "4111" not in show_operand(C.input.card, {"number": "4111111111111111"})
+    assert "C.input.tags ['a', 'b']" == show_operand(C.input.tags, ["a", "b"])  # still shown

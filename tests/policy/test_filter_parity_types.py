@@ -262,3 +262,33 @@ def test_a_case_insensitive_tenant_column_never_lists_another_tenant(parity: Ses
     bob = Actor.make("bob", "t1")
     assert 4 not in _check(parity, DOCS, R.owner == "bob", bob)
     assert _check(parity, DOCS, R.owner == "bob", Actor.make("bob", "T1")) == [4]
+
+
+def test_a_float_column_compared_with_an_exact_one_is_refused_at_declaration(tmp_path):
+    """SQL compared R.f (Float) with R.d (Numeric) as doubles, Python exactly: 0.1 and
+    Decimal("0.10") were equal in the list and unequal in the decision."""
+    from charter import Charter, ConfigurationError, R
+
+    class Pair(DeclarativeBase):
+        pass
+
+    class Row(Pair):
+        __tablename__ = "parity_pairs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        f: Mapped[float] = mapped_column(sa.Float)
+        d: Mapped[Decimal] = mapped_column(sa.Numeric(12, 2))
+        n: Mapped[int] = mapped_column(sa.Integer)
+
+    charter = Charter(database_url=f"sqlite:///{tmp_path / 'p.db'}", development=True)
+    try:
+        charter.resource(Row, tenant=None)
+        for rule in (R.f == R.d, R.f < R.d, R.f >= R.n):
+            with pytest.raises(ConfigurationError, match="float column and an exact one"):
+                charter.action(f"row.list{id(rule)}", on=Row, allow=rule, listable=True)(
+                    lambda ctx, row, data: None
+                )
+        charter.action("row.exact", on=Row, allow=R.d <= R.n, listable=True)(
+            lambda ctx, row, data: None
+        )  # two exact columns compare alike
+    finally:
+        charter.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from flask import Flask, Request
 
 from ..actor import Actor
+from ..errors import Unauthenticated
 from ..gate import Charter
 from ..integrations.flask import CharterFlask
 from ..migrate import upgrade
@@ -41,8 +42,18 @@ def routes(ext: CharterFlask) -> CharterFlask:
     return ext
 
 
-def create_app(settings: Settings | None = None, *, charter: Charter | None = None) -> Flask:
-    """Build the Flask reference service; refuses default secrets outside development."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    charter: Charter | None = None,
+    impersonation_claims: bool = False,
+) -> Flask:
+    """Build the Flask reference service; refuses default secrets outside development.
+
+    As the FastAPI service: a plain token's ``X-On-Behalf-Of`` is refused (401) unless
+    ``impersonation_claims=True`` (acting for someone happens inside a support session,
+    which this adapter's service does not serve).
+    """
     settings = settings or Settings.from_env()
     if charter is None:
         charter = Charter(
@@ -55,10 +66,14 @@ def create_app(settings: Settings | None = None, *, charter: Charter | None = No
     signer = TokenSigner(settings.token_secrets)
 
     def authenticate(request: Request) -> Actor:
+        claimed = request.headers.get("X-On-Behalf-Of")
+        if claimed is not None and not impersonation_claims:
+            raise Unauthenticated(
+                "Acting for another user needs an impersonation session; this service does "
+                "not accept X-On-Behalf-Of."
+            )
         return signer.authenticate(
-            request.headers.get("Authorization"),
-            directory,
-            on_behalf_of=request.headers.get("X-On-Behalf-Of"),
+            request.headers.get("Authorization"), directory, on_behalf_of=claimed
         )
 
     app = Flask("charter.demo")

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Result, event
+from sqlalchemy import Connection, Engine, Result, TextualSelect, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
@@ -287,9 +287,12 @@ def watch_writes(engine: Engine) -> None:
     """Flag a connection of ``engine`` on which a statement that may write runs.
 
     At the cursor, so every way of writing is seen: the ORM's flush, Core on
-    ``session.connection()``, ``text()``, ``exec_driver_sql``. Only a plain
-    ``SELECT`` (no data-modifying CTE) counts as reading; anything else, a
-    ``SAVEPOINT`` included, counts as a write: the flag errs towards rolling back.
+    ``session.connection()``, ``text()``, ``exec_driver_sql``. Only a ``select()``
+    built in SQLAlchemy (no data-modifying CTE) counts as reading; anything else,
+    a ``SAVEPOINT`` and ``text(...).columns(...)`` included, counts as a write: the
+    flag errs towards rolling back. A ``SELECT`` of a function that writes
+    (``select(func.my_volatile_insert())``) is not seen: that is a hand-written
+    write, outside the guarantee like Core and ``text()`` for tenant isolation.
     """
     event.listen(engine, "before_cursor_execute", _flag_writes)
 
@@ -302,6 +305,7 @@ def _flag_writes(
     if (
         statement is None
         or not statement.is_select
+        or isinstance(statement, TextualSelect)  # text("INSERT … RETURNING").columns(...)
         or any(cte.element.is_dml for cte in (compiled.ctes or ()))
     ):
         connection.info[_WROTE] = True

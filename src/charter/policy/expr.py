@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
+from itertools import pairwise
 from typing import Any, ClassVar, Final, NoReturn
+from uuid import UUID
 
 from ..redaction import MASK, is_secret_name, is_secret_value
 
@@ -84,7 +86,13 @@ def show(value: Any) -> str:
         return value.isoformat()
     if isinstance(value, frozenset | set):
         return "{" + ", ".join(sorted(show(v) for v in value)) + "}" if value else "{}"
-    return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, str | bytes | UUID):
+        return repr(value)
+    # A model, a mapping, any object: its repr would show every field, secret ones too
+    # (Payment(number='4111…', pin='9999')), so only its type is shown.
+    return f"<{type(value).__name__}>"
 
 
 def show_operand(node: Value, value: Any) -> str:
@@ -95,7 +103,12 @@ def show_operand(node: Value, value: Any) -> str:
     names :mod:`charter.redaction` calls secret) is shown as ``***``; the
     operand's name still says which condition failed.
     """
-    secret = isinstance(node, Ref) and any(is_secret_name(name) for name in node.path)
+    if not isinstance(node, Ref):
+        return f"{node.text()} {show(value)}"
+    # Each name of the path, and each two that follow each other (C.input.card.number:
+    # "card_number"), against the secret names.
+    names = [*node.path, *("_".join(pair) for pair in pairwise(node.path))]
+    secret = any(is_secret_name(name) for name in names)
     return f"{node.text()} {MASK if secret else show(value)}"
 
 

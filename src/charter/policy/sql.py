@@ -283,7 +283,18 @@ def unfilterable_reason(node: Condition, spec: ResourceSpec) -> str | None:
             right = table_column(spec, sub.right.path[0])  # type: ignore[attr-defined]
             if category_of_column(left) != category_of_column(right):
                 return f"{sub.text()}: columns of different types compare differently in SQL"
+            if _float_column(left) != _float_column(right):
+                # SQL compares a float column with an exact (integer or numeric) one as
+                # doubles; Python compares them exactly (0.1 != Decimal("0.10")).
+                return f"{sub.text()}: a float column and an exact one compare differently in SQL"
     return None
+
+
+def _float_column(column: Any) -> bool:
+    try:
+        return bool(column.type.python_type is float)
+    except NotImplementedError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------
