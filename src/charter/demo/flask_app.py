@@ -11,9 +11,9 @@ from __future__ import annotations
 from flask import Flask, Request
 
 from ..actor import Actor
-from ..errors import Unauthenticated
 from ..gate import Charter
 from ..integrations.flask import CharterFlask
+from ..integrations.http import ON_BEHALF_HEADER, on_behalf_claim
 from ..migrate import upgrade
 from ..settings import Settings
 from ..tokens import TokenSigner
@@ -66,12 +66,9 @@ def create_app(
     signer = TokenSigner(settings.token_secrets)
 
     def authenticate(request: Request) -> Actor:
-        claimed = request.headers.get("X-On-Behalf-Of")
-        if claimed is not None and not impersonation_claims:
-            raise Unauthenticated(
-                "Acting for another user needs an impersonation session; this service does "
-                "not accept X-On-Behalf-Of."
-            )
+        claimed = on_behalf_claim(
+            request.headers.get(ON_BEHALF_HEADER), accepted=impersonation_claims
+        )
         return signer.authenticate(
             request.headers.get("Authorization"), directory, on_behalf_of=claimed
         )

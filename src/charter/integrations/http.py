@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..actions import ActionSpec
-from ..errors import CharterError, InvalidInput, PreconditionFailed
+from ..errors import CharterError, InvalidInput, PreconditionFailed, Unauthenticated
 from ..idempotency.keys import IdempotencyKeyInvalid
 from ..outcome import Outcome
 from ..ratelimit import rate_headers
@@ -49,6 +49,7 @@ __all__ = [
     "expected_version",
     "idempotency_key",
     "json_body",
+    "on_behalf_claim",
     "outcome_headers",
     "request_id",
     "versioned",
@@ -135,6 +136,19 @@ def idempotency_key(fields: list[str]) -> str | None:
     if escaped:
         raise IdempotencyKeyInvalid("The Idempotency-Key string ends inside an escape.")
     return "".join(key)
+
+
+def on_behalf_claim(claimed: str | None, *, accepted: bool) -> str | None:
+    """A plain token's ``X-On-Behalf-Of`` claim: returned where the service accepts such
+    claims (the gate checks them against the grants), refused (401) where acting for someone
+    happens inside an impersonation session only — unbounded, unrevocable and unlisted to the
+    user otherwise. Both reference services refuse it by default."""
+    if claimed is not None and not accepted:
+        raise Unauthenticated(
+            "Acting for another user needs an impersonation session; this service does not "
+            "accept X-On-Behalf-Of."
+        )
+    return claimed
 
 
 def versioned(spec: ActionSpec) -> bool:

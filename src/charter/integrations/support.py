@@ -27,12 +27,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..actor import Actor
-from ..errors import InvalidPage, Unauthenticated
+from ..errors import InvalidPage
 from ..ratelimit import rate_headers
 from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
 from ..tokens import Directory, TokenSigner
 from .fastapi import CharterRoutes
-from .http import ON_BEHALF_HEADER
+from .http import ON_BEHALF_HEADER, on_behalf_claim
 from .openapi import list_operation
 from .paging import LIST_PARAMETERS, list_query
 
@@ -59,12 +59,7 @@ def session_authenticator(
     """
 
     def authenticate(request: Request) -> Actor:
-        claimed = request.headers.get(ON_BEHALF_HEADER.lower())
-        if claimed is not None and not claims:
-            raise Unauthenticated(
-                "Acting for another user needs an impersonation session (POST /support/sessions); "
-                "this service does not accept X-On-Behalf-Of."
-            )
+        claimed = on_behalf_claim(request.headers.get(ON_BEHALF_HEADER.lower()), accepted=claims)
         return signer.authenticate(
             request.headers.get("authorization"),
             directory,
