@@ -30,6 +30,7 @@ outlive the request's recovery lease, so a resume still finds it pending.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,12 +184,23 @@ def release(
     return amount is not None
 
 
-_EXPIRED = (
-    select(_h)
-    .where(_h.c.state == "pending", _h.c.expires_at <= bindparam("now"))
-    .order_by(_h.c.expires_at, _h.c.id)
-    .limit(bindparam("limit"))
-)
+@functools.cache
+def _expired(*, of_account: bool, postgres: bool) -> Any:
+    """The pending holds past their expiry, oldest first (built once per form: a refused
+    charge sweeps its account's holds, and building this select cost a refusal ~150 µs)."""
+    statement = (
+        select(_h)
+        .where(_h.c.state == "pending", _h.c.expires_at <= bindparam("now"))
+        .order_by(_h.c.expires_at, _h.c.id)
+        .limit(bindparam("limit"))
+    )
+    if of_account:
+        statement = statement.where(
+            _h.c.tenant == bindparam("of_tenant"), _h.c.account == bindparam("of_account")
+        )
+    if postgres:
+        statement = statement.with_for_update(skip_locked=True)  # sweepers do not queue
+    return statement
 
 
 def sweep_expired(
@@ -201,13 +213,10 @@ def sweep_expired(
     account: str | None = None,
 ) -> int:
     """Release up to ``limit`` holds pending past their expiry (state ``expired``); how many."""
-    statement = _EXPIRED
-    if tenant is not None:
-        statement = statement.where(_h.c.tenant == tenant, _h.c.account == account)
-    if postgres:
-        statement = statement.with_for_update(skip_locked=True)  # sweepers do not queue
+    statement = _expired(of_account=tenant is not None, postgres=postgres)
+    params = {"now": now, "limit": limit, "of_tenant": tenant, "of_account": account}
     released = 0
-    for row in connection.execute(statement, {"now": now, "limit": limit}).all():
+    for row in connection.execute(statement, params).all():
         released += _expire(connection, Hold.of(row), now=now, postgres=postgres)
     return released
 
