@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, event, func, select, text
@@ -393,6 +394,50 @@ def test_a_cold_replay_answers_what_a_warm_one_answers_success_and_stored_error(
     )  # fmt: skip
     assert "true" == replayed.headers["Idempotent-Replayed"]
     assert 1 == load(charter, doc_id).counter
+
+
+@pytest.mark.postgres
+def test_a_cold_answer_is_audited_in_its_claims_one_transaction(pg, alice, pg_schema):
+    """A retry another worker answers from the database (a replay, a 422) writes its entry in
+    the transaction that found the key taken: one connection, one COMMIT, no ROLLBACK, and
+    the entry is durable and chained (the trail verifies)."""
+    doc_id = create_doc(pg, alice)
+    pg.execute(alice, "doc.charge", {"amount": "5"}, target=doc_id, key="one-txn")
+
+    def counted(amount: str) -> tuple[Any, dict[str, int]]:
+        """The call on a new worker (nothing in memory), and its connections and COMMITs."""
+        cold = test_app.build(Charter(database_url=pg_schema, audit_keys=AUDIT_KEYS))
+        seen = {"checkout": 0, "commit": 0, "rollback": 0}
+
+        def count(name: str) -> Any:
+            def listener(*_: Any) -> None:
+                seen[name] += 1
+
+            return listener
+
+        event.listen(cold.engine.pool, "checkout", count("checkout"))
+        for name in ("commit", "rollback"):
+            event.listen(cold.engine, name, count(name))
+        try:
+            return cold.execute(alice, "doc.charge", {"amount": amount}, target=doc_id,
+                                key="one-txn"), seen  # fmt: skip
+        except IdempotencyKeyReused as exc:
+            return exc, seen
+        finally:
+            cold.engine.dispose()
+
+    again, seen = counted("5")
+    assert again.replayed
+    assert {"checkout": 1, "commit": 1, "rollback": 0} == seen
+    refused, seen = counted("6")  # another request under the key: 422, audited
+    assert isinstance(refused, IdempotencyKeyReused)
+    assert {"checkout": 1, "commit": 1, "rollback": 0} == seen
+    rows = [r for r in audit_rows(pg) if r["idempotency_key"] == "one-txn"]
+    assert [("ok", False), ("ok", True), ("idempotency_key_reused", False)] == [
+        (r["outcome"], r["replayed"]) for r in rows
+    ]
+    assert pg.verify_audit().ok
+    assert 1 == load(pg, doc_id).counter
 
 
 @pytest.mark.postgres

@@ -240,8 +240,8 @@ def test_the_statements_of_a_plain_a_keyed_and_a_replayed_call_are_pinned(cards,
         # SELECT ... FOR UPDATE; UPDATE carrying the audit INSERT (and the outcome) as CTEs.
         # The claim rides on the SELECT. A warm replay: one autocommit INSERT; a cold one
         # learns from the claiming SELECT that the key is taken (no unique violation,
-        # nothing locked), reads the stored outcome in the same transaction, commits
-        # (having written nothing), then its one INSERT.
+        # nothing locked), reads the stored outcome and writes its entry in the same
+        # transaction, then commits.
         assert (2, 2, 1, 3) == (plain, keyed, replayed, replayed_cold)
     else:
         # BEGIN IMMEDIATE; SELECT; UPDATE; INSERT entry (+ claim INSERT and outcome INSERT).

@@ -20,7 +20,7 @@ the stages that use these are assembled by :mod:`charter.pipeline.build`:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from .store import (
 )
 
 if TYPE_CHECKING:
+    from ..audit.entry import AuditEntry
     from ..pipeline.call import Call
     from ..pipeline.runtime import Runtime
     from ..pipeline.writes import Committer
@@ -122,13 +123,19 @@ def claiming() -> Iterator[None]:
 
 
 def answer_duplicate(
-    runtime: Runtime, committer: Committer, call: Call, claim: Any = None
+    runtime: Runtime,
+    committer: Committer,
+    call: Call,
+    claim: Any = None,
+    write: Callable[[AuditEntry], None] | None = None,
 ) -> Outcome | None:
     """Answer a call whose key was taken: a replay, a 409 or 422, or ``None`` to run again.
 
     ``claim``: the key's claim and outcome if already read (:class:`ClaimTaken`).
     ``None`` when the holder rolled back (claim again) or when this call has
     just taken an abandoned multi-phase request over (``call.resume`` is set).
+    ``write``: where the answer's audit entry goes (the caller's transaction);
+    by default, written on its own (:meth:`Committer.alone`).
     """
     row = claim if claim is not None else _claim_of_call(runtime, call)
     if row is None:
@@ -144,7 +151,7 @@ def answer_duplicate(
     stored = StoredOutcome.from_row(row) if done else None
     if stored is not None:
         runtime.outcomes.put(call.ctx.idempotency_scope, stored)
-    return replay_stored(committer, call, stored, row.fingerprint, row.action)
+    return replay_stored(committer, call, stored, row.fingerprint, row.action, write)
 
 
 def _claim_of_call(runtime: Runtime, call: Call) -> Any:
@@ -170,19 +177,24 @@ def replay_stored(
     stored: StoredOutcome | None,
     stored_fingerprint: str,
     stored_action: str,
+    write: Callable[[AuditEntry], None] | None = None,
 ) -> Outcome:
-    """Replay a stored outcome (audited as a replay), or refuse another request's key (422)."""
+    """Replay a stored outcome (audited as a replay), or refuse another request's key (422).
+
+    ``write``: where the audit entry goes (by default, on its own: :meth:`Committer.alone`).
+    """
+    write = write or committer.alone
     if stored_fingerprint != call.fingerprint or stored is None:
         refusal = IdempotencyKeyReused(
             "This Idempotency-Key was already used for a different request "
             f"({stored_action}); use a new key for a new request."
         )
-        committer.alone(call.entry(refusal.code))
+        write(call.entry(refusal.code))
         raise refusal
     entry = call.entry(stored.outcome, decision=Decision.allow("replay"))
     entry.resource_id = stored.resource_id
     entry.replayed = True
-    committer.alone(entry)
+    write(entry)
     if stored.error:
         raise ReplayedError(dict(stored.error))
     return Outcome(
