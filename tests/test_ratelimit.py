@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from charter import Actor, Charter
 from charter.audit.entry import AuditEntry, audit_table
-from charter.errors import RateLimited, RateLimitUnavailable
+from charter.errors import CharterError, RateLimited, RateLimitUnavailable
 from charter.ratelimit import (
     FAIL_OPEN,
     SUMMARY,
@@ -514,6 +514,77 @@ def test_on_redis_and_postgres_the_count_is_read_before_the_first_statement(limi
         return None
 
     assert "rate_limit_reply" not in slow.pipeline_of("doc.slow").names
+
+
+@PG_AND_REDIS
+def test_on_redis_and_postgres_the_count_overlaps_begin_and_a_flood_reaches_no_connection(
+    limited, alice
+):
+    """The count is sent at the transaction's start and read after its BEGIN, before the first
+    statement; a refused call reaches no statement. Once this process has seen the actor reach
+    the limit, their next calls are refused before a connection is taken."""
+    from psycopg import pq
+    from sqlalchemy import event
+
+    charter = limited()
+    seen: list[str] = []
+    status_at_first_statement: list[Any] = []
+
+    def statement(conn: Any, cursor: Any, text: str, *_: Any) -> None:
+        if not status_at_first_statement:
+            pgconn = conn.connection.driver_connection.pgconn
+            status_at_first_statement.append(pgconn.transaction_status)
+        seen.append(text.split()[0])
+
+    event.listen(charter.engine, "before_cursor_execute", statement)
+    event.listen(charter.engine.pool, "checkout", lambda *_: seen.append("checkout"))
+    for n in range(3):  # the class allows 3 a minute
+        charter.execute(alice, "doc.create", {"title": f"t{n}"})
+    assert [pq.TransactionStatus.INTRANS] == status_at_first_statement  # BEGIN already sent
+    limiter = charter.rate_limiter
+    assert limiter is not None
+    write, who = limiter.rate_class("write"), RateLimiter.who("acme", "alice")
+    assert limiter.at_limit(write, who, charter.clock())  # the third count reached it
+    seen.clear()
+    with pytest.raises(RateLimited):  # refused before its session: only the denial's entry
+        charter.execute(alice, "doc.create", {"title": "over"})
+    assert ["checkout", "INSERT"] == seen  # the window's first denial, audited at once
+    seen.clear()
+    with pytest.raises(RateLimited):  # later denials are summarised: nothing reaches the database
+        charter.execute(alice, "doc.create", {"title": "over again"})
+    assert [] == seen
+
+
+@PG_AND_REDIS
+def test_on_redis_and_postgres_a_call_that_never_begins_is_still_counted(limited, alice):
+    """An invalid input never reaches the transaction: its deferred count is sent and read when
+    the runner settles the call, and over the limit the 429 wins over the 422."""
+    charter = limited()
+    for _ in range(3):
+        with pytest.raises(CharterError) as invalid:
+            charter.execute(alice, "doc.create", {"title": 5})
+        assert 422 == invalid.value.status
+    assert 3 == _redis_count("write")
+    other = limited()  # a second worker: has not seen the limit reached
+    with pytest.raises(RateLimited):
+        other.execute(alice, "doc.create", {"title": 5})
+
+
+def test_settling_sends_what_a_stage_deferred_then_reads_it():
+    from charter.pipeline.call import Call
+
+    order: list[str] = []
+
+    def send() -> Callable[[], None]:
+        order.append("sent")
+        return lambda: order.append("read")
+
+    call = Call(spec=None, ctx=None)  # type: ignore[arg-type]  # settle reads neither
+    call.unsent = (send,)
+    call.settle()
+    assert ["sent", "read"] == order
+    call.settle()  # nothing left to send or read
+    assert ["sent", "read"] == order
 
 
 def test_sqlite_and_the_in_process_store_read_the_count_at_once(closing):

@@ -27,6 +27,7 @@ from .errors import CharterError, Conflict, StorageError, StorageUnavailable
 
 __all__ = [
     "WRITE_OPTION",
+    "begin_now",
     "is_postgres",
     "is_sqlite",
     "make_engine",
@@ -134,6 +135,40 @@ def keep_prepared_statements(engine: Engine) -> None:
                 pgconn.exec_(b"ROLLBACK")
         except Exception:  # noqa: S110 - psycopg's rollback, next, raises what is wrong
             pass
+
+
+def begin_now(connection: Connection) -> None:
+    """Send ``connection``'s BEGIN now, not with its first statement (PostgreSQL, psycopg).
+
+    psycopg begins a transaction with a round trip of its own just before the
+    first statement. A caller with another round trip in flight (the rate limit's
+    count, :mod:`charter.ratelimit.stage`) sends BEGIN first, so that the two
+    overlap: the command psycopg would send (its isolation level, read-only and
+    deferrable settings), through libpq and psycopg's documented
+    ``Connection.pgconn``, as :func:`keep_prepared_statements` does for ROLLBACK;
+    psycopg then finds the transaction open and sends none. Best effort: on
+    another driver, or when BEGIN fails, nothing is changed, and psycopg's own
+    BEGIN with the first statement reports what is wrong.
+    """
+    from psycopg import Connection as PsycopgConnection
+    from psycopg import pq
+
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, PsycopgConnection) or raw.autocommit:
+        return
+    try:
+        if raw.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            return
+        parts = [b"BEGIN"]
+        if raw.isolation_level is not None:
+            parts.append(b"ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode())
+        if raw.read_only is not None:
+            parts.append(b"READ ONLY" if raw.read_only else b"READ WRITE")
+        if raw.deferrable is not None:
+            parts.append(b"DEFERRABLE" if raw.deferrable else b"NOT DEFERRABLE")
+        raw.pgconn.exec_(b" ".join(parts))
+    except Exception:  # noqa: S110 - psycopg's BEGIN, with the first statement, raises it
+        pass
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -94,6 +94,8 @@ class Call:
     rate_limit: tuple[Any, ...] = ()  # the RateLimit fields' states (charter.ratelimit)
     releases: tuple[Callable[[], None], ...] = ()  # run when the call ends, however it ends
     pending: tuple[Callable[[], None], ...] = ()  # replies a stage has not waited for: settle()
+    #: Requests a stage deferred (a rate limit's count): each, sent, gives its reply to read.
+    unsent: tuple[Callable[[], Callable[[], None]], ...] = ()
 
     @property
     def data(self) -> BaseModel:
@@ -105,15 +107,35 @@ class Call:
     def keyed(self) -> bool:
         return self.fingerprint is not None
 
+    def send(self) -> None:
+        """Send the requests a stage deferred; their replies wait for :meth:`settle`.
+
+        Every one is sent; the first that cannot be (a store down: 503) raises after.
+        """
+        unsent, self.unsent = self.unsent, ()
+        failed: BaseException | None = None
+        for send in unsent:
+            try:
+                self.pending += (send(),)
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
     def settle(self) -> None:
-        """Read the replies a stage sent for and did not wait on (a rate limit's count).
+        """Send what a stage deferred and read every reply not waited on (a rate limit's count).
 
         A refusal among them (429) raises here. The runner settles before the
         transaction's first statement, and again however the call ends, so a
-        reply is never left unread and its refusal wins over what came after.
+        request is never left unsent nor a reply unread, and a refusal wins over
+        what came after.
         """
-        pending, self.pending = self.pending, ()
         refused: BaseException | None = None
+        try:
+            self.send()
+        except BaseException as exc:
+            refused = exc
+        pending, self.pending = self.pending, ()
         for read in pending:  # every one is read, so that none holds its connection
             try:
                 read()

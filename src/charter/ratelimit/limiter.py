@@ -41,6 +41,8 @@ log = logging.getLogger("charter.ratelimit")
 
 #: The outcome of the audited warning written when a fail-open class falls back.
 FAIL_OPEN = "rate_limit_fail_open"
+#: (class, actor) pairs remembered at their limit (:meth:`RateLimiter.at_limit`), per process.
+_FULL_KEYS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,8 @@ class RateLimiter:
         self._clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self._down_until = 0.0  # time.monotonic(): leave the store alone until then
         self._degraded = False
+        #: (class, who) -> the window in which this process last saw them reach the limit.
+        self._full: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"RateLimiter({self.counters!r}, classes={sorted(self.classes)})"
@@ -144,6 +148,11 @@ class RateLimiter:
 
     # -- checks --------------------------------------------------------------------------
 
+    def at_limit(self, cls: RateClass, who: str, now: datetime) -> bool:
+        """Whether a count of ``who`` in ``cls``'s current window, in this process, reached the
+        limit: their next call is then expected to be refused, and checked before any work."""
+        return self._full.get((cls.name, who)) == int(now.timestamp() // cls.window)
+
     def check(
         self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None
     ) -> RateState:
@@ -172,6 +181,8 @@ class RateLimiter:
                 count = self._failed(cls, exc, lambda c: c.hit(key, expiry))
             reset = max(1, math.ceil((index + 1) * cls.window - stamp))
             state = RateState(cls.name, cls.amount, cls.window, max(0, cls.amount - count), reset)
+            if count >= cls.amount:
+                self._reached(cls.name, who, index)
             if count > cls.amount:
                 closes = datetime.fromtimestamp((index + 1) * cls.window, UTC)
                 first = count == cls.amount + 1  # exactly one call, in all processes, sees it
@@ -179,6 +190,11 @@ class RateLimiter:
             return state
 
         return settle
+
+    def _reached(self, name: str, who: str, index: int) -> None:
+        if len(self._full) >= _FULL_KEYS:  # bounded: forgetting costs a BEGIN, never a check
+            self._full.clear()
+        self._full[(name, who)] = index
 
     def peek(
         self, cls: RateClass, who: str, now: datetime, audit: Audit | None = None

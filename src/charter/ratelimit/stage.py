@@ -9,26 +9,35 @@ however the call ends (``call.releases``); a slot of a worker that died frees
 at its expiry.
 
 On Redis with PostgreSQL the count's round trip (about 100-180 µs on
-loopback, the whole of the limit's cost) is **overlapped** with the call's
-own work: ``rate_limit`` sends the count and ``rate_limit_reply``, the first
-stage of the transaction, reads it, before the transaction's first
-statement. The count is taken before anything else either way, and a refusal
-still wins over whatever the call met in between (an invalid input, a replay
-answered from the cache: the runner settles the reply however the call ends,
-:meth:`~charter.pipeline.Call.settle`). What a refused call costs then is its
-parsing and a session, never a statement: the database is as protected as
-before. Measured: ``benchmarks/ratelimit.py``.
+loopback, the whole of the limit's cost) is **overlapped** with the
+transaction's BEGIN: ``rate_limit`` defers the count, and
+``rate_limit_reply``, the first stage of the transaction, sends it, sends
+BEGIN (:func:`charter.storage.begin_now`: psycopg would otherwise send it with
+the first statement) and reads the count before the first statement. The
+count's round trip and Redis' own work then fall in a wait the call has anyway;
+sent at the start of the call, Redis' work was scheduled on the caller's core
+while it validated the input (``benchmarks/ratelimit.py``: 1-1.3 % of a call).
+A refusal still wins over whatever the call met before: a call that does not
+reach its transaction (an invalid input, a replay answered from the cache) is
+counted when the runner settles it, however it ends
+(:meth:`~charter.pipeline.Call.settle`). A refused call costs its parsing, a
+session and BEGIN/ROLLBACK, never a statement that reads or writes: and once
+this process has seen an actor reach a class's limit in the current window,
+that actor's next calls are counted before any of it, so a flood costs the
+database nothing (:meth:`~charter.ratelimit.RateLimiter.at_limit`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ..audit.entry import AuditEntry
 from ..context import ActionContext
 from ..pipeline.call import Call, Stage, entry_for
 from ..resources import request_id_or_new
+from ..storage import begin_now
 from .classes import RateClass, default_class_of
 from .limiter import RateLimiter, RateState
 
@@ -53,13 +62,17 @@ def rate_limit(a: Any) -> Stage | None:
         def audit(detail: dict[str, object]) -> AuditEntry:
             return denial_entry(call, detail)
 
-        if later:  # sent now, read by rate_limit_reply (module docstring)
-            settle = limiter.check_later(cls, who, ctx.now, audit)
+        if later and not limiter.at_limit(cls, who, ctx.now):  # sent by rate_limit_reply
 
-            def reply() -> None:
-                call.rate_limit = (settle(),)
+            def send() -> Callable[[], None]:
+                settle = limiter.check_later(cls, who, ctx.now, audit)
 
-            call.pending += (reply,)
+                def reply() -> None:
+                    call.rate_limit = (settle(),)
+
+                return reply
+
+            call.unsent += (send,)
             return
         state = limiter.check(cls, who, ctx.now, audit)
         if not concurrent:
@@ -79,7 +92,12 @@ def rate_limit_reply(a: Any) -> Stage | None:
         return None
 
     def rate_limit_reply(call: Call) -> None:
-        """Read the rate limit's count, sent before the input was read: 429 over the limit."""
+        """Send the rate limit's count, begin the transaction meanwhile, read the count:
+        429 over the limit, before the first statement."""
+        if call.unsent:
+            call.send()
+            assert call.connection is not None  # the transaction's, set by the runner
+            begin_now(call.connection)
         call.settle()
 
     return Stage("rate_limit_reply", rate_limit_reply, "transaction")
