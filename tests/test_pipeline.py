@@ -612,6 +612,61 @@ def test_forty_concurrent_opposite_transfers_neither_deadlock_nor_fail(pg_schema
     assert (41, 41) == (card(charter, a).version, card(charter, b).version)  # both, every time
 
 
+class PayByCode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(max_length=32)
+    to: int
+    amount: Decimal
+
+
+@pytest.mark.postgres
+def test_a_target_found_by_another_column_is_locked_in_primary_key_order(pg_schema, disposing):
+    """Opposite transfers, one locating its source by code (``by="code"``), the other by id:
+    both lock (table, primary key) order, so no deadlock even without retries; a code that
+    matches no record of the tenant is a 404, and the records stay as they were."""
+    from .conftest import _truncate_pg
+
+    _truncate_pg(pg_schema)
+    charter = disposing(build(pg_schema, conflict_retries=0))
+
+    @charter.action(
+        "card.pay_by_code", on=Card, input=PayByCode, target="code", by="code",
+        allow=MEMBER, locks=lambda data: [(Card, data.to)],
+    )  # fmt: skip
+    def pay_by_code(ctx: ActionContext, card: Card, data: PayByCode) -> dict[str, Any]:
+        (to,) = ctx.locked
+        card.balance -= data.amount
+        to.balance += data.amount
+        return {}
+
+    a, b = add_card(charter, "acme", "A", "1000"), add_card(charter, "acme", "B", "1000")
+    before = deadlocks(charter)
+    start = threading.Barrier(8)
+
+    def pay(i: int) -> int:
+        if i < 8:
+            start.wait()
+        if i % 2:  # b -> a, b located by its code
+            args = {"code": "B", "to": a, "amount": "1"}
+            return charter.execute(ALICE, "card.pay_by_code", args).status
+        args = {"to": b, "amount": "1"}  # a -> b, by id
+        return charter.execute(ALICE, "card.transfer", args, target=a).status
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(pay, range(40)))
+    assert [200] * 40 == statuses
+    assert before == deadlocks(charter)
+    assert (Decimal("1000"), Decimal("1000")) == (
+        card(charter, a).balance,
+        card(charter, b).balance,
+    )
+    with pytest.raises(NotFound):
+        charter.execute(ALICE, "card.pay_by_code", {"code": "NONE", "to": a, "amount": "1"})
+    add_card(charter, "globex", "G")
+    with pytest.raises(NotFound):  # another tenant's code: not found either
+        charter.execute(ALICE, "card.pay_by_code", {"code": "G", "to": a, "amount": "1"})
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize(("retries", "statuses"), [(3, [200, 200]), (0, [200, 409])])
 def test_a_deadlock_is_retried_inside_the_gate_then_answered_409(

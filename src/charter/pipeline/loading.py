@@ -110,6 +110,8 @@ class Loader:
             stmt = stmt.with_for_update(of=table if adopter.plain else resource.model)
         self._width = len(adopter.columns)
         self._folded = claim and adopter.plain
+        self._by = by
+        self._key_statement: Select[Any] | None = None
         if self._folded:
             stmt = self._claiming(stmt)
         elif claim:
@@ -144,6 +146,22 @@ class Loader:
             return session.execute(self.statement, params).scalar_one_or_none()
         row = (connection or session.connection()).execute(self.statement, params).first()
         return None if row is None else self._adopter.adopt(session, row)
+
+    def primary_key(
+        self, session: Session, params: dict[str, Any], connection: Connection | None = None
+    ) -> Any:
+        """The primary key of the record the locator finds, tenant-scoped and unlocked (None:
+        no such record): a record located by another column is then locked by its key."""
+        if self._key_statement is None:
+            resource = self.resource
+            stmt = select(resource.column(resource.id)).where(
+                resource.column(self._by or resource.id) == bindparam("t_id")
+            )
+            if resource.tenant is not None:
+                stmt = stmt.where(resource.column(resource.tenant) == bindparam("c_tenant"))
+            self._key_statement = stmt.execution_options(**{SCOPED: True})
+        connection = connection or session.connection()
+        return connection.execute(self._key_statement, params).scalar_one_or_none()
 
     def claim(
         self, session: Session, params: dict[str, Any], connection: Connection | None = None

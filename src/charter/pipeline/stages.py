@@ -231,8 +231,7 @@ def load(a: Assembly) -> Stage | None:
             wanted.append((resource, spec.by, key))
         declared = [] if spec.locks is None else _declared_locks(a, call)
         wanted.extend((resource, None, key) for resource, key in declared)
-        order = sorted(set(wanted), key=lambda w: (w[0].name, w[1] or "", repr(w[2])))
-        found = {w: statements.load(call, w[0], w[1], w[2]) for w in order}
+        found = statements.load_in_order(call, wanted)
         if spec.target is not None:
             call.record = found[wanted[0]]
             if call.record is None:
@@ -302,11 +301,60 @@ class _Statements:
     def load(self, call: Call, resource: ResourceSpec, by: str | None, key: Any) -> Any:
         if key is None:
             return None
+        return self._loader(resource, by).load(_session(call), self._params(call, key),
+                                               call.connection)  # fmt: skip
+
+    def load_in_order(
+        self, call: Call, wanted: list[tuple[ResourceSpec, str | None, Any]]
+    ) -> dict[tuple[ResourceSpec, str | None, Any], Any]:
+        """Each wanted (resource, locator column, value) record, or None, locked in (table,
+        primary key) order: two calls locking the same rows lock them in the same order,
+        however each located them.
+
+        When several records are locked, one located by another unique column
+        (``by=``) is first found unlocked, by its primary key, then locked by it with
+        the rest; if the column no longer holds the value once the row is locked (it
+        changed meanwhile), the record is not found.
+        """
+        by_key = self.lock and len(set(wanted)) > 1
+        located: dict[tuple[ResourceSpec, str | None, Any], Any] = {}
+        for resource, by, key in wanted:
+            if by_key and by is not None and key is not None:
+                loader = self._loader(resource, by)
+                key_of = loader.primary_key(
+                    _session(call), self._params(call, key), call.connection
+                )
+                located[(resource, by, key)] = key_of
+            else:
+                located[(resource, by, key)] = key
+
+        def lock_of(
+            w: tuple[ResourceSpec, str | None, Any],
+        ) -> tuple[ResourceSpec, str | None, Any]:
+            return (w[0], None if by_key else w[1], located[w])
+
+        order = sorted(
+            {lock_of(w) for w in located},
+            key=lambda r: (r[0].name, r[1] or "", r[2] is not None, 0 if r[2] is None else r[2]),
+        )
+        loaded = {r: self.load(call, *r) for r in order}
+        found: dict[tuple[ResourceSpec, str | None, Any], Any] = {}
+        for w in located:
+            record, (_, by, key) = loaded[lock_of(w)], w
+            if record is not None and by_key and by is not None and getattr(record, by) != key:
+                record = None  # re-keyed between the lookup and the lock
+            found[w] = record
+        return found
+
+    def _loader(self, resource: ResourceSpec, by: str | None) -> Loader:
         loader = self._built.get((resource.name, by))
         if loader is None:
             loader = self._built[(resource.name, by)] = Loader(resource, by=by, lock=self.lock)
-        params = {"t_id": key, "c_tenant": call.ctx.actor.tenant_id}
-        return loader.load(_session(call), params, call.connection)
+        return loader
+
+    @staticmethod
+    def _params(call: Call, key: Any) -> dict[str, Any]:
+        return {"t_id": key, "c_tenant": call.ctx.actor.tenant_id}
 
 
 def precondition(a: Assembly) -> Stage | None:
