@@ -24,7 +24,7 @@ from sqlalchemy.orm.base import instance_state
 
 from ..idempotency.store import claim_insert, claim_or_taken, lookup
 from ..resources import ResourceSpec
-from .tenancy import SCOPED
+from .tenancy import SCOPED, loaded_in_tenant
 
 __all__ = ["Adopter", "Loader"]
 
@@ -52,11 +52,13 @@ class Adopter:
         identity = self._mapper.identity_key_from_primary_key((row[self.pk_index],))
         existing = session.identity_map.get(identity)
         if existing is not None:  # already in this session: the same object, as the ORM does
+            loaded_in_tenant(session, existing)  # the row was read in the tenant (its SQL says)
             return existing
         record = self._mapper.class_manager.new_instance()
         record.__dict__.update(zip(self._keys, row, strict=True))
         make_transient_to_detached(record)  # as if freshly loaded: no history, key set
         session.add(record)  # persistent, no SQL
+        loaded_in_tenant(session, record)
         return record
 
     def detached(self, result: Result[Any]) -> list[Any]:
@@ -143,7 +145,10 @@ class Loader:
         ``connection``: the session's own, when the caller already holds it.
         """
         if not self._adopter.plain:
-            return session.execute(self.statement, params).scalar_one_or_none()
+            record = session.execute(self.statement, params).scalar_one_or_none()
+            if record is not None:
+                loaded_in_tenant(session, record)
+            return record
         row = (connection or session.connection()).execute(self.statement, params).first()
         return None if row is None else self._adopter.adopt(session, row)
 

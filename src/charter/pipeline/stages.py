@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -550,9 +551,19 @@ def track(a: Assembly) -> Stage:
             call.version = _bump(spec.resource, record, created=spec.creates)
         elif record is not None and spec.resource is not None and spec.resource.version:
             call.version = int(getattr(record, spec.resource.version))
-        for obj, before in tenancy.changed(session).items():
+        changed = tenancy.changed(session)
+        for obj, before in changed.items():
             if obj is not record:
                 call.touched.append(_touched(tenancy, session, obj, before, bump=True))
+        if session.new or session.deleted or any(_relinks(obj) for obj in session.dirty):
+            # The flush may write foreign keys of records the session does not list as
+            # changed (a collection's append or clear, a parent's delete, a new parent's
+            # children): flushed now, the tenant guard's after-flush hook notes them, and
+            # they are bumped and named too.
+            session.flush()
+            for obj, before in tenancy.changed(session).items():
+                if obj not in changed and obj is not record:
+                    call.touched.append(_touched(tenancy, session, obj, before, bump=True))
         for obj in TenantGuard.created(session):
             if obj is not record:
                 call.touched.append(_touched(tenancy, session, obj, None, bump=False))
@@ -578,7 +589,7 @@ def _touched(
 ) -> Touched:
     resource = tenancy.resource_of(obj)
     assert resource is not None  # tracked objects are of declared resources
-    deleted = obj in session.deleted
+    deleted = obj in session.deleted or sa_inspect(obj).was_deleted  # or already flushed
     if bump and not deleted:
         _bump(resource, obj, created=False)
     return Touched(
@@ -588,6 +599,14 @@ def _touched(
         None if deleted else resource.state_of(obj),
         deleted=deleted,
     )
+
+
+def _relinks(obj: Any) -> bool:
+    """Whether ``obj`` has a changed relationship, which its flush turns into foreign keys
+    (possibly of other records)."""
+    state = sa_inspect(obj)
+    relationships = state.mapper.relationships
+    return any(key in relationships for key in state.committed_state)
 
 
 def _bump(resource: ResourceSpec | None, record: Any, *, created: bool) -> int | None:
