@@ -74,13 +74,14 @@ from ..idempotency.store import (
     outcome_table,
 )
 from ..pipeline.build import Pipeline
-from ..pipeline.call import Call, Refusal
+from ..pipeline.call import Call, Refusal, Stage
 from ..pipeline.run import CLAIM_ATTEMPTS, contention, refusal_entry, run
 from ..pipeline.runtime import Runtime
 from ..pipeline.stages import check_reason
 from ..pipeline.tenancy import SCOPED, TenantGuard
 from ..pipeline.writes import Committer, finish
 from ..policy import ActionPolicy
+from ..policy.visibility import hidden_fields, redact
 from ..resources import ResourceSpec
 from ..storage import translate_errors
 from .batch import (
@@ -142,6 +143,8 @@ class Bulk:
         self.committer = committer
         self.max_batch = max_batch
         self._lockers: dict[tuple[str, str | None], Any] = {}
+        #: Per action: its pipeline, and the same without the rate limit stage.
+        self._counted: dict[str, tuple[Pipeline, Pipeline]] = {}
 
     def execute(self, request: BatchRequest) -> BatchOutcome:
         """Run every item of ``request`` through its action's pipeline, in its mode."""
@@ -177,36 +180,122 @@ class Bulk:
     def _per_item(
         self, request: BatchRequest, items: list[_Item], fingerprint: str | None
     ) -> BatchOutcome:
+        """Each item counted, then run, as its single call; the batch's key claimed once counted.
+
+        Every item is counted against the rate limits as its single call is, before
+        its input is looked at: an item over the limit is refused ``rate_limited``,
+        an invalid one too (it is refused ``invalid_input`` only under the limit).
+        The batch's key is claimed (or its stored result replayed) once an item has
+        passed its count, so a batch none of whose items passes (an actor over the
+        limit) writes no idempotency record and is answered item by item, unstored;
+        a replay counts every item, as their single retries would be counted: an item
+        over the limit is answered ``rate_limited`` instead of its stored result
+        (:meth:`_counted_replay`).
+        """
+        spec = request.spec
         batch_call = self._batch_call(request, fingerprint)
-        if fingerprint is not None:
-            stored = self._claim_batch(request, batch_call)
-            if stored is not None:
-                return stored
+        counter = _stage(request.pipeline, "rate_limit")
+        counted = self._without(request.pipeline, counter)
+        claimed = fingerprint is None
+        over: dict[int, CharterError] = {}  # the items refused by their count
         results: list[BatchItem] = []
         rate_limit: tuple[Any, ...] = ()
         for item in items:
-            if item.error is not None:
-                results.append(BatchItem.refused(item.position, item.error))
-                continue
             key = None if request.key is None else item_key(request.key, item.position)
             call = Call(
-                request.spec, self._context(request, item.position, key),
+                spec, self._context(request, item.position, key),
                 raw_input=item.data, target=item.target,
             )  # fmt: skip
+            pipeline = request.pipeline
+            if counter is not None and (item.error is not None or not claimed):
+                try:
+                    _count(counter, call)  # as the single call, before its input is read
+                except CharterError as exc:
+                    over[item.position] = exc
+                    results.append(BatchItem.refused(item.position, exc))
+                    continue
+                pipeline = counted
+            if not claimed:
+                try:
+                    stored = self._claim_batch(request, batch_call)
+                except BaseException:
+                    _release(call)
+                    raise
+                if stored is not None:
+                    _release(call)
+                    rest = items[item.position + 1 :]
+                    return self._counted_replay(counter, request, rest, over, stored)
+                claimed = True
+            if item.error is not None:
+                _release(call)
+                rate_limit = call.rate_limit or rate_limit
+                results.append(BatchItem.refused(item.position, item.error))
+                continue
             try:
-                outcome = run(request.pipeline, call)
+                outcome = run(pipeline, call)
             except CharterError as exc:
                 results.append(BatchItem.refused(item.position, exc))
                 continue
             rate_limit = outcome.rate_limit or rate_limit
             results.append(BatchItem.of(item.position, outcome))
         batch = BatchOutcome(
-            request.spec.name, BulkMode.PER_ITEM, tuple(results), request.request_id,
+            spec.name, BulkMode.PER_ITEM, tuple(results), request.request_id,
             rate_limit=rate_limit,
         )  # fmt: skip
-        if fingerprint is not None:
+        if fingerprint is not None and claimed:
             self._store_batch(batch_call, batch)
         return batch
+
+    def _counted_replay(
+        self,
+        counter: Stage | None,
+        request: BatchRequest,
+        rest: Sequence[_Item],
+        over: dict[int, CharterError],
+        stored: BatchOutcome,
+    ) -> BatchOutcome:
+        """A stored batch's replay, each item counted as its single retry would be.
+
+        A replay counts one call per item, of the action's class (the items the
+        loop did not reach are counted here). An item over the limit is answered as
+        its single retry would be, refused ``rate_limited``; the others are their
+        stored results, marked replayed. Such an answer is not the whole stored
+        result: it is not marked replayed, and nothing is stored for it.
+        """
+        if counter is not None:
+            for item in rest:
+                call = Call(request.spec, self._context(request, item.position, None))
+                try:
+                    _count(counter, call)
+                except CharterError as exc:
+                    over[item.position] = exc
+                    continue
+                _release(call)
+        if not over:
+            return stored
+        items = tuple(
+            BatchItem.refused(item.position, over[item.position])
+            if item.position in over
+            else dataclasses.replace(item, status="replayed")
+            if item.error is None
+            else dataclasses.replace(item, replayed=True)
+            for item in stored.items
+        )
+        return BatchOutcome(
+            request.spec.name, BulkMode.PER_ITEM, items, request.request_id, replayed=False
+        )
+
+    def _without(self, pipeline: Pipeline, stage: Stage | None) -> Pipeline:
+        """``pipeline`` without ``stage`` (the rate limit, for an item counted already)."""
+        if stage is None:
+            return pipeline
+        cached = self._counted.get(pipeline.action)
+        if cached is None or cached[0] is not pipeline:
+            prepare = tuple(s for s in pipeline.prepare if s is not stage)
+            cached = self._counted[pipeline.action] = (
+                pipeline, dataclasses.replace(pipeline, prepare=prepare)
+            )  # fmt: skip
+        return cached[1]
 
     def _claim_batch(self, request: BatchRequest, batch_call: Call) -> BatchOutcome | None:
         """Commit the batch's claim; answer a stored or another request's key instead.
@@ -231,11 +320,9 @@ class Bulk:
                 return None
             stored = StoredOutcome.from_row(row) if row.completed_at is not None else None
             outcome = claims.replay_stored(
-                self.committer, batch_call, stored, row.fingerprint, row.action
+                self.committer, batch_call, stored, row.fingerprint, row.action, batch=True
             )
-            return BatchOutcome.from_json(
-                outcome.body, request_id=request.request_id, replayed=True
-            )
+            return _replayed(request, batch_call, outcome.body)
         raise IdempotencyKeyInProgress("The batch's Idempotency-Key keeps changing; retry shortly.")
 
     def _lookup(self, call: Call) -> Any:
@@ -277,11 +364,11 @@ class Bulk:
                 try:
                     return self._transact(request, batch_call, calls, failures)
                 except claims.ClaimTaken:
-                    outcome = claims.answer_duplicate(self.runtime, self.committer, batch_call)
+                    outcome = claims.answer_duplicate(
+                        self.runtime, self.committer, batch_call, batch=True
+                    )
                     if outcome is not None:
-                        return BatchOutcome.from_json(
-                            outcome.body, request_id=request.request_id, replayed=True
-                        )
+                        return _replayed(request, batch_call, outcome.body)
                     for _, call in calls:
                         call.restart()
             raise IdempotencyKeyInProgress(
@@ -294,14 +381,26 @@ class Bulk:
     def _prepare(
         self, request: BatchRequest, item: _Item, failures: list[tuple[int, CharterError]]
     ) -> Call | None:
-        """The item's stages before the transaction (rate limit, validation), or its failure."""
-        if item.error is not None:
-            failures.append((item.position, item.error))
-            return None
+        """The item's stages before the transaction (rate limit, validation), or its failure.
+
+        An item that could not be parsed is still counted against the rate limits
+        first, as its single call is: over the limit, its failure is ``rate_limited``.
+        """
         call = Call(
             request.spec, self._context(request, item.position, request.key),
             raw_input=item.data, target=item.target,
         )  # fmt: skip
+        if item.error is not None:
+            counter = _stage(request.pipeline, "rate_limit")
+            try:
+                if counter is not None:
+                    _count(counter, call)
+            except CharterError as exc:
+                failures.append((item.position, exc))
+                return None
+            _release(call)
+            failures.append((item.position, item.error))
+            return None
         try:
             try:
                 for stage in request.pipeline.prepare:
@@ -326,7 +425,7 @@ class Bulk:
         """The batch's one transaction: claim, lock in order, every item, one commit."""
         runtime, spec = self.runtime, request.spec
         found = list(failures)
-        refused: list[AuditEntry] = []
+        refused: dict[int, AuditEntry] = {}
         lease = runtime.audit_trail.lease()
         try:
             with translate_errors(), _contended(), runtime.sessions() as session:
@@ -342,7 +441,7 @@ class Bulk:
                     if failed is not None:
                         found.append((position, failed[0]))
                         if failed[1] is not None:
-                            refused.append(failed[1])
+                            refused[position] = failed[1]
                 if not found:
                     return self._commit(session, connection, lease, request, batch_call, calls)
                 session.rollback()
@@ -410,20 +509,52 @@ class Bulk:
         return batch
 
     def _audit_failed(
-        self, refused: list[AuditEntry], calls: list[tuple[int, Call]], failed: set[int]
+        self, refused: dict[int, AuditEntry], calls: list[tuple[int, Call]], failed: set[int]
     ) -> None:
-        """A failed batch's trail: each refusal as its single call's; the others, not applied."""
-        entries = list(refused)
-        for position, call in calls:
+        """A failed batch's trail: each refusal as its single call's; the others, not applied.
+
+        Nothing of the batch committed, so no entry records a state the batch itself
+        produced. An item that read a record an earlier item of the batch had changed
+        (the same invoice twice: the second saw the first's uncommitted ``approved``)
+        is recorded with the record's state as it was before the batch — the state it
+        had throughout, committed — as both its state before and after; ``None`` when
+        the batch never read that state (the record was only changed as a side effect).
+        The items that passed are recorded with outcome ``batch_failed`` and state after
+        = state before (that same pre-batch state).
+        """
+        entries: list[AuditEntry] = []
+        passed: list[AuditEntry] = []
+        changed: dict[tuple[str | None, str | None], str | None] = {}  # record -> pre-batch state
+
+        def committed(entry: AuditEntry) -> AuditEntry:
+            record = (entry.resource_type, entry.resource_id)
+            if entry.resource_id is None or record not in changed:
+                return entry
+            state = changed[record]
+            return dataclasses.replace(entry, state_before=state, state_after=state)
+
+        for position, call in calls:  # in order: what each item saw, and what it changed
+            if position in refused:
+                entries.append(committed(refused[position]))
+                continue
             if position in failed:
                 continue
             for entry in call.writes.entries:
                 detail = {k: v for k, v in (entry.detail or {}).items() if k != "touched"}
+                not_applied = committed(entry)
                 not_applied = dataclasses.replace(
-                    entry, outcome=BatchFailed.code, state_after=entry.state_before
+                    not_applied, outcome=BatchFailed.code, state_after=not_applied.state_before
                 )
                 not_applied.detail = detail or None
-                entries.append(not_applied)
+                passed.append(not_applied)
+                # This item's savepoint was kept: what it changed, later items saw changed.
+                if entry.resource_id is not None:
+                    changed.setdefault((entry.resource_type, entry.resource_id), entry.state_before)
+                for touched in (entry.detail or {}).get("touched", ()):
+                    changed.setdefault(
+                        (touched.get("type"), touched.get("id")), touched.get("before")
+                    )
+        entries.extend(passed)
         if entries:
             with self.committer.transaction() as (session, lease):
                 self.committer.write(session, lease, entries, None)
@@ -523,6 +654,50 @@ class Bulk:
         call = Call(request.spec, ctx)
         call.fingerprint = fingerprint
         return call
+
+
+def _stage(pipeline: Pipeline, name: str) -> Stage | None:
+    return next((stage for stage in pipeline.prepare if stage.name == name), None)
+
+
+def _count(counter: Stage, call: Call) -> None:
+    """Count ``call`` against its rate class now (its reply read): 429 over the limit.
+
+    What the count holds (a concurrency slot) stays in ``call.releases`` for the
+    runner to give back; on a refusal it is given back here.
+    """
+    try:
+        try:
+            counter.run(call)
+        finally:
+            call.settle()
+    except BaseException:
+        _release(call)
+        raise
+
+
+def _release(call: Call) -> None:
+    releases, call.releases = call.releases, ()
+    for release in releases:
+        release()
+
+
+def _replayed(request: BatchRequest, batch_call: Call, body: Any) -> BatchOutcome:
+    """A stored batch result as the actor asking now may see it (field visibility).
+
+    The items' bodies were stored as the original caller saw them; the fields the
+    current actor may not see (:func:`~charter.policy.visibility.hidden_fields`,
+    for this actor and context, as for a fresh result) are left out. Only removes.
+    """
+    batch = BatchOutcome.from_json(body, request_id=request.request_id, replayed=True)
+    hidden = hidden_fields(request.spec.resource, batch_call.ctx.actor, batch_call.ctx)
+    if not hidden:
+        return batch
+    items = tuple(
+        item if item.body is None else dataclasses.replace(item, body=redact(item.body, hidden))
+        for item in batch.items
+    )
+    return dataclasses.replace(batch, items=items)
 
 
 def _check_batch_key(spec: ActionSpec, key: str | None) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from ..decision import Decision
 from ..errors import CharterError
 from ..outcome import Outcome
+from ..policy.visibility import redact_for
 from .keys import IdempotencyKeyInProgress, IdempotencyKeyReused, ReplayedError
 from .recovery import StepRunner, takeover_statement
 from .store import (
@@ -128,6 +129,8 @@ def answer_duplicate(
     call: Call,
     claim: Any = None,
     write: Callable[[AuditEntry], None] | None = None,
+    *,
+    batch: bool = False,
 ) -> Outcome | None:
     """Answer a call whose key was taken: a replay, a 409 or 422, or ``None`` to run again.
 
@@ -135,7 +138,8 @@ def answer_duplicate(
     ``None`` when the holder rolled back (claim again) or when this call has
     just taken an abandoned multi-phase request over (``call.resume`` is set).
     ``write``: where the answer's audit entry goes (the caller's transaction);
-    by default, written on its own (:meth:`Committer.alone`).
+    by default, written on its own (:meth:`Committer.alone`). ``batch``: the key is a
+    batch's (see :func:`replay_stored`).
     """
     row = claim if claim is not None else _claim_of_call(runtime, call)
     if row is None:
@@ -151,7 +155,7 @@ def answer_duplicate(
     stored = StoredOutcome.from_row(row) if done else None
     if stored is not None:
         runtime.outcomes.put(call.ctx.idempotency_scope, stored)
-    return replay_stored(committer, call, stored, row.fingerprint, row.action, write)
+    return replay_stored(committer, call, stored, row.fingerprint, row.action, write, batch=batch)
 
 
 def _claim_of_call(runtime: Runtime, call: Call) -> Any:
@@ -178,10 +182,22 @@ def replay_stored(
     stored_fingerprint: str,
     stored_action: str,
     write: Callable[[AuditEntry], None] | None = None,
+    *,
+    batch: bool = False,
 ) -> Outcome:
     """Replay a stored outcome (audited as a replay), or refuse another request's key (422).
 
     ``write``: where the audit entry goes (by default, on its own: :meth:`Committer.alone`).
+
+    The body is stored as the *original* caller could see it; it is answered as
+    the caller asking now may see it: the fields hidden from this actor (field
+    visibility, :func:`charter.policy.visibility.redact_for`, evaluated for the
+    current actor and context, as the ``visibility`` stage does for a fresh
+    outcome) are left out, so an actor who has lost a field's condition since
+    cannot read it back through a retry. Redaction only removes members; it
+    reads nothing from the database. ``batch``: the body is a stored batch
+    result (:class:`~charter.data.batch.BatchOutcome` JSON), answered as stored:
+    its items' bodies are redacted by the bulk driver (:mod:`charter.data.bulk`).
     """
     write = write or committer.alone
     if stored_fingerprint != call.fingerprint or stored is None:
@@ -197,10 +213,15 @@ def replay_stored(
     write(entry)
     if stored.error:
         raise ReplayedError(dict(stored.error))
+    body = (
+        stored.body
+        if batch
+        else redact_for(call.spec.resource, call.ctx.actor, stored.body, call.ctx)
+    )
     return Outcome(
         action=call.spec.name,
         status=stored.status,
-        body=stored.body,
+        body=body,
         request_id=call.ctx.request_id,
         resource_id=stored.resource_id,
         version=stored.version,
