@@ -70,6 +70,29 @@ def test_the_library_round_trip(demo, clock):
     assert ["invoice.create"] == [a["action"] for a in mine["actions"]]
 
 
+def test_lists_and_exports_on_someones_behalf_need_a_reason_and_record_it(demo):
+    """As a single read does (found by an attack run: a support user listed and exported a
+    customer's invoices with no reason in the trail)."""
+    charter, sessions = demo
+    opened = sessions.open(SAM, "alice", reason=WHY)
+    actor = authenticate(sessions.signer, opened.token, sessions)
+    with pytest.raises(ReasonRequired):
+        charter.list_records(actor, "invoice.get")
+    with pytest.raises(ReasonRequired):
+        charter.export(actor, "invoice.export")
+    charter.list_records(actor, "invoice.get", reason="ticket 4711: wrong totals")
+    with charter.export(actor, "invoice.export", reason="ticket 4711: wrong totals") as stream:
+        b"".join(stream)
+    a = audit_table.c
+    with charter.engine.connect() as conn:
+        rows = conn.execute(
+            select(a.action, a.outcome, a.real_actor, a.reason).where(a.real_actor == "sam")
+        ).all()
+    listed = {(r.action, r.reason) for r in rows if r.action in ("invoice.get", "invoice.export")}
+    assert {("invoice.get", "ticket 4711: wrong totals"),
+            ("invoice.export", "ticket 4711: wrong totals")} == listed  # fmt: skip
+
+
 def test_refusals_of_opening(demo):
     _, sessions = demo
     with pytest.raises(Forbidden):

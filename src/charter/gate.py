@@ -49,6 +49,7 @@ from .outcome import Outcome
 from .pipeline import Call, Pipeline, PipelineBuilder, StageFactory
 from .pipeline.run import run
 from .pipeline.runtime import Runtime
+from .pipeline.stages import check_reason
 from .policy import ActionPolicy, PermissionMatrix
 from .ratelimit import RateLimiter
 from .ratelimit.stage import limit_list
@@ -376,6 +377,7 @@ class Charter:
         max_page: int | None = None,
         channel: Channel | str = Channel.HTTP,
         request_id: str | None = None,
+        reason: str | None = None,
     ) -> data.Page:
         """One page of the records ``actor`` may ``action`` (:func:`charter.data.list_records`).
 
@@ -383,10 +385,13 @@ class Charter:
         previous page's opaque ``next``; ``sort`` one visible column (``"-amount"``),
         ``where`` equality filters on visible columns. With rate limits, each page
         counts as a read (an export's page as an export), and the page's
-        ``rate_limit`` holds what its ``RateLimit`` fields say.
+        ``rate_limit`` holds what its ``RateLimit`` fields say. ``reason``: as for
+        :meth:`execute`, required when acting on someone's behalf or when the action
+        says so (400 ``reason_required``), and recorded in the page's audit entry.
         """
         spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
         limited = () if self.rate_limiter is None else (limit_list(self.rate_limiter, spec, ctx),)
+        ctx.reason = reason  # checked after the credential (403 first), as execute checks it
         cap = self.max_page if max_page is None else min(max_page, self.max_page)
         return data.list_records(
             self._builder.committer, spec, self.policy_of(action), ctx, limit=limit, after=after,
@@ -414,7 +419,7 @@ class Charter:
         ``reason`` is recorded in both entries (an operator's ``charter export`` gives one).
         """
         spec, ctx = self.spec(action), self._context(actor, action, channel, request_id)
-        ctx.reason = reason
+        ctx.reason = check_reason(spec, ctx.actor, reason)
         return data.start_export(
             self._pipelines[action], spec, self.policy_of(action), ctx,
             format=format, sort=sort, where=where, fields=fields,

@@ -30,6 +30,14 @@ database; in Python for any other column whose value is not a number, a
 boolean or a date (an enum, JSON, a ``TypeDecorator`` over text: what it
 returns is only known once it has run). An enum is written as its value, as
 the JSON of a single read shows it, in both formats.
+
+Every JSON line is RFC 8259 JSON, which has no NaN or infinity: a float that
+is not finite (PostgreSQL stores ``'NaN'``, ``'Infinity'`` and
+``'-Infinity'`` in a float column, and a JSON column may hold them) is written
+as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` — what a ``Decimal``
+column's same values are written as, and what ``float()``, ``Decimal()`` and a
+Pydantic ``float`` or ``Decimal`` field (``charter import``) read back as the
+same value. A finite float is written as a JSON number, as it always was.
 """
 
 from __future__ import annotations
@@ -374,12 +382,37 @@ def _json_value(value: Any) -> Any:
     return str(value)  # a UUID, or any other type: never a failure mid-stream
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with each float that is not finite as a string: ``"NaN"``, ``"Infinity"``..."""
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        return ("Infinity" if value > 0 else "-Infinity") if value in _INFINITIES else value
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return _finite(value.value)
+    return value
+
+
+_INFINITIES: Final = (float("inf"), float("-inf"))
+
+
 def _jsonl(fields: list[str]) -> Any:
+    """The JSON-lines encoder: strict JSON, a non-finite float as a string (module doc)."""
+
     def encode(rows: Sequence[Sequence[Any]]) -> bytes:
-        lines = [
-            json.dumps(dict(zip(fields, row, strict=True)), default=_json_value, ensure_ascii=False)
-            for row in rows
-        ]
+        docs = [dict(zip(fields, row, strict=True)) for row in rows]
+        try:
+            lines = [_json_line(doc) for doc in docs]
+        except ValueError:  # a NaN or an infinity somewhere in the chunk: rare, so looked for then
+            lines = [_json_line(_finite(doc)) for doc in docs]
         return ("\n".join(lines) + "\n").encode()
 
     return encode
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, default=_json_value, ensure_ascii=False, allow_nan=False)

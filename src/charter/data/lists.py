@@ -15,6 +15,18 @@ choose is bounded and checked before any query:
 * the **cursor** (``after``): the opaque ``next`` of the previous page of the
   same list, as the same actor (:mod:`charter.data.cursors`).
 
+A cursor holds the sort value as the database compares it, not as Python
+reads it back: SQLite stores what it is given (``100.001`` in a
+``Numeric(12, 2)`` column, a datetime text in any format, a wall time for
+``DateTime(timezone=True)``) and SQLAlchemy rounds or parses it on the way out,
+so on SQLite a column whose type converts what it reads is paged by its stored
+value (selected alongside the page's rows); on PostgreSQL, where the column
+already holds its own type's values, only a read that converts them
+(``Numeric(asdecimal=False)``, ``Float(asdecimal=True)``, a ``TypeDecorator``)
+is. A page whose rows start at the very position it was asked to start after
+is refused (400 ``invalid_page`` on ``sort``) rather than answered with a
+``next`` that would return it again.
+
 A hidden field (:mod:`charter.policy.visibility`) cannot be sorted or
 filtered by: it is refused as an unknown field is, so that neither its values
 nor its existence leak.
@@ -22,7 +34,9 @@ nor its existence leak.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +56,7 @@ from ..decision import Decision
 from ..errors import ConfigurationError, Forbidden, InvalidPage
 from ..pipeline.call import entry_for
 from ..pipeline.loading import Adopter
+from ..pipeline.stages import check_reason
 from ..pipeline.writes import Committer
 from ..policy import ActionPolicy
 from ..policy.visibility import hidden_fields, redact
@@ -69,6 +84,16 @@ MAX_FILTERS: Final = 8
 MAX_LIMIT_DIGITS: Final = 18
 #: The Python types a sort key may have: what a cursor carries (:mod:`.cursors`).
 _SORTABLE_TYPES: Final = (bool, int, float, Decimal, str, datetime, date)
+#: The label of the stored sort value selected alongside a page's rows (:meth:`ListQuery.keyed`).
+_STORED_KEY: Final = "charter_cursor_sort_value"
+#: SQLite: the stored value as the driver returns it, no conversion (:func:`_cursor_type`).
+_STORED: Final = sa.types.NullType()
+#: SQLite: a stored value bound back as it is (an integer, a double, a text).
+_STORED_BINDS: Final[tuple[tuple[type, Any], ...]] = (
+    (int, sa.Integer()),
+    (float, sa.Double()),
+    (str, sa.String()),
+)
 
 
 def check_max_page(value: int, where: str) -> int:
@@ -84,12 +109,16 @@ class ListQuery:
 
     ``sort`` is the column (``None``: the id), ``descending`` its direction,
     ``where`` the equality filters as (column, coerced value), sorted by name.
+    ``stored``: the type a cursor reads and binds the sort value with, when the
+    column's own would not give back the value the database compares
+    (:meth:`on`; ``None``: the column's own).
     """
 
     resource: ResourceSpec
     sort: str | None
     descending: bool
     where: tuple[tuple[str, Any], ...]
+    stored: Any = None
 
     @classmethod
     def parse(
@@ -142,10 +171,30 @@ class ListQuery:
             action=action, filter=self.where, sort=self.sort_key,
         )  # fmt: skip
 
-    def position(self, record: Any) -> list[Any]:
-        """The keyset position of ``record``: its sort value (if not the id) and its id."""
+    def on(self, dialect: Any) -> ListQuery:
+        """This query as paged on ``dialect``: with the type its cursors hold the sort value in."""
+        if self.sort is None:
+            return self
+        stored = _cursor_type(self.resource.column(self.sort), dialect)
+        return self if stored is None else dataclasses.replace(self, stored=stored)
+
+    def keyed(self, stmt: Select[Any]) -> Select[Any]:
+        """``stmt`` selecting the stored sort value too, last, when the cursor holds that."""
+        if self.stored is None or self.sort is None:
+            return stmt
+        column = self.resource.column(self.sort)
+        return stmt.add_columns(sa.type_coerce(column, self.stored).label(_STORED_KEY))
+
+    def position(self, record: Any, stored: Any = None) -> list[Any]:
+        """The keyset position of ``record``: its sort value (if not the id) and its id.
+
+        ``stored``: the sort value as the database holds it (:meth:`keyed`),
+        used instead of the record's when the query pages by it.
+        """
         key = [getattr(record, self.resource.id)]
-        return key if self.sort is None else [getattr(record, self.sort), *key]
+        if self.sort is None:
+            return key
+        return [stored if self.stored is not None else getattr(record, self.sort), *key]
 
     def apply(self, stmt: Select[Any], position: list[Any] | None) -> Select[Any]:
         """``stmt`` filtered, positioned after ``position`` and ordered (values bound)."""
@@ -159,7 +208,7 @@ class ListQuery:
                 stmt = stmt.where(after(id_column, _bound(id_column, position[-1])))
             else:
                 column = spec.column(self.sort)
-                value = _bound(column, position[0])
+                value = _bound(column, position[0], self.stored)
                 stmt = stmt.where(
                     sa.or_(
                         after(column, value),
@@ -231,6 +280,7 @@ def list_records(
     actor = ctx.actor
     hidden = hidden_fields(resource, actor, ctx)
     query = ListQuery.parse(resource, hidden, sort=sort, where=where)
+    query = query.on(committer.runtime.engine.dialect)
     binding = query.binding(spec.name, actor)
     position = None if after is None else cursors.open(after, binding)
     if position is not None and len(position) != (1 if query.sort is None else 2):
@@ -240,13 +290,22 @@ def list_records(
         committer.alone(entry_for(spec, ctx, None, None, denial, "forbidden", None,
                                   detail={"explanation": denial.reason}))  # fmt: skip
         raise Forbidden(denial.public_reason, decision=denial)
+    # On someone's behalf (or for an action that says so) a list needs a reason, as a read.
+    ctx.reason = check_reason(spec, actor, ctx.reason)
     stmt, params = _statement(policy, query, ctx, size + 1, position)
     adopter = committer.runtime.adopter(resource.model)
     with committer.audited_read() as (connection, entries):  # no entry written, no page
-        rows = _records(adopter, connection, stmt, params)
+        rows, stored = _records(adopter, connection, stmt, params, query.stored is not None)
         page, more = rows[:size], len(rows) > size
+        if position is not None and page:
+            _check_progress(query, position, page, stored)
         # Sealed before the entry: a page that cannot be returned is not audited as listed.
-        cursor = cursors.seal(binding, query.position(page[-1])) if more and page else None
+        cursor = None
+        if more and page:
+            last = len(page) - 1  # ``stored`` runs one row further: the row that told "more"
+            cursor = cursors.seal(
+                binding, query.position(page[last], stored[last] if stored else None)
+            )
         detail = {"listed": len(page), "after": after is not None, **query.describe()}
         entries.append(entry_for(spec, ctx, None, None, Decision.allow("filter"), "ok", None,
                                  detail=detail))  # fmt: skip
@@ -278,18 +337,53 @@ def page_size(limit: Any, max_page: int) -> int:
     return min(limit, max_page)
 
 
-def _records(adopter: Adopter, connection: Connection, stmt: Select[Any], params: Any) -> list[Any]:
+def _records(
+    adopter: Adopter, connection: Connection, stmt: Select[Any], params: Any, keyed: bool
+) -> tuple[list[Any], list[Any]]:
     """The page's records, detached: what the ORM loads, for less on a plain mapper.
 
     A plain mapper's rows are read in Core and made instances directly
     (:meth:`~charter.pipeline.loading.Adopter.detached`, a third of the ORM's
     cost per row); any other mapper is loaded by the ORM in a session on the
     same connection, so nothing the application declared on it is skipped.
+    ``keyed``: the statement also selects each row's stored sort value, last
+    (:meth:`ListQuery.keyed`); they are returned too (else an empty list).
     """
     if adopter.plain:
-        return adopter.detached(connection.execute(stmt, params))
+        result = connection.execute(stmt, params)
+        if not keyed:
+            return adopter.detached(result), []
+        frozen = result.freeze()  # read once: the records from all but the last column
+        width = len(frozen().keys()) - 1
+        return adopter.detached(frozen().columns(*range(width))), [r[-1] for r in frozen.data]
     with Session(bind=connection, expire_on_commit=False) as session:
-        return list(session.execute(stmt, params).scalars())
+        if not keyed:
+            return list(session.execute(stmt, params).scalars()), []
+        rows = session.execute(stmt, params).all()
+        return [row[0] for row in rows], [row[-1] for row in rows]
+
+
+def _check_progress(query: ListQuery, after: list[Any], page: list[Any], stored: list[Any]) -> None:
+    """Refuse a page that starts or ends at the position it was asked to start after.
+
+    Keyset paging returns rows strictly after the cursor: a row at the cursor's
+    own (sort value, id) means the database and the cursor disagree on that
+    value, and its ``next`` would return the same page again, forever.
+    """
+    ends = {0, len(page) - 1}
+    opened = [_comparable(v) for v in after]
+    for i in ends:
+        position = query.position(page[i], stored[i] if stored else None)
+        if [_comparable(v) for v in position] == opened:
+            raise InvalidPage(
+                "sort: the records' values cannot be paged by this field; sort by another field",
+                parameter="sort",
+            )
+
+
+def _comparable(value: Any) -> Any:
+    """A position's value as a cursor gives it back (an enum member by its name)."""
+    return value.name if isinstance(value, enum.Enum) else value
 
 
 def _statement(
@@ -302,7 +396,7 @@ def _statement(
         return policy.page_statement(actor, ctx, limit=fetch, after=after)
     where, params = policy.bound_where(actor, ctx)
     stmt = query.apply(sa.select(query.resource.model).where(where), position)
-    return stmt.limit(fetch), params
+    return query.keyed(stmt).limit(fetch), params
 
 
 def _visible_column(resource: ResourceSpec, hidden: frozenset[str], name: Any, param: str) -> Any:
@@ -370,12 +464,47 @@ def _enum_member(enum_type: Any, raw: Any) -> Any:
     return enum_class.__members__.get(raw) if isinstance(raw, str) else None
 
 
-def _bound(column: Any, value: Any) -> Any:
-    """``value`` bound with ``column``'s type (a cursor holds an enum member by its name)."""
-    enum_class = getattr(column.type, "enum_class", None)
+def _bound(column: Any, value: Any, stored: Any = None) -> Any:
+    """``value`` bound with ``column``'s type (a cursor holds an enum member by its name).
+
+    ``stored``: the type the cursor holds the value in (:func:`_cursor_type`).
+    SQLite's stored values are bound as they are, by their Python type (a
+    cursor sealed before it held stored values falls back to the column's).
+    """
+    sql_type = column.type
+    if stored is _STORED:
+        sql_type = next((t for kind, t in _STORED_BINDS if type(value) is kind), sql_type)
+    elif stored is not None:
+        sql_type = stored
+    enum_class = getattr(sql_type, "enum_class", None)
     if enum_class is not None and isinstance(value, str):
         member = enum_class.__members__.get(value)
         if member is None:  # pragma: no cover - we sealed it
             raise InvalidPage("the page cursor is not valid for this list", parameter="after")
         value = member
-    return sa.bindparam(None, value, type_=column.type)
+    return sa.bindparam(None, value, type_=sql_type)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cursor_type(column: Any, dialect: Any) -> Any:
+    """The type a cursor reads and binds ``column``'s values with; ``None``: the column's own.
+
+    SQLite stores what it is given — an integer, a double or a text — whatever
+    the declared type; SQLAlchemy then rounds a ``Numeric`` to its scale, parses
+    a datetime text whatever its format, maps a boolean or an enum. Such a
+    column's cursor holds the stored value, read and bound with no conversion,
+    so the keyset compares what the database orders. PostgreSQL stores the
+    column's own type; only a read that converts it is replaced by the exact
+    one: a ``Numeric(asdecimal=False)`` as a Decimal, a ``Float(asdecimal=True)``
+    as a double, a ``TypeDecorator`` as its ``impl``.
+    """
+    col_type = column.type
+    if dialect.name == "sqlite":
+        converts = col_type.dialect_impl(dialect).result_processor(dialect, None) is not None
+        return _STORED if converts else None
+    base = col_type.impl_instance if isinstance(col_type, sa.TypeDecorator) else col_type
+    if isinstance(base, sa.Float):
+        return sa.Double() if base.asdecimal else (None if base is col_type else base)
+    if isinstance(base, sa.Numeric) and not base.asdecimal:
+        return sa.Numeric()
+    return None if base is col_type else base
