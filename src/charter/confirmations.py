@@ -19,13 +19,14 @@ is :mod:`charter.integrations.agent`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, String, Table, Text, select, update
+from sqlalchemy import Column, DateTime, Index, String, Table, Text, case, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import JSON
 
@@ -175,6 +176,35 @@ def pending_of(
         .limit(limit)
     ).all()
     return [PendingRequest.of(r) for r in rows]
+
+
+def lock_waiting(connection: Connection, tenant: str) -> None:
+    """Serialize, until COMMIT, the writers that count ``tenant``'s waiting requests.
+
+    PostgreSQL: a transaction-scoped advisory lock on the tenant (READ COMMITTED
+    would let two concurrent requests both count N-1 and both insert). SQLite
+    needs none: a write transaction (``BEGIN IMMEDIATE``) already excludes every
+    other writer.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b(f"charter_agent_confirmations\0{tenant}".encode(), digest_size=8)
+    key = int.from_bytes(digest.digest(), "big", signed=True)
+    connection.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+def count_waiting(
+    connection: Connection, tenant: str, agent: str, now: datetime
+) -> tuple[int, int]:
+    """How many requests still wait (pending, not expired): in ``tenant``, and of ``agent``."""
+    t = confirmation_table
+    of_agent = func.coalesce(func.sum(case((t.c.agent == agent, 1), else_=0)), 0)
+    row = connection.execute(
+        select(func.count(), of_agent).where(
+            t.c.tenant == tenant, t.c.state == ConfirmationState.PENDING, t.c.expires_at > now
+        )
+    ).one()
+    return int(row[0]), int(row[1])
 
 
 def decide(

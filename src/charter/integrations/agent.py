@@ -23,7 +23,9 @@ refuses it (an audience it does not ask for), and only this channel reads it.
   leaves a pending request (:mod:`charter.confirmations`), audited, which a
   person other than the agent approves (:meth:`approve`) before it expires.
   The approval runs the original call, as the agent for the user, through the
-  whole gate again: the rules decide on the record as it is then.
+  whole gate again: the rules decide on the record as it is then. The approver
+  is answered with the action's body as both the agent-for-user and the approver
+  may see it (field visibility, for each of them).
 
 Who may approve: a person (a user or support actor, acting as themselves) of
 the same tenant who is not the agent: the user the agent acted for, or a
@@ -40,7 +42,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..actions import ActionSpec, refuse_nul
@@ -54,10 +56,12 @@ from ..confirmations import (
     ConfirmationState,
     PendingRequest,
     confirmation_table,
+    count_waiting,
     decide,
     expire,
     finish,
     load,
+    lock_waiting,
     pending_of,
 )
 from ..context import ActionContext
@@ -129,13 +133,25 @@ class AgentChannel:
         signer: TokenSigner | None = None,
         audience: str = AGENT_AUDIENCE,
         max_pending: int = 100,
+        max_tenant_pending: int = 1000,
     ) -> None:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigurationError("AgentChannel(max_pending=) is a positive integer")
+        if (
+            isinstance(max_tenant_pending, bool)
+            or not isinstance(max_tenant_pending, int)
+            or max_tenant_pending < 1
+        ):
+            raise ConfigurationError("AgentChannel(max_tenant_pending=) is a positive integer")
         self.charter = charter
         self.directory = directory
         self.signer = signer
         self.audience = audience
         #: The most requests one agent may leave waiting in a tenant at once.
         self.max_pending = max_pending
+        #: The most requests all agents together may leave waiting in a tenant at once:
+        #: every waiting request stays in view of :meth:`pending` (which reads this many).
+        self.max_tenant_pending = max_tenant_pending
 
     # -- credentials -----------------------------------------------------------------------
 
@@ -264,11 +280,18 @@ class AgentChannel:
                           target=args.target, detail=detail)  # fmt: skip
         with committer.transaction() as (session, lease):
             connection = session.connection()
-            waiting = [p for p in pending_of(connection, row["tenant"], ctx.now, self.max_pending)
-                       if p.agent == resolved.id]  # fmt: skip
-            if len(waiting) >= self.max_pending:
+            # Counted under the tenant's lock (SQLite: the write transaction), so concurrent
+            # requests see each other: neither cap is exceeded, whatever the concurrency.
+            lock_waiting(connection, row["tenant"])
+            in_tenant, of_agent = count_waiting(connection, row["tenant"], resolved.id, ctx.now)
+            if of_agent >= self.max_pending:
                 raise ConfirmationNotPending(
                     f"{self.max_pending} requests of this agent already wait for confirmation"
+                )
+            if in_tenant >= self.max_tenant_pending:
+                raise ConfirmationNotPending(
+                    f"{self.max_tenant_pending} requests already wait for confirmation in "
+                    "this tenant"
                 )
             connection.execute(confirmation_table.insert(), row)
             committer.write(session, lease, [entry], None, connection)
@@ -292,7 +315,9 @@ class AgentChannel:
         """The requests waiting for ``person``'s confirmation (not expired), oldest first."""
         limit = max(1, min(int(limit), 200))
         with self.charter.session() as session:
-            found = pending_of(session.connection(), person.tenant_id, self.charter.clock(), 1000)
+            # The tenant's cap is this many: every request still waiting is read.
+            found = pending_of(session.connection(), person.tenant_id, self.charter.clock(),
+                               self.max_tenant_pending)  # fmt: skip
         return [p for p in found if self._approver_refusal(person, p) is None][:limit]
 
     def get(self, person: Actor, request_id: str) -> PendingRequest:
@@ -310,9 +335,10 @@ class AgentChannel:
         Refused: by anyone but a person allowed to approve (403, audited); once
         decided (409); after it expired (410, audited). The run is decided again
         in full; its refusal is raised as it is (403, 409...) and the request is
-        ``failed``.
+        ``failed``. The answer's body passes field visibility for the agent-for-user (as
+        the call would) and for ``person``: a field hidden from either is left out.
         """
-        request, spec = self._claim(person, request_id, ConfirmationState.APPROVED, channel)
+        request, spec, ctx = self._claim(person, request_id, ConfirmationState.APPROVED, channel)
         actor = self._actor_of(request)
         key = request.idempotency_key
         if key is None and spec.idempotency is not IdempotencyMode.NONE:
@@ -328,18 +354,24 @@ class AgentChannel:
             self._finish(request.id, ConfirmationState.FAILED, exc.code)
             raise
         self._finish(request.id, ConfirmationState.EXECUTED, "ok")
-        return outcome
+        # The body is the agent-for-user's view (the pipeline's visibility stage, also what a
+        # replay of the call holds); the approver reads it too, so it is also redacted for
+        # them: only the fields both may see. Redaction only removes fields.
+        body = redact_for(spec.resource, self.charter.resolve(person), outcome.body, ctx)
+        return outcome if body is outcome.body else replace(outcome, body=body)
 
     def reject(
         self, person: Actor, request_id: str, *, channel: Channel | str = Channel.HTTP
     ) -> PendingRequest:
         """Refuse a pending request: it never runs (the same people who may approve it)."""
-        request, _ = self._claim(person, request_id, ConfirmationState.REJECTED, channel)
+        request, _, _ = self._claim(person, request_id, ConfirmationState.REJECTED, channel)
         return self._load(person, request.id)
 
     def _claim(
         self, person: Actor, request_id: str, to: ConfirmationState, channel: Channel | str
-    ) -> tuple[PendingRequest, ActionSpec]:
+    ) -> tuple[PendingRequest, ActionSpec, ActionContext]:
+        """Move ``request_id`` from pending to ``to`` for ``person`` (audited), with the
+        person's context (for what they are then shown)."""
         request = self._load(person, request_id)
         spec = self._exposed(request.action)
         now = self.charter.clock()
@@ -366,7 +398,7 @@ class AgentChannel:
             outcome = "confirmation_approved" if to is ConfirmationState.APPROVED else (
                 "confirmation_rejected")  # fmt: skip
             committer.write(session, lease, [self._entry(spec, ctx, request, outcome, None)], None)
-        return request, spec
+        return request, spec, ctx
 
     def _approver_refusal(self, person: Actor, request: PendingRequest) -> Decision | None:
         """Why ``person`` may not decide ``request`` (the denial to audit), or None if they may."""
