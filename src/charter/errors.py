@@ -19,7 +19,8 @@ unless named); ``tests/test_layout.py`` checks that this drawing is complete::
     ├── InvalidInput                      422 invalid_input         (unknown fields, wrong types)
     │   ├── ReasonRequired                400 reason_required
     │   ├── InvalidPage                   400 invalid_page          (a list's cursor or limit)
-    │   │   └── InvalidCursor             400 invalid_cursor        (tampered, borrowed, expired)
+    │   │   ├── InvalidCursor             400 invalid_cursor        (tampered, borrowed, expired)
+    │   │   └── QueryParameterRepeated    400 invalid_page          (a query parameter sent twice)
     │   ├── PayloadTooLarge               413 payload_too_large
     │   │   ├── WebhookPayloadTooLarge    413 payload_too_large     webhooks
     │   │   └── BatchTooLarge             413 batch_too_large       data.batch

@@ -54,6 +54,7 @@ from .http import (
     idempotency_key,
     json_body,
     outcome_headers,
+    query_parameters,
 )
 from .paging import (
     LIST_PARAMETERS,
@@ -462,11 +463,12 @@ class CharterRoutes:
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
-            query = list_query(request.query_params)
+            query = list_query(query_parameters(request.query_params.multi_items()))
             page = await run_in_threadpool(
                 functools.partial(
                     self.charter.list_records, actor, action, **query, max_page=cap,
                     channel=self.channel, request_id=request.state.request_id,
+                    reason=request.headers.get(REASON_HEADER),
                 )
             )  # fmt: skip
             body = {"items": page.items(render), "next": page.next, "limit": page.limit}
@@ -499,12 +501,14 @@ class CharterRoutes:
 
         async def endpoint(request: Request) -> Response:
             actor = await self.actor(request)
-            query = list_query(request.query_params, page=False)
-            format = export_format(request.query_params, allowed)
+            params = query_parameters(request.query_params.multi_items())
+            query = list_query(params, page=False)
+            format = export_format(params, allowed)
             stream = await run_in_threadpool(
                 functools.partial(
                     self.charter.export, actor, action, format=format, **query,
                     channel=self.channel, request_id=request.state.request_id,
+                    reason=request.headers.get(REASON_HEADER),
                 )
             )  # fmt: skip
             return StreamingResponse(

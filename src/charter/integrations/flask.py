@@ -57,6 +57,7 @@ from .http import (
     idempotency_key,
     json_body,
     outcome_headers,
+    query_parameters,
     request_id,
 )
 from .paging import export_format, export_formats, export_headers, list_query
@@ -252,10 +253,10 @@ class CharterFlask:
             def view() -> Response:
                 state = _state()
                 actor = _actor(state)
-                query = list_query(request.args)
+                query = list_query(query_parameters(request.args.items(multi=True)))
                 page = state.charter.list_records(
                     actor, action, **query, channel=state.channel,
-                    request_id=g.charter_request_id,
+                    request_id=g.charter_request_id, reason=request.headers.get(REASON_HEADER),
                 )  # fmt: skip
                 response = jsonify({"items": page.items(render), "next": page.next,
                                     "limit": page.limit})  # fmt: skip
@@ -284,11 +285,12 @@ class CharterFlask:
             def view() -> Response:
                 state = _state()
                 actor = _actor(state)
-                query = list_query(request.args, page=False)
-                format = export_format(request.args, allowed)
+                params = query_parameters(request.args.items(multi=True))
+                query = list_query(params, page=False)
+                format = export_format(params, allowed)
                 stream = state.charter.export(
                     actor, action, format=format, **query, channel=state.channel,
-                    request_id=g.charter_request_id,
+                    request_id=g.charter_request_id, reason=request.headers.get(REASON_HEADER),
                 )  # fmt: skip
                 response = Response(stream, content_type=stream.media_type)
                 response.call_on_close(stream.close)

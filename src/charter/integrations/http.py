@@ -11,6 +11,10 @@ its headers mean is decided here, once, so the two channels cannot drift:
   cannot be true: RFC 9110 section 13.1.1 says to evaluate it, not to ignore
   it), a missing one where the route requires it is 428 (RFC 6585 section 3),
   anything else is 400 (:func:`expected_version`);
+* a query (a list's or an export's ``?filter.<field>=&sort=&limit=&after=&format=``):
+  each parameter once; a repeated one is refused with 400 ``invalid_page``
+  naming it (:func:`query_parameters`), as Starlette would read its last value
+  and Werkzeug its first;
 * the body: JSON only (415 otherwise, RFC 9110 section 15.5.16), parsed strictly
   (:mod:`charter.integrations.strictjson`);
 * the answer: ``ETag``, ``Location`` of a created record, ``Idempotent-Replayed``
@@ -25,12 +29,18 @@ rather than run or silently not run.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
 from ..actions import ActionSpec
-from ..errors import CharterError, InvalidInput, PreconditionFailed, Unauthenticated
+from ..errors import (
+    CharterError,
+    InvalidInput,
+    InvalidPage,
+    PreconditionFailed,
+    Unauthenticated,
+)
 from ..idempotency.keys import IdempotencyKeyInvalid
 from ..outcome import Outcome
 from ..ratelimit import rate_headers
@@ -45,12 +55,14 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "IfMatchInvalid",
     "PreconditionRequired",
+    "QueryParameterRepeated",
     "UnsupportedMediaType",
     "expected_version",
     "idempotency_key",
     "json_body",
     "on_behalf_claim",
     "outcome_headers",
+    "query_parameters",
     "request_id",
     "versioned",
 ]
@@ -94,6 +106,38 @@ class UnsupportedMediaType(InvalidInput):
     def __init__(self, message: str | None = None, **attrs: Any) -> None:
         super().__init__(message, **attrs)
         self.headers["Accept"] = "application/json"  # what to send instead (RFC 9110 15.5.16)
+
+
+class QueryParameterRepeated(InvalidPage):
+    """A query parameter sent more than once (``?sort=id&sort=-id``): 400 ``invalid_page``.
+
+    Its ``parameter`` is the repeated name and its ``reason`` is ``repeated``.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"the query parameter {name!r} is sent more than once; send it once",
+            parameter=name,
+            reason="repeated",
+        )
+
+
+def query_parameters(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A request's query as one value per name; a name sent twice is refused (400).
+
+    ``items`` are the query's (name, value) pairs in order, repeats included
+    (Starlette: ``request.query_params.multi_items()``; Werkzeug:
+    ``request.args.items(multi=True)``). Which of two values a framework's
+    mapping answers differs (Starlette the last, Werkzeug the first), so the same
+    request would get two answers; and neither is what a client that repeats a
+    filter may mean (either value). One reading for every adapter: refuse it.
+    """
+    query: dict[str, str] = {}
+    for name, value in items:
+        if name in query:
+            raise QueryParameterRepeated(name)
+        query[name] = value
+    return query
 
 
 def request_id(given: str | None, new: str) -> str:

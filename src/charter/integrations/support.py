@@ -32,7 +32,7 @@ from ..ratelimit import rate_headers
 from ..sessions import SESSION_ACTIONS, ImpersonationSession, ImpersonationSessions, session_view
 from ..tokens import Directory, TokenSigner
 from .fastapi import CharterRoutes
-from .http import ON_BEHALF_HEADER, on_behalf_claim
+from .http import ON_BEHALF_HEADER, on_behalf_claim, query_parameters
 from .openapi import list_operation
 from .paging import LIST_PARAMETERS, list_query
 
@@ -92,7 +92,7 @@ def support_routes(
     async def my_impersonations(request: Request) -> JSONResponse:
         """Who acted on my behalf, and when: my sessions, newest first, with their actions."""
         actor = await routes.actor(request)
-        query = list_query(request.query_params)
+        query = list_query(query_parameters(request.query_params.multi_items()))
         if query["sort"] is not None or query["where"]:
             raise InvalidPage("this list takes only limit and after", parameter="sort")
         page = await run_in_threadpool(

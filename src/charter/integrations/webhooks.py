@@ -6,8 +6,11 @@ action as the *partner actor*, on channel ``webhook``, audited like any call.
 
 Replay protection is the gate's idempotency: the message id (``webhook-id``)
 is the idempotency key of the partner actor, claimed in the same transaction
-as the effect. Every mapped action must declare ``idempotency="required"`` or
-``"optional"``; that is checked when the receiver is built.
+as the effect. The key is ``webhook:<id>`` while that fits a key's 255
+characters (an id of up to 247), ``webhook-sha256:<hex SHA-256 of the id>``
+for a longer one (:func:`webhook_key`): one key per id, never one key for two.
+Every mapped action must declare ``idempotency="required"`` or ``"optional"``;
+that is checked when the receiver is built.
 
 Senders retry every delivery that is not answered 2xx, so the answer says
 whether sending it again could change anything (Standard Webhooks, "Retries"):
@@ -38,7 +41,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,7 +54,7 @@ from ..context import ActionContext
 from ..errors import CharterError, ConfigurationError, InvalidInput
 from ..gate import Charter, Outcome
 from ..idempotency import IdempotencyMode
-from ..idempotency.keys import ReplayedError, fingerprint, fingerprint_key
+from ..idempotency.keys import MAX_KEY_LENGTH, ReplayedError, fingerprint, fingerprint_key
 from ..idempotency.store import (
     claim_statement,
     claim_values,
@@ -68,7 +71,34 @@ from . import strictjson
 
 log = logging.getLogger("charter.webhooks")
 
-__all__ = ["WebhookReceiver", "WebhookRefusal", "WebhookResult", "WebhookRoute"]
+__all__ = ["WebhookReceiver", "WebhookRefusal", "WebhookResult", "WebhookRoute", "webhook_key"]
+
+_KEY_PREFIX = "webhook:"
+_DIGEST_PREFIX = "webhook-sha256:"
+
+
+def webhook_key(message_id: str) -> str:
+    """The idempotency key of a webhook message id: a different key for every different id.
+
+    ``webhook:<id>`` when it fits a key (:data:`~charter.idempotency.keys.MAX_KEY_LENGTH`,
+    so an id of up to 247 characters: the keys stored before stay valid); for a longer
+    id, ``webhook-sha256:`` and the hex SHA-256 of the whole id. The two forms cannot
+    meet (``webhook:`` against ``webhook-``), and a digest, unlike a cut, tells ids
+    that share their first characters apart (a cut key made the second a "reused key",
+    refused for good, its event lost).
+    """
+    key = _KEY_PREFIX + message_id
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return _DIGEST_PREFIX + digest
+
+
+def _cut_key(message_id: str) -> str | None:
+    """The key an id longer than 247 characters had before :func:`webhook_key` (its first
+    247 characters); ``None`` for a shorter one, whose key did not change."""
+    key = _KEY_PREFIX + message_id
+    return key[:MAX_KEY_LENGTH] if len(key) > MAX_KEY_LENGTH else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +154,7 @@ class _Delivery:
     input: Mapping[str, Any]
     target: Any
     request_id: str
-
-    @property
-    def key(self) -> str:
-        return f"webhook:{self.message_id}"[:255]
+    key: str
 
     def context(self, now: Any) -> ActionContext:
         return ActionContext(
@@ -198,7 +225,8 @@ class WebhookReceiver:
         try:
             data = delivery.spec.validate(dict(delivery.input))
         except InvalidInput as exc:  # refused before the gate's transaction: audit it here
-            return self._refused(delivery, exc, None)
+            return self._refused(_stored_under_cut_key(self.charter, delivery, None), exc, None)
+        delivery = _stored_under_cut_key(self.charter, delivery, data)
         try:
             outcome = self.charter.execute(
                 delivery.actor,
@@ -245,7 +273,10 @@ class WebhookReceiver:
             )
         if spec.target == "argument" and target is None:
             raise WebhookMalformed(f"the {kind} event names no record for {spec.name}")
-        return _Delivery(kind, message_id, spec, actor, data, target, request_id_or_new(request_id))
+        return _Delivery(
+            kind, message_id, spec, actor, data, target, request_id_or_new(request_id),
+            webhook_key(message_id),
+        )  # fmt: skip
 
     def _refused(
         self, delivery: _Delivery, error: CharterError, data: BaseModel | None
@@ -320,6 +351,35 @@ def _remember(
             entry.replayed = not refused_now
             committer.write(session, lease, [entry], None)
     return refused_now
+
+
+def _stored_under_cut_key(
+    charter: Charter, delivery: _Delivery, data: BaseModel | None
+) -> _Delivery:
+    """The delivery, keyed by its old, cut key if this very request is stored under it.
+
+    Before :func:`webhook_key`, an id longer than 247 characters was keyed by its
+    first 247. A redelivery of such a message, processed before the upgrade and still
+    within retention, must replay (``duplicate``), not run again under its new key: if
+    the cut key holds a claim with this request's fingerprint, the delivery keeps
+    the cut key, so the gate replays that claim. With another fingerprint the claim
+    is another message's (the ids only shared their start), and the new key is used.
+    One read, only for ids this long.
+    """
+    cut = _cut_key(delivery.message_id)
+    if cut is None:
+        return delivery
+    runtime = charter.pipeline_of(delivery.spec.name).runtime
+    fp = _fingerprint(delivery, data, fingerprint_key(runtime.audit_trail.keyring))
+    t = idempotency_table
+    tenant, subject = delivery.actor.tenant_id, delivery.actor.subject.id
+    with translate_errors(), runtime.engine.connect() as conn:
+        stored = conn.execute(
+            select(t.c.fingerprint).where(
+                t.c.tenant == tenant, t.c.subject == subject, t.c.key == cut
+            )
+        ).scalar_one_or_none()
+    return replace(delivery, key=cut) if stored == fp else delivery
 
 
 def _fingerprint(delivery: _Delivery, data: BaseModel | None, key: bytes) -> str:
