@@ -24,7 +24,8 @@ Idempotency. One key for the request, fingerprinted over every item in order
 (:func:`~charter.data.batch.batch_fingerprint`); a replay answers the whole
 stored result, the same key with other items is 422 ``idempotency_key_reused``.
 All-or-nothing claims the key inside the batch's transaction, as a single call
-does. Per-item commits the batch's claim first, then runs item ``i`` under the
+does. Per-item commits the batch's claim once an item has passed its rate-limit
+count (so an actor over the limit writes no key), then runs item ``i`` under the
 derived key ``<key>#<i>``, claimed in that item's own transaction: a batch cut
 off by a crash and sent again replays the items that committed and runs the
 rest, so each item is applied at most once.
