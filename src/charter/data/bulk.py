@@ -220,15 +220,15 @@ class Bulk:
                 try:
                     stored = self._claim_batch(request, batch_call)
                 except BaseException:
-                    _release(call)
+                    call.give_back()
                     raise
                 if stored is not None:
-                    _release(call)
+                    call.give_back()
                     rest = items[item.position + 1 :]
                     return self._counted_replay(counter, request, rest, over, stored)
                 claimed = True
             if item.error is not None:
-                _release(call)
+                call.give_back()
                 rate_limit = call.rate_limit or rate_limit
                 results.append(BatchItem.refused(item.position, item.error))
                 continue
@@ -271,7 +271,7 @@ class Bulk:
                 except CharterError as exc:
                     over[item.position] = exc
                     continue
-                _release(call)
+                call.give_back()
         if not over:
             return stored
         items = tuple(
@@ -399,7 +399,7 @@ class Bulk:
             except CharterError as exc:
                 failures.append((item.position, exc))
                 return None
-            _release(call)
+            call.give_back()
             failures.append((item.position, item.error))
             return None
         try:
@@ -411,8 +411,7 @@ class Bulk:
                 call.settle()  # the item's rate limit reply, before the next item is sent
         except CharterError as exc:
             failures.append((item.position, exc))
-            for release in call.releases:
-                release()
+            call.give_back()
             return None
         return call
 
@@ -668,19 +667,10 @@ def _count(counter: Stage, call: Call) -> None:
     runner to give back; on a refusal it is given back here.
     """
     try:
-        try:
-            counter.run(call)
-        finally:
-            call.settle()
+        call.count(counter)
     except BaseException:
-        _release(call)
+        call.give_back()
         raise
-
-
-def _release(call: Call) -> None:
-    releases, call.releases = call.releases, ()
-    for release in releases:
-        release()
 
 
 def _replayed(request: BatchRequest, batch_call: Call, body: Any) -> BatchOutcome:

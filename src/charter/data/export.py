@@ -283,19 +283,10 @@ class _Export:
 
 
 def _count(limited: Any, call: Call) -> None:
-    """The ``rate_limit`` stage, its count read at once: 429 before any work.
-
-    On Redis with PostgreSQL the stage only sends the count (``call.pending``);
-    without the runner, nothing else would read it, and the count would be
-    neither enforced nor give its connection back. A concurrency slot joins
-    ``call.releases``.
-    """
-    if limited is None:
-        return
-    try:
-        limited.run(call)
-    finally:
-        call.settle()  # however the stage ended: the reply is never left unread
+    """The ``rate_limit`` stage, its count read at once (:meth:`Call.count`); a concurrency
+    slot joins ``call.releases``."""
+    if limited is not None:
+        call.count(limited)
 
 
 def _release(call: Call) -> None:

@@ -144,6 +144,24 @@ class Call:
         if refused is not None:
             raise refused
 
+    def count(self, stage: Stage) -> None:
+        """Run ``stage`` (a rate limit) and read its count now: 429 before any work.
+
+        The runner settles a call before its first statement; a call counted
+        outside it (a batch item, an export) must read the count itself, or it
+        would be neither enforced nor give its connection back.
+        """
+        try:
+            stage.run(self)
+        finally:
+            self.settle()  # however the stage ended: the reply is never left unread
+
+    def give_back(self) -> None:
+        """Give back what the stages hold (a concurrency slot), once."""
+        releases, self.releases = self.releases, ()
+        for release in releases:
+            release()
+
     def restart(self) -> None:
         """Forget the transaction's state before the runner tries the call again."""
         self.session = self.connection = self.lease = None

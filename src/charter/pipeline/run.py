@@ -58,8 +58,7 @@ def run(pipeline: Pipeline, call: Call) -> Outcome:
         finally:
             call.settle()  # a reply not read yet (a rate limit's): its refusal wins
     finally:
-        for release in call.releases:
-            release()
+        call.give_back()
     return replace(outcome, rate_limit=call.rate_limit) if call.rate_limit else outcome
 
 
